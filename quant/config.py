@@ -1,0 +1,243 @@
+"""ModelArgs: the DeepSeek-V4 hyper-parameters, read from config.json or from GGUF metadata.
+
+This is the bridge by which configuration travels with the weights: the converter writes exactly these fields
+into GGUF keys (quant/keys.py), and the engine reads them back. Nothing is inferred from file names.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from gguf import GGUFValueType
+
+from quant import keys as K
+from v4cli.errors import CheckpointError, UnsupportedModel
+
+SUPPORTED_ARCHS = ("DeepseekV4ForCausalLM",)
+SUPPORTED_MODEL_TYPES = ("deepseek_v4",)
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    vocab_size: int = 129280
+    hidden_size: int = 4096
+    num_hidden_layers: int = 43
+    num_attention_heads: int = 64
+    num_key_value_heads: int = 1
+    head_dim: int = 512
+    qk_rope_head_dim: int = 64
+    q_lora_rank: int = 1024
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    moe_intermediate_size: int = 2048
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 6
+    num_hash_layers: int = 3
+    routed_scaling_factor: float = 1.5
+    norm_topk_prob: bool = True
+    swiglu_limit: float = 10.0
+    sliding_window: int = 128
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    compress_rope_theta: float = 160000.0
+    rope_factor: float = 16.0
+    rope_original_max_position: int = 65536
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    max_position_embeddings: int = 1048576
+    num_nextn_predict_layers: int = 1
+    # one entry per layer, then the MTP layer(s): 0 = sliding window only, 4 = CSA, other = HCA ratio
+    compress_ratios: tuple[int, ...] = field(default_factory=tuple)
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+
+    # ---- derived facts the model and the planners share ----
+    def layer_ratio(self, layer: int) -> int:
+        return self.compress_ratios[layer]
+
+    def is_csa(self, layer: int) -> bool:
+        return self.compress_ratios[layer] == 4
+
+    def is_hca(self, layer: int) -> bool:
+        return self.compress_ratios[layer] not in (0, 4)
+
+    def is_hash(self, layer: int) -> bool:
+        return layer < self.num_hash_layers
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> ModelArgs:
+        """From an official config.json dict. Raises UnsupportedModel for other architectures."""
+        archs = cfg.get("architectures") or []
+        if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES and not set(archs) & set(SUPPORTED_ARCHS):
+            raise UnsupportedModel(
+                f"unsupported architecture {archs or cfg.get('model_type')!r}: v4 runs DeepSeek-V4 checkpoints only",
+                hint="point at a DeepSeek-V4 checkpoint (v4 pull flash)",
+            )
+        if cfg.get("scoring_func", "sqrtsoftplus") != "sqrtsoftplus":
+            raise UnsupportedModel(f"unsupported scoring_func {cfg.get('scoring_func')!r}")
+        rs = cfg.get("rope_scaling") or {}
+        kw = {f: cfg[f] for f in cls.__dataclass_fields__ if f in cfg and f != "compress_ratios"}
+        n = cfg.get("num_hidden_layers", cls.num_hidden_layers)
+        ratios = tuple(int(r) for r in cfg.get("compress_ratios") or ())
+        if len(ratios) < n:
+            raise CheckpointError(f"config.json: compress_ratios has {len(ratios)} entries, need ≥ {n}")
+        kw["compress_ratios"] = ratios
+        if rs:
+            kw["rope_factor"] = float(rs.get("factor", cls.rope_factor))
+            kw["rope_original_max_position"] = int(rs.get("original_max_position_embeddings", 65536))
+            kw["beta_fast"] = float(rs.get("beta_fast", 32))
+            kw["beta_slow"] = float(rs.get("beta_slow", 1))
+        return cls(**kw)
+
+    @classmethod
+    def from_config_file(cls, path: Path) -> ModelArgs:
+        try:
+            cfg = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: config.json not found", hint="is this a model folder? try v4 pull flash")
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: config.json is not valid JSON ({e})")
+        return cls.from_config(cfg)
+
+    def gguf_kv(self, with_mtp: bool = False) -> list[tuple[str, object, GGUFValueType]]:
+        """(key, value, type) triples for the `deepseek4` GGUF header, strict types as llama.cpp reads them."""
+        U, F, B, S = GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.BOOL, GGUFValueType.STRING
+        A = GGUFValueType.ARRAY
+        n_blocks = self.num_hidden_layers + (self.num_nextn_predict_layers if with_mtp else 0)
+        kv: list[tuple[str, object, GGUFValueType]] = [
+            (K.Model.CONTEXT_LENGTH, self.max_position_embeddings, U),
+            (K.Model.EMBEDDING_LENGTH, self.hidden_size, U),
+            (K.Model.EMBEDDING_LENGTH_OUT, self.hidden_size * self.hc_mult, U),
+            (K.Model.BLOCK_COUNT, n_blocks, U),
+            (K.Model.VOCAB_SIZE, self.vocab_size, U),
+            (K.Model.HEAD_COUNT, self.num_attention_heads, U),
+            (K.Model.HEAD_COUNT_KV, self.num_key_value_heads, U),
+            (K.Model.KEY_LENGTH, self.head_dim, U),
+            (K.Model.VALUE_LENGTH, self.head_dim, U),
+            (K.Model.ROPE_DIMS, self.qk_rope_head_dim, U),
+            (K.Model.ROPE_FREQ_BASE, self.rope_theta, F),
+            (K.Model.ROPE_SCALING_TYPE, "yarn", S),
+            (K.Model.ROPE_SCALING_FACTOR, self.rope_factor, F),
+            (K.Model.ROPE_SCALING_ORIG_CTX, self.rope_original_max_position, U),
+            (K.Model.ROPE_YARN_BETA_FAST, self.beta_fast, F),
+            (K.Model.ROPE_YARN_BETA_SLOW, self.beta_slow, F),
+            (K.Model.RMS_EPS, self.rms_norm_eps, F),
+            (K.Model.Q_LORA_RANK, self.q_lora_rank, U),
+            (K.Model.SLIDING_WINDOW, self.sliding_window, U),
+            (K.Model.EXPERT_COUNT, self.n_routed_experts, U),
+            (K.Model.EXPERT_USED_COUNT, self.num_experts_per_tok, U),
+            (K.Model.EXPERT_FFN_LENGTH, self.moe_intermediate_size, U),
+            (K.Model.EXPERT_SHARED_COUNT, self.n_shared_experts, U),
+            (K.Model.EXPERT_WEIGHTS_SCALE, self.routed_scaling_factor, F),
+            (K.Model.EXPERT_WEIGHTS_NORM, self.norm_topk_prob, B),
+            (K.Model.EXPERT_GATING_FUNC, K.GATING_SQRT_SOFTPLUS, U),
+            (K.Model.SWIGLU_CLAMP_EXP, [float(self.swiglu_limit)] * n_blocks, A),
+            (K.Model.SWIGLU_CLAMP_SHEXP, [float(self.swiglu_limit)] * n_blocks, A),
+            (K.Model.INDEXER_HEAD_COUNT, self.index_n_heads, U),
+            (K.Model.INDEXER_KEY_LENGTH, self.index_head_dim, U),
+            (K.Model.INDEXER_TOP_K, self.index_topk, U),
+            (K.Model.OUTPUT_GROUP_COUNT, self.o_groups, U),
+            (K.Model.OUTPUT_LORA_RANK, self.o_lora_rank, U),
+            (K.Model.COMPRESS_RATIOS, [int(r) for r in self.compress_ratios], A),
+            (K.Model.COMPRESS_ROPE_FREQ_BASE, self.compress_rope_theta, F),
+            (K.Model.HC_COUNT, self.hc_mult, U),
+            (K.Model.HC_SINKHORN_ITERS, self.hc_sinkhorn_iters, U),
+            (K.Model.HC_EPS, self.hc_eps, F),
+            (K.Model.HASH_LAYER_COUNT, self.num_hash_layers, U),
+        ]
+        if with_mtp:
+            kv.append((K.Model.NEXTN_PREDICT_LAYERS, self.num_nextn_predict_layers, U))
+        return kv
+
+    @classmethod
+    def from_gguf(cls, md: dict) -> ModelArgs:
+        """From GGUF metadata (key → python value). Raises UnsupportedModel for other architectures."""
+        arch = md.get(K.General.ARCHITECTURE)
+        if arch != K.ARCH:
+            raise UnsupportedModel(f"GGUF architecture is {arch!r}, not {K.ARCH!r}", hint="use a DeepSeek-V4 GGUF")
+        M = K.Model
+
+        def g(key, default=None):
+            if key in md:
+                return md[key]
+            if default is None:
+                raise UnsupportedModel(f"GGUF is missing the key {key}")
+            return default
+
+        n_nextn = int(md.get(M.NEXTN_PREDICT_LAYERS, 0))
+        n_blocks = int(g(M.BLOCK_COUNT))
+        clamp = g(M.SWIGLU_CLAMP_EXP)
+        return cls(
+            vocab_size=int(md.get(M.VOCAB_SIZE) or len(md.get(K.Tokenizer.TOKENS, [])) or cls.vocab_size),
+            hidden_size=int(g(M.EMBEDDING_LENGTH)),
+            num_hidden_layers=n_blocks - n_nextn,
+            num_attention_heads=int(g(M.HEAD_COUNT)),
+            num_key_value_heads=int(g(M.HEAD_COUNT_KV)),
+            head_dim=int(g(M.KEY_LENGTH)),
+            qk_rope_head_dim=int(g(M.ROPE_DIMS)),
+            q_lora_rank=int(g(M.Q_LORA_RANK)),
+            o_groups=int(g(M.OUTPUT_GROUP_COUNT)),
+            o_lora_rank=int(g(M.OUTPUT_LORA_RANK)),
+            moe_intermediate_size=int(g(M.EXPERT_FFN_LENGTH)),
+            n_routed_experts=int(g(M.EXPERT_COUNT)),
+            n_shared_experts=int(g(M.EXPERT_SHARED_COUNT)),
+            num_experts_per_tok=int(g(M.EXPERT_USED_COUNT)),
+            num_hash_layers=int(g(M.HASH_LAYER_COUNT)),
+            routed_scaling_factor=float(g(M.EXPERT_WEIGHTS_SCALE)),
+            norm_topk_prob=bool(md.get(M.EXPERT_WEIGHTS_NORM, True)),
+            swiglu_limit=float(clamp[0] if isinstance(clamp, (list, tuple)) else clamp),
+            sliding_window=int(g(M.SLIDING_WINDOW)),
+            index_n_heads=int(g(M.INDEXER_HEAD_COUNT)),
+            index_head_dim=int(g(M.INDEXER_KEY_LENGTH)),
+            index_topk=int(g(M.INDEXER_TOP_K)),
+            hc_mult=int(g(M.HC_COUNT)),
+            hc_sinkhorn_iters=int(g(M.HC_SINKHORN_ITERS)),
+            hc_eps=float(g(M.HC_EPS)),
+            rms_norm_eps=float(g(M.RMS_EPS)),
+            rope_theta=float(g(M.ROPE_FREQ_BASE)),
+            compress_rope_theta=float(g(M.COMPRESS_ROPE_FREQ_BASE)),
+            rope_factor=float(md.get(M.ROPE_SCALING_FACTOR, cls.rope_factor)),
+            rope_original_max_position=int(md.get(M.ROPE_SCALING_ORIG_CTX, cls.rope_original_max_position)),
+            beta_fast=float(md.get(M.ROPE_YARN_BETA_FAST, cls.beta_fast)),
+            beta_slow=float(md.get(M.ROPE_YARN_BETA_SLOW, cls.beta_slow)),
+            max_position_embeddings=int(g(M.CONTEXT_LENGTH)),
+            num_nextn_predict_layers=n_nextn,
+            compress_ratios=tuple(int(r) for r in g(M.COMPRESS_RATIOS)),
+            bos_token_id=int(md.get(K.Tokenizer.BOS_ID, 0)),
+            eos_token_id=int(md.get(K.Tokenizer.EOS_ID, 1)),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# The real DeepSeek-V4-Flash config (facts §2): the schedule 0,0 then alternating CSA 4 / HCA 128, MTP layer SWA.
+FLASH_CONFIG: dict = {
+    "architectures": ["DeepseekV4ForCausalLM"],
+    "model_type": "deepseek_v4",
+    "hidden_size": 4096, "num_hidden_layers": 43, "num_attention_heads": 64, "num_key_value_heads": 1,
+    "head_dim": 512, "qk_rope_head_dim": 64, "q_lora_rank": 1024, "o_groups": 8, "o_lora_rank": 1024,
+    "moe_intermediate_size": 2048, "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 6,
+    "num_hash_layers": 3, "scoring_func": "sqrtsoftplus", "norm_topk_prob": True, "routed_scaling_factor": 1.5,
+    "swiglu_limit": 10.0, "sliding_window": 128, "index_n_heads": 64, "index_head_dim": 128, "index_topk": 512,
+    "hc_mult": 4, "hc_sinkhorn_iters": 20, "hc_eps": 1e-6, "rms_norm_eps": 1e-6, "rope_theta": 10000,
+    "compress_rope_theta": 160000,
+    "rope_scaling": {"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536,
+                     "beta_fast": 32, "beta_slow": 1},
+    "max_position_embeddings": 1048576, "vocab_size": 129280, "bos_token_id": 0, "eos_token_id": 1,
+    "num_nextn_predict_layers": 1,
+    "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0",
+                            "weight_block_size": [128, 128]},
+    "expert_dtype": "fp4",
+    "compress_ratios": [0, 0] + [4 if i % 2 == 0 else 128 for i in range(2, 43)] + [0],
+    "torch_dtype": "bfloat16",
+}

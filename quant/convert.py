@@ -1,0 +1,244 @@
+"""Official DeepSeek-V4 safetensors → llama.cpp-compatible `deepseek4` GGUF, streamed.
+
+Memory stays bounded by one chunk of rows (or one expert), whatever the model size: tensors are read lazily from
+the shards' mmaps, converted a slice at a time, and written straight to the output. The output is written to a
+`.partial` file in the same folder and renamed only after a complete write and fsync.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFValueType, GGUFWriter
+
+from quant import keys as K
+from quant import names as N
+from quant.config import ModelArgs
+from quant.formats import mxfp4_from_official, quantize
+from quant.ggml import tensor_bytes
+from quant.inventory import FP8_BLOCK, Entry, official_inventory
+from quant.official import FP8, I8, Checkpoint, dequantized_rows, rows
+from quant.recipes import Recipe, choose_type
+from quant.tokenizer import tokenizer_kv
+from v4cli import __version__
+from v4cli.errors import CheckpointError, DiskSpaceError
+
+CHUNK_ELEMS = 1 << 22  # ~16 MB of f32 per slice: bounds peak memory, large enough to keep numpy efficient
+PLAIN, EXPERTS, TID2EID = "plain", "experts", "tid2eid"
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One GGUF tensor: its name, type and shape (torch order), and where its bytes come from."""
+
+    gguf: str
+    qtype: QT
+    shape: tuple[int, ...]
+    role: str
+    kind: str
+    sources: tuple[str, ...]  # official names (the weights; scales are found by name)
+    source_dtype: str
+    source_bytes: int
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_bytes(self.qtype, self.shape)
+
+
+def plan(cfg: dict, recipe: Recipe, inventory: list[Entry] | None = None) -> list[TensorPlan]:
+    """The per-tensor conversion plan for a config (and its official inventory), in GGUF file order."""
+    inv = {e.name: e for e in (inventory if inventory is not None else official_inventory(cfg, with_mtp=False))}
+    args = ModelArgs.from_config(cfg)
+    out: list[TensorPlan] = []
+
+    def scale_bytes(name: str) -> int:
+        s = inv.get(name.removesuffix(".weight") + ".scale")
+        return s.nbytes if s else 0
+
+    def plain(official: str):
+        e = inv[official]
+        m = N.to_gguf(official)
+        if m.role == N.TID2EID:
+            out.append(TensorPlan(m.gguf, QT.I32, e.shape, m.role, TID2EID, (official,), e.dtype, e.nbytes))
+            return
+        qt = choose_type(recipe, m.gguf, m.role, e.dtype, e.shape)
+        out.append(TensorPlan(m.gguf, qt, e.shape, m.role, PLAIN, (official,), e.dtype, e.nbytes + scale_bytes(official)))
+
+    for official in N.ROOT:
+        plain(official)
+    for layer in range(args.num_hidden_layers):
+        for suffix in N.LAYER:
+            official = N.official_layer(layer, suffix)
+            if official in inv:
+                plain(official)
+        for w in ("w1", "w2", "w3"):
+            srcs = tuple(N.official_expert(layer, e, w) for e in range(args.n_routed_experts))
+            first = inv[srcs[0]]
+            shape = (args.n_routed_experts, first.shape[0], first.shape[1] * 2)  # FP4: two values per byte
+            name = N.experts(layer, w)
+            qt = choose_type(recipe, name, N.EXPS, first.dtype, shape)
+            src_bytes = sum(inv[s].nbytes + scale_bytes(s) for s in srcs)
+            out.append(TensorPlan(name, qt, shape, N.EXPS, EXPERTS, srcs, first.dtype, src_bytes))
+    return out
+
+
+def validate(ckpt: Checkpoint, cfg: dict) -> list[Entry]:
+    """Every tensor the config implies exists with its official dtype and shape; errors name file and tensor."""
+    inv = official_inventory(cfg, with_mtp=False)
+    for e in inv:
+        ckpt.expect(e.name, (e.dtype,), e.shape)
+    return inv
+
+
+def _row_chunks(n_rows: int, row_len: int, align: int) -> Iterator[tuple[int, int]]:
+    step = max(align, (CHUNK_ELEMS // max(row_len, 1)) // align * align)
+    for r0 in range(0, n_rows, step):
+        yield r0, min(n_rows, r0 + step)
+
+
+def _encode(x: torch.Tensor, qt: QT) -> np.ndarray:
+    return quantize(x.numpy(), qt).reshape(-1)
+
+
+def _tensor_bytes(ckpt: Checkpoint, tp: TensorPlan) -> Iterator[tuple[np.ndarray, int]]:
+    """Yield (output bytes, source bytes consumed) slices of one planned tensor, in file order."""
+    if tp.kind == TID2EID:
+        t = ckpt.get(tp.sources[0])
+        yield t.to(torch.int32).numpy().view(np.uint8).reshape(-1), tp.source_bytes
+        return
+    if tp.kind == EXPERTS:
+        per = tp.source_bytes // len(tp.sources)
+        for src in tp.sources:
+            if tp.qtype == QT.MXFP4 and tp.source_dtype == I8:
+                scale = src.removesuffix(".weight") + ".scale"
+                blocks = mxfp4_from_official(ckpt.get(src).view(torch.uint8).numpy(), ckpt.get(scale).view(torch.uint8).numpy())
+                yield blocks.reshape(-1), per
+            else:
+                out_rows = tp.shape[1]
+                for r0, r1 in _row_chunks(out_rows, tp.shape[2], 1):
+                    yield _encode(dequantized_rows(ckpt, src, r0, r1), tp.qtype), per * (r1 - r0) // out_rows
+        return
+    src = tp.sources[0]
+    n_rows = tp.shape[0] if len(tp.shape) > 1 else 1
+    if len(tp.shape) == 1:
+        yield _encode(rows(ckpt, src, 0, tp.shape[0]).float(), tp.qtype), tp.source_bytes
+        return
+    align = FP8_BLOCK if tp.source_dtype == FP8 else 1
+    for r0, r1 in _row_chunks(n_rows, tp.shape[-1], align):
+        yield _encode(dequantized_rows(ckpt, src, r0, r1), tp.qtype), tp.source_bytes * (r1 - r0) // n_rows
+
+
+def header_kv(cfg: dict, src: Path, recipe: Recipe, tensors: list[TensorPlan], source_repo: str | None,
+              source_revision: str | None) -> list[tuple[str, object, GGUFValueType]]:
+    args = ModelArgs.from_config(cfg)
+    S, U = GGUFValueType.STRING, GGUFValueType.UINT32
+    kv = [(K.General.NAME, cfg.get("_name_or_path") or source_repo or Path(src).name, S),
+          (K.General.QUANT_VERSION, 2, U)]
+    kv += args.gguf_kv()
+    kv += tokenizer_kv(src, args.vocab_size, args.bos_token_id, args.eos_token_id)
+    kv += [
+        (K.Provenance.TOOL, f"v4 {__version__}", S),
+        (K.Provenance.RECIPE, recipe.name + "".join(f" {p}={t}" for p, t in recipe.overrides), S),
+        (K.Provenance.SOURCE_DTYPES, json.dumps({t.gguf: t.source_dtype for t in tensors}), S),
+        (K.Provenance.CONFIG_JSON, json.dumps(cfg), S),
+    ]
+    if source_repo:
+        kv.append((K.Provenance.SOURCE_REPO, source_repo, S))
+    if source_revision:
+        kv.append((K.Provenance.SOURCE_REVISION, source_revision, S))
+    return kv
+
+
+@dataclass
+class Progress:
+    """What a conversion reports as it goes; the CLI renders it."""
+
+    tensor: str
+    done_bytes: int  # source bytes consumed so far
+    total_bytes: int
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    path: Path
+    tensors: int
+    out_bytes: int
+    in_bytes: int
+    seconds: float
+
+
+def partial_path(out: Path) -> Path:
+    """Where `out` is written until complete: same folder (so the rename is atomic), never a `.gguf` name."""
+    return out.with_name(f".{out.name}.{os.getpid()}.partial")
+
+
+def convert(src: Path, out: Path, recipe: Recipe, *, source_repo: str | None = None,
+            source_revision: str | None = None, progress: Callable[[Progress], None] | None = None) -> ConvertResult:
+    """Convert an official checkpoint folder to one GGUF file at `out` (atomic)."""
+    src, out = Path(src), Path(out)
+    cfg_path = src / "config.json"
+    args = ModelArgs.from_config_file(cfg_path)  # raises for other architectures first
+    cfg = json.loads(cfg_path.read_text())
+    ckpt = Checkpoint(src)
+    inv = validate(ckpt, cfg)
+    tensors = plan(cfg, recipe, inv)
+    total_out = sum(t.nbytes for t in tensors)
+    total_in = sum(t.source_bytes for t in tensors)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out.parent).free
+    if free < total_out * 1.01 + (64 << 20):
+        raise DiskSpaceError(f"{out.parent}: {total_out / 1e9:.2f} GB needed for the output, {free / 1e9:.2f} GB free",
+                             hint="free space or pass -o on another disk")
+    tmp = partial_path(out)
+    t0 = time.perf_counter()
+    w = GGUFWriter(tmp, K.ARCH)
+    try:
+        for key, val, typ in header_kv(cfg, src, recipe, tensors, source_repo, source_revision):
+            w.add_key_value(key, val, typ)
+        for t in tensors:
+            # a non-uint8 dtype tells the writer `shape` is in elements, not bytes
+            w.add_tensor_info(t.gguf, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        fout = w.fout[0]
+        done = 0
+        for t in tensors:
+            w.write_padding(fout, fout.tell())
+            written = 0
+            for data, consumed in _tensor_bytes(ckpt, t):
+                fout.write(memoryview(np.ascontiguousarray(data)))
+                written += data.nbytes
+                done += consumed
+                if progress:
+                    progress(Progress(t.gguf, done, total_in))
+            if written != t.nbytes:
+                raise CheckpointError(f"{t.gguf}: wrote {written} bytes, planned {t.nbytes} (source {t.sources[0]})")
+            w.write_padding(fout, written)
+        fout.flush()
+        os.fsync(fout.fileno())
+        w.close()
+        tmp.replace(out)
+        _fsync_dir(out.parent)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return ConvertResult(out, len(tensors), out.stat().st_size, total_in, time.perf_counter() - t0)
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

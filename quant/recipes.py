@@ -1,0 +1,121 @@
+"""Quantization recipes as data: which ggml type each role of tensor gets.
+
+`SOURCE` keeps a tensor exact: BF16 for FP8/BF16 sources (FP8 × a power-of-two scale fits BF16 exactly), F32 for
+F32 sources. Routed experts (the bulk of the model: 277G of Flash's 284B parameters) get their own per-projection
+types, since they dominate both file size and bytes read per decoded token.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+from gguf import GGMLQuantizationType as QT
+
+from quant import names as N
+from quant.ggml import type_info
+from quant.official import F32
+from v4cli.errors import BadInput
+
+SOURCE = "source"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    summary: str
+    roles: dict[str, str]  # role → ggml type name or SOURCE
+    experts: dict[str, str]  # "gate" / "up" / "down" → ggml type name or SOURCE (MXFP4 = the official FP4 bits)
+    overrides: tuple[tuple[str, str], ...] = field(default=())  # (glob on GGUF name, type), last match wins
+
+
+# roles that are always kept at full precision whatever the recipe: tiny, and numerically sensitive
+_ALWAYS: dict[str, str] = {N.NORM: "F32", N.HC: "F32", N.SINK: "F32", N.BIAS: "F32", N.TID2EID: "I32"}
+
+_Q8_NONEXPERT = {N.EMBED: "Q8_0", N.HEAD: "Q8_0", N.ATTN: "Q8_0", N.SHEXP: "Q8_0", N.INDEXER: "Q8_0",
+                 N.MTP_PROJ: "Q8_0", N.ROUTER: SOURCE, N.COMPRESSOR: SOURCE}
+
+
+def _lowbit(name: str, gate: str, down: str, summary: str) -> Recipe:
+    return Recipe(name, summary, _Q8_NONEXPERT, {"gate": gate, "up": gate, "down": down})
+
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("f32", "everything F32: for debugging and exact comparisons",
+           {r: "F32" for r in (N.EMBED, N.HEAD, N.ATTN, N.SHEXP, N.INDEXER, N.MTP_PROJ, N.ROUTER, N.COMPRESSOR)},
+           {"gate": "F32", "up": "F32", "down": "F32"}),
+    Recipe("lossless", "exact: FP8 → BF16, FP4 → MXFP4 bit repack, BF16/F32 kept",
+           {r: SOURCE for r in (N.EMBED, N.HEAD, N.ATTN, N.SHEXP, N.INDEXER, N.MTP_PROJ, N.ROUTER, N.COMPRESSOR)},
+           {"gate": "MXFP4", "up": "MXFP4", "down": "MXFP4"}),
+    Recipe("q8", "llama.cpp converter's choice: FP8 → Q8_0, BF16 kept, experts MXFP4 (exact)",
+           {N.EMBED: SOURCE, N.HEAD: SOURCE, N.ATTN: "Q8_0", N.SHEXP: "Q8_0", N.INDEXER: "Q8_0",
+            N.MTP_PROJ: "Q8_0", N.ROUTER: SOURCE, N.COMPRESSOR: SOURCE},
+           {"gate": "MXFP4", "up": "MXFP4", "down": "MXFP4"}),
+    _lowbit("q4k", "Q4_K", "Q4_K", "experts Q4_K, the rest Q8_0/BF16/F32"),
+    _lowbit("q3k", "Q3_K", "Q3_K", "experts Q3_K, the rest Q8_0/BF16/F32"),
+    _lowbit("q2k-q3k", "Q2_K", "Q3_K", "experts gate/up Q2_K + down Q3_K, the rest Q8_0/BF16/F32"),
+    _lowbit("q2k", "Q2_K", "Q2_K", "experts Q2_K, the rest Q8_0/BF16/F32 (fits 128 GB with 1M context)"),
+)}
+
+_EXPERT_PROJ = {N.EXPERTS["w1"]: "gate", N.EXPERTS["w3"]: "up", N.EXPERTS["w2"]: "down"}
+_FALLBACK = ("Q8_0", "BF16", "F32")  # when a row length is not a whole number of the chosen type's blocks
+
+
+def get_recipe(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """A recipe by name, with `PATTERN=TYPE` overrides (glob on GGUF tensor names) appended."""
+    try:
+        base = RECIPES[name]
+    except KeyError:
+        raise BadInput(f"unknown recipe {name!r}", hint=f"choose one of: {', '.join(RECIPES)}") from None
+    parsed = []
+    for o in overrides:
+        pat, sep, typ = o.partition("=")
+        if not sep or not pat or not typ:
+            raise BadInput(f"--tensor-type {o!r}: expected PATTERN=TYPE, e.g. 'blk.*.ffn_down_exps.weight=Q3_K'")
+        type_info(typ)  # raises for unknown types
+        parsed.append((pat, typ.upper()))
+    return Recipe(base.name, base.summary, base.roles, base.experts, base.overrides + tuple(parsed))
+
+
+def choose_type(recipe: Recipe, gguf_name: str, role: str, source_dtype: str, shape: tuple[int, ...]) -> QT:
+    """The ggml type of one GGUF tensor under `recipe`."""
+    if len(shape) == 1:
+        typ = "F32"  # llama.cpp's rule: every 1-D tensor is F32
+    elif role in _ALWAYS:
+        typ = _ALWAYS[role]
+    elif gguf_name.endswith("_ape.weight"):
+        typ = "F32"
+    elif role == N.EXPS:
+        typ = recipe.experts[_EXPERT_PROJ[gguf_name.split(".", 2)[2]]]
+    else:
+        typ = recipe.roles[role]
+    if typ == SOURCE:
+        typ = "F32" if source_dtype == F32 else "BF16"
+    explicit = False
+    for pat, t in recipe.overrides:
+        if fnmatch.fnmatchcase(gguf_name, pat):
+            typ, explicit = t, True
+    info = type_info(typ)
+    if shape[-1] % info.block_size:
+        if explicit:
+            raise BadInput(f"--tensor-type: {gguf_name} has rows of {shape[-1]}, not a multiple of the "
+                           f"{info.name} block size {info.block_size}")
+        info = next(type_info(f) for f in _FALLBACK if shape[-1] % type_info(f).block_size == 0)
+    return info.qtype
+
+
+# Best quality first: `--fit` takes the first whose file fits the budget. No q4k: the routed experts were
+# trained at FP4, so MXFP4 (lossless, q8) is both exact and smaller than Q4_K of the same weights.
+FIT_ORDER = ("lossless", "q8", "q3k", "q2k-q3k", "q2k")
+
+
+def parse_size(text: str) -> int:
+    """'128G', '100GB', '24GiB', '512M', '1T' or plain bytes → bytes (G = 10^9, GiB = 2^30)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise BadInput(f"cannot read size {text!r}", hint="write it like 128G, 24GiB or 512M")
+    num, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
+    power = "KMGT".index(unit) + 1 if unit else 0
+    return int(num * (1024 if binary else 1000) ** power)

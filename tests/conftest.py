@@ -1,0 +1,35 @@
+"""Shared fixtures: one tiny official-layout checkpoint per preset and its GGUFs, built once per session."""
+
+from __future__ import annotations
+
+import pytest
+
+from quant.convert import convert
+from quant.recipes import get_recipe
+from v4cli.testing.tiny import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_dir):
+    """The default tiny checkpoint (small HCA ratio and window)."""
+    return make_tiny_checkpoint(tiny_dir / "ckpt-tiny", preset="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_dir):
+    """Factory: tiny_gguf(recipe, preset="tiny") → path of the converted GGUF, converted once per session."""
+    made = {}
+
+    def get(recipe: str = "lossless", preset: str = "tiny"):
+        key = (recipe, preset)
+        if key not in made:
+            ckpt = make_tiny_checkpoint(tiny_dir / f"ckpt-{preset}", preset=preset)
+            made[key] = convert(ckpt, tiny_dir / f"{preset}-{recipe}.gguf", get_recipe(recipe)).path
+        return made[key]
+
+    return get

@@ -1,0 +1,3 @@
+from v4cli.cli import main
+
+main()

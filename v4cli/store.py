@@ -1,0 +1,397 @@
+"""The model store: one folder per pulled model, a manifest that marks it complete, and GGUF outputs.
+
+Layout under the root (`$V4_HOME`, else `$XDG_CACHE_HOME/v4`, else `~/.cache/v4`):
+
+    models/<folder>/                 the checkpoint files, in the repo's own layout
+    models/<folder>/v4-manifest.json written last, atomically: its presence means "complete and verified"
+    models/<folder>/.v4-partial/     while a pull is in progress: plan + resumable `<hash>.part` files
+    models/.locks/<folder>.lock      one pull or removal of a model at a time
+    gguf/<name>-<recipe>.gguf        outputs of `v4 quantize`
+
+`<folder>` is the registry name (`flash`) or `hf--OWNER--REPO` for `hf:OWNER/REPO`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from v4cli.errors import BadInput, DownloadError, NotFoundError
+from v4cli.registry import GGUF_MAGIC, HubSpec, LocalSpec, resolve_name
+
+MANIFEST = "v4-manifest.json"
+PARTIAL = ".v4-partial"
+STATE = "state.json"
+MANIFEST_FORMAT = 1
+_HASH_CHUNK = 8 << 20
+
+
+def default_root() -> Path:
+    """`$V4_HOME`, else `$XDG_CACHE_HOME/v4`, else `~/.cache/v4` (read at call time, so tests can set them)."""
+    if os.environ.get("V4_HOME"):
+        return Path(os.environ["V4_HOME"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache).expanduser() / "v4"
+
+
+def format_bytes(n: float) -> str:
+    """Decimal units, like the Hub shows sizes."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, rename: readers see the old file or the new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable; not possible on every platform, and harmless to skip there.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    """Atomic JSON write (see `atomic_write_bytes`)."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+# ---- file identity -------------------------------------------------------------------------------------------
+
+
+def git_blob_oid(data: bytes) -> str:
+    """Git's object id for a blob: what the Hub reports (and sends as ETag) for small, non-LFS files."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One file of a pulled repo: its size and the hash the Hub vouches for (LFS sha256, else git blob oid)."""
+
+    path: str
+    size: int
+    sha256: str | None = None
+    git_oid: str | None = None
+
+    @property
+    def key(self) -> str:
+        """Content identity; also names the resumable partial file, so a partial never resumes other content."""
+        return self.sha256 or self.git_oid or f"size-{self.size}"
+
+    def hasher(self):
+        """A fresh hash object for this record's check (sha256 for LFS, git blob sha1 otherwise), or None."""
+        if self.sha256:
+            return hashlib.sha256()
+        if self.git_oid:
+            h = hashlib.sha1()
+            h.update(b"blob %d\0" % self.size)
+            return h
+        return None
+
+    def expected_digest(self) -> str | None:
+        return self.sha256 or self.git_oid
+
+
+def hash_file(path: Path, record: FileRecord, upto: int | None = None):
+    """Hash object for `record`'s check, fed with the first `upto` bytes of `path` (all of it by default)."""
+    h = record.hasher()
+    if h is None:
+        return None
+    remaining = path.stat().st_size if upto is None else upto
+    with open(path, "rb") as f:
+        while remaining > 0:
+            chunk = f.read(min(_HASH_CHUNK, remaining))
+            if not chunk:
+                break
+            h.update(chunk)
+            remaining -= len(chunk)
+    return h
+
+
+def check_file(path: Path, record: FileRecord, full: bool = True) -> str | None:
+    """None if `path` matches `record`, else what is wrong. `full=False` checks only presence and size."""
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    if size != record.size:
+        return f"size {size} != {record.size}"
+    if full:
+        h = hash_file(path, record)
+        if h is not None and h.hexdigest() != record.expected_digest():
+            kind = "sha256" if record.sha256 else "git blob id"
+            return f"{kind} {h.hexdigest()} != {record.expected_digest()}"
+    return None
+
+
+# ---- manifest ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Manifest:
+    """What a complete pull holds. Written last, atomically; its presence is what marks the folder complete."""
+
+    name: str
+    repo_id: str
+    revision: str  # the commit the files came from
+    files: dict[str, FileRecord]
+    requested_revision: str | None = None
+    format: int = MANIFEST_FORMAT
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files.values())
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["files"] = {p: {k: v for k, v in asdict(r).items() if k != "path"} for p, r in sorted(self.files.items())}
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> Manifest:
+        files = {p: FileRecord(path=p, **r) for p, r in d["files"].items()}
+        return cls(
+            name=d["name"],
+            repo_id=d["repo_id"],
+            revision=d["revision"],
+            files=files,
+            requested_revision=d.get("requested_revision"),
+            format=d.get("format", MANIFEST_FORMAT),
+            extra=d.get("extra", {}),
+        )
+
+
+@dataclass(frozen=True)
+class StoreEntry:
+    """One row of `v4 ls`."""
+
+    name: str
+    kind: str  # "model" | "gguf"
+    path: Path
+    size: int
+    complete: bool
+    repo_id: str | None = None
+    revision: str | None = None
+    files: int = 0
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class Store:
+    """The on-disk model store rooted at `root` (default: `default_root()`)."""
+
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root) if root is not None else default_root()
+
+    # -- paths --
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def gguf_dir(self) -> Path:
+        return self.root / "gguf"
+
+    @staticmethod
+    def folder_name(name: str) -> str:
+        """Store key → folder name: `flash` → `flash`, `hf:owner/repo` → `hf--owner--repo`."""
+        if name.startswith("hf:"):
+            return "hf--" + name[3:].replace("/", "--")
+        return name
+
+    @staticmethod
+    def name_from_folder(folder: str) -> str:
+        if folder.startswith("hf--"):
+            return "hf:" + folder[4:].replace("--", "/", 1)
+        return folder
+
+    def model_dir(self, name: str) -> Path:
+        return self.models_dir / self.folder_name(name)
+
+    def partial_dir(self, name: str) -> Path:
+        return self.model_dir(name) / PARTIAL
+
+    def lock_path(self, name: str) -> Path:
+        return self.models_dir / ".locks" / f"{self.folder_name(name)}.lock"
+
+    @contextmanager
+    def lock(self, name: str):
+        """Hold the per-model lock (one pull or removal at a time); fails fast if someone else holds it."""
+        from filelock import Timeout
+        from huggingface_hub.utils import WeakFileLock
+
+        path = self.lock_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with WeakFileLock(path, timeout=1.0):
+                yield
+        except Timeout:
+            raise DownloadError(f"another v4 process is pulling or removing {name}", hint="wait for it to finish")
+
+    def gguf_path(self, name: str, recipe: str) -> Path:
+        """Where `v4 quantize` writes NAME quantized with RECIPE: `<root>/gguf/<name>-<recipe>.gguf`."""
+        stem = _SAFE.sub("-", f"{name}-{recipe}").strip("-")
+        return self.gguf_dir / f"{stem}.gguf"
+
+    # -- manifest / in-progress state --
+
+    def read_manifest(self, name: str) -> Manifest | None:
+        """The manifest of a complete pull, or None (never pulled, or a pull is unfinished)."""
+        path = self.model_dir(name) / MANIFEST
+        try:
+            return Manifest.from_json(json.loads(path.read_text()))
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as e:
+            raise NotFoundError(f"the manifest {path} is unreadable ({e})", hint=f"v4 rm {name}, then pull again")
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        atomic_write_json(self.model_dir(manifest.name) / MANIFEST, manifest.to_json())
+
+    def drop_manifest(self, name: str) -> None:
+        """Mark a folder incomplete before changing its files."""
+        (self.model_dir(name) / MANIFEST).unlink(missing_ok=True)
+        _fsync_dir(self.model_dir(name))
+
+    def read_state(self, name: str) -> dict | None:
+        """The plan of an unfinished pull (repo, revision, files, which are verified), or None."""
+        try:
+            return json.loads((self.partial_dir(name) / STATE).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def write_state(self, name: str, state: dict) -> None:
+        atomic_write_json(self.partial_dir(name) / STATE, state)
+
+    # -- queries --
+
+    def resolve(self, name: str) -> Path:
+        """Path to give the loader: a local path passes through; a Hub model must be fully pulled.
+
+        Returns the checkpoint folder, or the (first) GGUF file for a pulled ready-made GGUF repo.
+        """
+        spec = resolve_name(name)
+        if isinstance(spec, LocalSpec):
+            return spec.path
+        return self._resolve_hub(spec, name)
+
+    def _resolve_hub(self, spec: HubSpec, typed: str) -> Path:
+        manifest = self.read_manifest(spec.name)
+        if manifest is None:
+            state = "is only partly pulled" if self.model_dir(spec.name).exists() else "has not been pulled"
+            raise NotFoundError(f"{typed} {state}", hint=f"v4 pull {typed}")
+        if spec.revision is not None and manifest.revision != spec.revision:
+            raise NotFoundError(
+                f"{typed} is stored at revision {manifest.revision[:7]}, not {spec.revision[:7]}",
+                hint=f"v4 pull {typed}",
+            )
+        folder = self.model_dir(spec.name)
+        wanted = sorted(p for p in manifest.files if any(fnmatch.fnmatchcase(p, pat) for pat in spec.patterns))
+        if not wanted:
+            raise NotFoundError(f"no files of {typed} are in the store", hint=f"v4 pull {typed}")
+        # A cheap stat check catches files deleted by hand; full hashes are `v4 pull` offline's job.
+        for p in wanted:
+            problem = check_file(folder / p, manifest.files[p], full=False)
+            if problem:
+                raise NotFoundError(f"{typed}: {p} is {problem}", hint=f"v4 pull {typed}")
+        if "config.json" in wanted:
+            return folder
+        for p in wanted:
+            with open(folder / p, "rb") as f:
+                if f.read(4) == GGUF_MAGIC:
+                    return folder / p
+        return folder
+
+    def list(self) -> list[StoreEntry]:
+        """Every model folder (complete or not) and every GGUF output, sorted by name."""
+        out: list[StoreEntry] = []
+        if self.models_dir.is_dir():
+            for d in sorted(self.models_dir.iterdir()):
+                if not d.is_dir() or d.name.startswith("."):
+                    continue
+                name = self.name_from_folder(d.name)
+                manifest = self.read_manifest(name)
+                if manifest is not None:
+                    out.append(
+                        StoreEntry(name, "model", d, manifest.total_bytes, True, manifest.repo_id,
+                                   manifest.revision, len(manifest.files))
+                    )
+                else:
+                    state = self.read_state(name) or {}
+                    files = [p for p in d.rglob("*") if p.is_file()]
+                    out.append(
+                        StoreEntry(name, "model", d, sum(p.stat().st_size for p in files), False,
+                                   state.get("repo_id"), state.get("revision"), len(state.get("files", {})))
+                    )
+        if self.gguf_dir.is_dir():
+            for p in sorted(self.gguf_dir.glob("*.gguf")):
+                out.append(StoreEntry(p.name, "gguf", p, p.stat().st_size, True, files=1))
+        return out
+
+    def entry(self, name: str) -> StoreEntry:
+        """The stored model (by store name, e.g. `flash`, `hf:owner/repo`) or GGUF output (by file name)."""
+        entries = self.list()
+        for e in entries:
+            if e.kind == "gguf" and e.name == name:
+                return e
+        spec = resolve_name(name) if not name.endswith(".gguf") else None
+        if isinstance(spec, LocalSpec):
+            raise BadInput(f"{name} is a local path, not a stored model", hint="v4 ls shows what the store holds")
+        key = spec.name if isinstance(spec, HubSpec) else name
+        for e in entries:
+            if e.kind == "model" and e.name == key:
+                return e
+        hint = "v4 ls shows what it holds" if entries else "the store is empty"
+        raise NotFoundError(f"{name} is not in the store", hint=hint)
+
+    def remove(self, name: str) -> StoreEntry:
+        """Delete a stored model folder or GGUF output (see `entry`); returns what went."""
+        e = self.entry(name)
+        if e.kind == "gguf":
+            e.path.unlink()
+        else:
+            with self.lock(e.name):
+                shutil.rmtree(e.path)
+        return e
+
+
+def resolve(name: str) -> Path:
+    """`Store().resolve(name)` on the default store: what quantize/chat call to find a model."""
+    return Store().resolve(name)
+
+
+def gguf_path(name: str, recipe: str) -> Path:
+    """`Store().gguf_path(name, recipe)` on the default store."""
+    return Store().gguf_path(name, recipe)

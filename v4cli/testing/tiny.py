@@ -39,9 +39,10 @@ PRESETS: dict[str, dict] = {
     # Hadamard-rotates keys in 64-wide blocks (head dim must be a multiple of 64), and 16 indexer heads make an
     # all-ReLU-zero score (an exact top-k tie that torch and ggml break differently) vanishingly rare.
     "tiny-128": {**_TINY, "compress_ratios": [0, 4, 128, 4, 128, 0], "index_head_dim": 64, "index_n_heads": 16},
+    # true Flash per-layer dims with few layers and experts: per-layer costs extrapolate to the full model
+    "mini-flash": {"num_hidden_layers": 4, "n_routed_experts": 32, "num_hash_layers": 1,
+                   "compress_ratios": [0, 4, 128, 4, 0]},
 }
-
-
 
 
 def tiny_config(preset: str = "tiny", **overrides) -> dict:

@@ -23,16 +23,16 @@ from pathlib import Path
 LLAMA_FTYPES = {"q8": 7, "q3k": 12, "q2k": 10}
 
 _OURS = textwrap.dedent("""
-    import json, resource, sys, time
+    import json, sys, time
     from quant.convert import convert
     from quant.recipes import get_recipe
     t = time.perf_counter()
     r = convert(sys.argv[1], sys.argv[2], get_recipe(sys.argv[3]))
     print(json.dumps({"s": time.perf_counter() - t, "in": r.in_bytes, "out": r.out_bytes,
-                      "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                      "rss": peak_rss()}))
 """)
 _LLAMA = textwrap.dedent("""
-    import ctypes, json, os, resource, sys, time
+    import ctypes, json, os, sys, time
     import llama_cpp
     p = llama_cpp.llama_model_quantize_default_params()
     p.ftype = int(sys.argv[3]); p.allow_requantize = True; p.nthread = int(sys.argv[4])
@@ -40,12 +40,20 @@ _LLAMA = textwrap.dedent("""
     rc = llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p))
     assert rc == 0, rc
     print(json.dumps({"s": time.perf_counter() - t, "out": os.path.getsize(sys.argv[2]),
-                      "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                      "rss": peak_rss()}))
+""")
+# VmHWM, not ru_maxrss: on Linux a child inherits its parent's ru_maxrss across fork/exec, so it would report
+# the benchmark driver's peak (which built the checkpoint in memory) instead of its own.
+_PEAK = textwrap.dedent("""
+    def peak_rss():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
 """)
 
 
 def _run(code: str, *args: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", _PEAK + code, *map(str, args)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

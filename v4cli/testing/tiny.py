@@ -166,10 +166,11 @@ def make_tiny_checkpoint(out_dir: Path, preset: str = "tiny", seed: int = 0, **o
     """Build (or reuse, if complete) a small official-layout V4 checkpoint in out_dir."""
     out_dir = Path(out_dir)
     stamp = out_dir / ".complete"
-    want = json.dumps({"preset": preset, "seed": seed, "format": 1, **overrides}, sort_keys=True)
+    cfg = tiny_config(preset, **overrides)
+    # the stamp holds the whole config, so a cached folder from an older preset definition is rebuilt
+    want = json.dumps({"config": cfg, "seed": seed, "format": 1}, sort_keys=True)
     if stamp.exists() and stamp.read_text() == want:
         return out_dir
-    cfg = tiny_config(preset, **overrides)
     write_checkpoint(out_dir, cfg, build_tensors(cfg, seed))
     stamp.write_text(want)
     return out_dir

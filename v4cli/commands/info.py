@@ -1,0 +1,163 @@
+"""`v4 info PATH`: what a GGUF file or checkpoint folder holds, its KV-cache sizes and (with --plan) its placement."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from quant import keys as K
+from quant.config import ModelArgs
+from v4cli import kvsize, ui
+from v4cli.errors import GGUFError, NotFoundError
+from v4cli.gguf_file import GGUFFile
+from v4cli.placement import DEFAULT_RECIPE_TYPES, PlacementPlan, inventory_for
+from v4cli.units import parse_size
+
+KV_CONTEXTS = (4096, 32768, 131072, 1048576)
+KV_SHOWN = ("bf16", "fp8")
+
+
+def _line(text: str) -> None:
+    # soft_wrap keeps one logical line on one line at any width (tests match whole lines)
+    ui.console.print(text, soft_wrap=True, markup=False, highlight=False)
+
+
+def _table(*columns: str) -> Table:
+    t = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+    for i, c in enumerate(columns):
+        t.add_column(c, justify="left" if i == 0 else "right", no_wrap=True)
+    return t
+
+
+def _ctx(n: int) -> str:
+    return f"{n >> 20}M" if n >= 1 << 20 and n % (1 << 20) == 0 else f"{n >> 10}K" if n % 1024 == 0 else f"{n:,}"
+
+
+def _resolve(target: str) -> Path:
+    path = Path(target).expanduser()
+    if path.exists():
+        return path
+    try:
+        from v4cli.store import resolve
+    except ImportError:
+        raise NotFoundError(f"{target}: no such file or folder") from None
+    return Path(resolve(target))
+
+
+def _config_lines(args: ModelArgs) -> None:
+    n = args.num_hidden_layers
+    ratios = [args.layer_ratio(i) for i in range(n)]
+    swa = sum(r == 0 for r in ratios)
+    csa = sum(args.is_csa(i) for i in range(n))
+    hca = {r for r in ratios if r not in (0, 4)}
+    mtp = f" (+{args.num_nextn_predict_layers} MTP)" if args.num_nextn_predict_layers else ""
+    _line(f"layers      {n}{mtp}, hidden {args.hidden_size}, {args.num_attention_heads} heads × {args.head_dim}")
+    _line(f"experts     {args.n_routed_experts} routed ({args.num_experts_per_tok} used) + {args.n_shared_experts} "
+          f"shared, {args.moe_intermediate_size} wide, first {args.num_hash_layers} layers hash-routed")
+    _line(f"attention   {swa} window-only, {csa} CSA (ratio 4), {n - swa - csa} HCA "
+          f"(ratio {'/'.join(str(r) for r in sorted(hca)) or '-'}), window {args.sliding_window}")
+    _line(f"context     {args.max_position_embeddings:,} tokens, vocab {args.vocab_size:,}")
+
+
+def _kv_table(args: ModelArgs) -> None:
+    t = _table("KV cache", *KV_SHOWN)
+    for n in KV_CONTEXTS:
+        t.add_row(_ctx(n), *(ui.human_bytes(kvsize.kv_bytes(args, f, n)) for f in KV_SHOWN))
+    ui.console.print(t)
+
+
+def _plan_table(plan: PlacementPlan) -> None:
+    t = _table("component", "bytes", "where", "form")
+    for r in plan.summary():
+        t.add_row(r.component, ui.human_bytes(r.nbytes), r.where, r.form)
+    ui.console.print(t)
+    _line("totals      " + ", ".join(f"{d} {ui.human_bytes(b)}" for d, b in plan.totals().items()))
+    for note in plan.notes + plan.problems:
+        _line(f"note: {note}")
+
+
+def _provenance(md: dict) -> None:
+    P = K.Provenance
+    for label, key in (("tool", P.TOOL), ("source", P.SOURCE_REPO), ("revision", P.SOURCE_REVISION),
+                       ("recipe", P.RECIPE)):
+        if key in md:
+            _line(f"{label:<11} {md[key]}")
+    for label, key in (("dtypes", P.SOURCE_DTYPES), ("config", P.CONFIG_JSON)):
+        if key in md:
+            _line(f"{label:<11} kept in {key} ({len(str(md[key])):,} chars)")
+
+
+def _gguf_info(path: Path, plan: bool, plan_kw: dict) -> None:
+    with GGUFFile(path) as f:
+        if plan:
+            _ = f.args  # a plan needs a deepseek4 file: UnsupportedModel before any output otherwise
+        _line(f"file        {path}")
+        _line(f"size        {ui.human_bytes(f.size)} ({f.size:,} bytes)")
+        _line(f"format      GGUF v{f.version}, {len(f.tensors)} tensors, {len(f.metadata)} keys")
+        _line(f"arch        {f.architecture}")
+        _provenance(f.metadata)
+        t = _table("type", "tensors", "bytes")
+        for qtype, (count, nbytes) in f.type_histogram().items():
+            t.add_row(qtype.name, str(count), ui.human_bytes(nbytes))
+        ui.console.print(t)
+        if f.architecture != K.ARCH:
+            return
+        args = f.args
+        _config_lines(args)
+        try:
+            f.validate_deepseek4()
+            _line("check       ok: every tensor present with the shape the config implies")
+        except GGUFError as e:  # shown, not fatal: info is how one finds out what is wrong with a file
+            _line(f"check       FAILED: {e}")
+        _kv_table(args)
+        if plan:
+            _plan_table(PlacementPlan.for_gguf(f, **plan_kw))
+
+
+def _checkpoint_info(path: Path, plan: bool, plan_kw: dict) -> None:
+    args = ModelArgs.from_config_file(path / "config.json")
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    shards = [p for p in files if p.suffix == ".safetensors"]
+    _line(f"folder      {path}")
+    _line(f"shards      {len(shards)} safetensors, {ui.human_bytes(sum(p.stat().st_size for p in shards))}")
+    others = [p for p in files if p.suffix != ".safetensors"]
+    if others:
+        _line("files       " + ", ".join(f"{p.name} ({ui.human_bytes(p.stat().st_size)})" for p in others))
+    _config_lines(args)
+    cfg = json.loads((path / "config.json").read_text())
+    if "quantization_config" in cfg:
+        q = cfg["quantization_config"]
+        _line(f"weights     {q.get('quant_method')} {q.get('fmt', '')}, experts {cfg.get('expert_dtype', 'fp8')}")
+    _kv_table(args)
+    if plan:
+        _line("plan        for the GGUF the default recipe would write (Q8_0, MXFP4 experts)")
+        _plan_table(PlacementPlan.build(inventory_for(args, DEFAULT_RECIPE_TYPES), args, **plan_kw))
+
+
+def info(
+    target: str = typer.Argument(..., metavar="PATH", help="A .gguf file, a checkpoint folder or a store name."),
+    plan: bool = typer.Option(False, "--plan", help="Show where each component would live."),
+    gpu_mem: str | None = typer.Option(None, "--gpu-mem", help="GPU memory to plan for, e.g. 24G (default: detect)."),
+    cpu_mem: str | None = typer.Option(None, "--cpu-mem", help="RAM to plan for, e.g. 128G (default: detect)."),
+    ctx: int = typer.Option(32768, "--ctx", min=1, help="Context length the plan sizes the KV cache for."),
+    kv_format: str = typer.Option("bf16", "--kv-format", help=f"KV cache format: {', '.join(kvsize.KV_FORMATS)}."),
+) -> None:
+    """Describe a GGUF file or checkpoint: config, tensor types, provenance, KV sizes, placement."""
+    plan_kw = {
+        "ctx": ctx,
+        "kv_format": kv_format,
+        "gpu_mem": parse_size(gpu_mem) if gpu_mem is not None else None,
+        "cpu_mem": parse_size(cpu_mem) if cpu_mem is not None else None,
+    }
+    path = _resolve(target)
+    if path.is_dir():
+        _checkpoint_info(path, plan, plan_kw)
+    else:
+        _gguf_info(path, plan, plan_kw)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("info")(info)

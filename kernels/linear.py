@@ -1,0 +1,135 @@
+"""Quantized weights and the linear op the model calls.
+
+`QWeight` keeps a tensor in its GGUF encoding (raw bytes + ggml type + torch-order shape); nothing is
+dequantized at load. `linear(x, w)` dispatches on (qtype, device type) to a registered kernel, falling back
+to the reference: dequantize, then matmul. Fast kernels plug in with `register(qtype, device_type)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+from v4cli.errors import UnsupportedModel
+
+# ggml types that are plain torch dtypes: viewed in place, never copied
+_PLAIN: dict[Q, torch.dtype] = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16,
+                                Q.I32: torch.int32}
+
+
+@dataclass(frozen=True)
+class QWeight:
+    """One tensor in its GGUF encoding. `raw` is a flat uint8 tensor (usually a zero-copy mmap view)."""
+
+    raw: torch.Tensor
+    qtype: Q
+    shape: tuple[int, ...]
+
+    def __post_init__(self):
+        block, size = GGML_QUANT_SIZES[self.qtype]
+        if self.shape[-1] % block:
+            raise UnsupportedModel(f"row length {self.shape[-1]} is not a multiple of the {self.qtype.name} block")
+        want = self.numel // block * size
+        if self.raw.numel() != want:
+            raise UnsupportedModel(f"{self.qtype.name} tensor {self.shape}: {self.raw.numel()} bytes, want {want}")
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def row_bytes(self) -> int:
+        block, size = GGML_QUANT_SIZES[self.qtype]
+        return self.shape[-1] // block * size
+
+    @property
+    def device(self) -> torch.device:
+        return self.raw.device
+
+    def plain(self) -> torch.Tensor | None:
+        """The tensor itself (no copy) for F32/F16/BF16/I32, else None."""
+        dt = _PLAIN.get(self.qtype)
+        return None if dt is None else self.raw.view(dt).view(self.shape)
+
+    def dense(self) -> torch.Tensor:
+        """The whole tensor as f32 (a copy for anything but F32). For small tensors and the reference path."""
+        p = self.plain()
+        if p is not None:
+            return p.float()
+        from kernels.dequant import dequantize
+
+        return dequantize(self.raw, self.qtype, self.shape).float()
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of a 2-D tensor as f32 [len(ids), cols]; only those rows are dequantized."""
+        p = self.plain()
+        if p is not None:
+            return p[ids].float()
+        raw = self.raw.view(self.shape[0], self.row_bytes)[ids]
+        from kernels.dequant import dequantize
+
+        return dequantize(raw.reshape(-1), self.qtype, (ids.numel(), self.shape[-1])).float()
+
+    def row_slice(self, start: int, stop: int) -> "QWeight":
+        """Rows start:stop of a 2-D tensor, sharing bytes (no copy)."""
+        rb = self.row_bytes
+        return QWeight(self.raw[start * rb: stop * rb], self.qtype, (stop - start, *self.shape[1:]))
+
+    def expert(self, e: int) -> "QWeight":
+        """Expert `e` of a 3-D [E, out, in] tensor, sharing bytes (no copy)."""
+        per = self.raw.numel() // self.shape[0]
+        return QWeight(self.raw[e * per: (e + 1) * per], self.qtype, tuple(self.shape[1:]))
+
+    def gather_experts(self, idx: torch.Tensor) -> torch.Tensor:
+        """Experts `idx` of a 3-D tensor as f32 [len(idx), out, in], with no host sync (for decode)."""
+        p = self.plain()
+        if p is not None:
+            return p[idx].float()
+        raw = self.raw.view(self.shape[0], -1)[idx]
+        from kernels.dequant import dequantize
+
+        out = dequantize(raw.reshape(-1), self.qtype, (idx.numel() * self.shape[1], self.shape[2]))
+        return out.float().view(idx.numel(), self.shape[1], self.shape[2])
+
+    def to(self, device: torch.device | str) -> "QWeight":
+        return QWeight(self.raw.to(device), self.qtype, self.shape)
+
+
+Kernel = Callable[[torch.Tensor, QWeight], torch.Tensor]
+_KERNELS: dict[tuple[Q, str], Kernel] = {}
+
+
+def register(qtype: Q, device_type: str) -> Callable[[Kernel], Kernel]:
+    """Decorator: a fast `linear` kernel for one ggml type on one device type ("cpu", "cuda")."""
+
+    def deco(fn: Kernel) -> Kernel:
+        _KERNELS[(qtype, device_type)] = fn
+        return fn
+
+    return deco
+
+
+def reference_linear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
+    """y = x @ Wᵀ in f32: plain types directly, anything else dequantized first."""
+    p = w.plain()
+    if p is not None and p.dtype == torch.float32:
+        return F.linear(x, p)
+    return F.linear(x, w.dense())
+
+
+def linear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
+    """x [..., in] f32 → [..., out] f32 through the best registered kernel for w."""
+    fn = _KERNELS.get((w.qtype, x.device.type), reference_linear)
+    return fn(x, w)
+
+
+def embedding(ids: torch.Tensor, w: QWeight) -> torch.Tensor:
+    """Token embedding lookup: dequantizes only the rows asked for."""
+    return w.rows(ids.reshape(-1)).view(*ids.shape, w.shape[-1])

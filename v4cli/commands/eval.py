@@ -1,0 +1,95 @@
+"""`v4 eval`: perplexity and tokens/s of a model over a text or token file; optionally dump the logits."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import typer
+
+from v4cli import ui
+from v4cli.errors import BadInput
+
+
+def _read_tokens(path: Path) -> list[int]:
+    """A JSON list of ints, or ints separated by whitespace/commas."""
+    text = path.read_text()
+    try:
+        ids = json.loads(text)
+    except json.JSONDecodeError:
+        ids = text.replace(",", " ").split()
+    try:
+        return [int(i) for i in ids]
+    except (TypeError, ValueError):
+        raise BadInput(f"{path}: not a list of token ids") from None
+
+
+def _save_npy(path: Path, array) -> None:
+    """np.save, atomically: temp file in the same folder, fsync, rename."""
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def eval_cmd(
+    model: Path = typer.Argument(..., help="A deepseek4 GGUF file."),
+    text: Path = typer.Option(None, "--text", help="Score this text file (tokenized with the model's tokenizer)."),
+    tokens: Path = typer.Option(None, "--tokens", help="Score these token ids (JSON list or whitespace-separated)."),
+    chunk: int = typer.Option(256, "--chunk", min=1, help="Prefill chunk size."),
+    dump_logits: Path = typer.Option(None, "--dump-logits", help="Write all logits [T, vocab] f32 to this .npy."),
+    engine: str = typer.Option("torch", "--engine", help="Inference engine (torch)."),
+    kv_format: str = typer.Option("bf16", "--kv-format", help="KV storage: f32, bf16 or fp8."),
+    device: str = typer.Option("cpu", "--device", help="torch device."),
+) -> None:
+    """Perplexity of MODEL on a text or token file, and prefill tokens/s."""
+    import torch
+
+    from v4cli.engine import Engine
+
+    if (text is None) == (tokens is None):
+        raise BadInput("give exactly one of --text FILE or --tokens FILE")
+    if engine != "torch":
+        raise BadInput(f"unknown engine {engine!r}", hint="use --engine torch")
+    eng = Engine.load(model, kv_format=kv_format, device=device)
+    ids = _read_tokens(tokens) if tokens is not None else eng.tokenizer.encode(text.read_text(),
+                                                                               add_special_tokens=False).ids
+    if len(ids) < 2:
+        raise BadInput("need at least 2 tokens to score")
+    t0 = time.perf_counter()
+    nll, kept, done = 0.0, [], 0
+    target = torch.as_tensor(ids[1:], dtype=torch.long)
+    for block in eng.iter_logits(ids, chunk):
+        n = block.shape[0]
+        if dump_logits is not None:
+            kept.append(block.cpu())
+        # logits at position i predict token i+1
+        tgt = target[done: done + n]
+        lp = torch.log_softmax(block[: tgt.numel()].float(), dim=-1).cpu()
+        nll -= lp.gather(1, tgt[:, None]).sum().item()
+        done += n
+    secs = time.perf_counter() - t0
+    ppl = math.exp(nll / (len(ids) - 1))
+    ui.console.print(f"tokens      {len(ids)}")
+    ui.console.print(f"perplexity  {ppl:.4f}")
+    ui.console.print(f"speed       {len(ids) / secs:.1f} tok/s ({secs:.2f} s, chunk {chunk}, kv {kv_format})")
+    if dump_logits is not None:
+        _save_npy(dump_logits, torch.cat(kept).numpy())
+        ui.console.print(f"logits      {dump_logits}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_cmd)

@@ -1,0 +1,77 @@
+"""Incremental detokenization that never splits a UTF-8 character, and stop-string holdback."""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer
+
+from quant import keys as K
+from v4cli.errors import GGUFError
+
+
+def tokenizer_from_metadata(md: dict) -> Tokenizer:
+    """The tokenizer kept verbatim in the GGUF under `tokenizer.huggingface.json`."""
+    raw = md.get(K.Tokenizer.HF_JSON)
+    if not raw:
+        raise GGUFError(f"the model file has no {K.Tokenizer.HF_JSON} key", hint="convert it again with v4 quantize")
+    return Tokenizer.from_str(raw)
+
+
+class Detokenizer:
+    """Feed token ids one at a time; get back only text that is final (complete UTF-8 characters)."""
+
+    def __init__(self, tokenizer: Tokenizer, context: list[int] | None = None):
+        self.tok = tokenizer
+        # a few context tokens so that byte-level merges and leading spaces decode as they will in the stream
+        self.ids: list[int] = list(context[-4:]) if context else []
+        self.prefix = 0
+        self.read = len(self.ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        before = self._decode(self.ids[self.prefix: self.read])
+        now = self._decode(self.ids[self.prefix:])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            delta = now[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
+            return delta
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held (possibly an incomplete character) at the end of generation."""
+        before = self._decode(self.ids[self.prefix: self.read])
+        now = self._decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return now[len(before):]
+
+
+class StopMatcher:
+    """Holds back text that might begin a stop string; reports a stop and truncates before it."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = tuple(s for s in stops if s)
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """→ (text safe to emit, stopped)."""
+        if not self.stops:
+            return text, False
+        buf = self.pending + text
+        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.pending = ""
+            return buf[:cut], True
+        hold = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(buf)), 0, -1):
+                if buf.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        self.pending = buf[len(buf) - hold:] if hold else ""
+        return buf[: len(buf) - hold], False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out

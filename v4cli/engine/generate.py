@@ -1,0 +1,124 @@
+"""The Engine: prefill in chunks, decode token by token, stream typed records.
+
+The decode loop's only host sync is reading the sampled token id to yield it. no_grad (not inference_mode):
+caches outlive a call and are updated in place by later ones.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from v4cli.engine.detok import Detokenizer, StopMatcher, tokenizer_from_metadata
+from v4cli.engine.loader import load_model
+from v4cli.engine.records import DoneRecord, Memory, Timings, TokenRecord
+from v4cli.engine.sampling import Sampler, SamplingParams
+from v4cli.errors import BadInput
+from v4cli.model.cache import KV_FORMATS, ModelCache
+from v4cli.model.deepseek4 import DeepseekV4
+
+DEFAULT_CHUNK = 256
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class Engine:
+    """A loaded model plus its tokenizer; makes caches in one KV storage format."""
+
+    def __init__(self, model: DeepseekV4, tokenizer=None, kv_format: str = "bf16", device: str = "cpu",
+                 source=None):
+        if kv_format not in KV_FORMATS:
+            raise BadInput(f"unknown kv format {kv_format!r}", hint=f"use one of {', '.join(KV_FORMATS)}")
+        self.model, self.tokenizer, self.kv_format = model, tokenizer, kv_format
+        self.device = torch.device(device)
+        self.source = source  # the open GGUFFile, kept alive for the mmap views
+
+    @classmethod
+    def load(cls, gguf_path: str | Path, kv_format: str = "bf16", device: str = "cpu") -> "Engine":
+        model, gf = load_model(gguf_path, device)
+        return cls(model, tokenizer_from_metadata(gf.metadata), kv_format, device, source=gf)
+
+    @property
+    def args(self):
+        return self.model.args
+
+    def new_cache(self) -> ModelCache:
+        return self.model.make_cache(self.kv_format)
+
+    def _ids(self, ids) -> torch.Tensor:
+        t = torch.as_tensor(ids, dtype=torch.long).reshape(-1).to(self.device)
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.args.vocab_size):
+            raise BadInput(f"token ids must be in [0, {self.args.vocab_size})")
+        return t
+
+    @torch.no_grad()
+    def prefill(self, ids, cache: ModelCache, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+        """Feed ids (in chunks of `chunk`) into cache; → logits [vocab] after the last one."""
+        ids = self._ids(ids)
+        if ids.numel() == 0:
+            raise BadInput("nothing to prefill: the prompt is empty")
+        for i in range(0, ids.numel(), chunk):
+            logits = self.model.forward(ids[i: i + chunk], cache, last_only=True)
+        return logits[-1]
+
+    @torch.no_grad()
+    def iter_logits(self, ids, chunk: int = DEFAULT_CHUNK, cache: ModelCache | None = None) -> Iterator[torch.Tensor]:
+        """Logits for every position, one [len(chunk), vocab] block per chunk (for eval without holding T×V)."""
+        ids = self._ids(ids)
+        cache = cache if cache is not None else self.new_cache()
+        for i in range(0, ids.numel(), chunk):
+            yield self.model.forward(ids[i: i + chunk], cache)
+
+    def logits(self, ids, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+        """f32 logits [T, vocab] for one sequence from a fresh cache."""
+        return torch.cat(list(self.iter_logits(ids, chunk)))
+
+    @torch.no_grad()
+    def generate(self, prompt_ids, sampling: SamplingParams = SamplingParams(), cache: ModelCache | None = None,
+                 chunk: int = DEFAULT_CHUNK) -> Iterator[TokenRecord | DoneRecord]:
+        """Prefill the prompt (into `cache`, which may already hold a prefix), then sample up to max_tokens.
+
+        Yields a TokenRecord per token and one DoneRecord at the end. The cache is left holding
+        prompt + generated tokens (except the final sampled token, which was never fed back).
+        """
+        t0 = time.perf_counter()
+        cache = cache if cache is not None else self.new_cache()
+        prompt = self._ids(prompt_ids)
+        timings = Timings(prompt_tokens=prompt.numel())
+        sampler = Sampler(sampling, self.device)
+        detok = Detokenizer(self.tokenizer, prompt.tolist()) if self.tokenizer is not None else None
+        stopper = StopMatcher(sampling.stop)
+        reason = "length"
+        logits = self.prefill(prompt, cache, chunk) if sampling.max_tokens else None
+        timings.prefill_s = time.perf_counter() - t0
+        t_dec = t0
+        for n in range(sampling.max_tokens):
+            tok_t = sampler(logits)
+            tok = int(tok_t)  # the one host sync per token
+            if n == 0:
+                t_dec = time.perf_counter()
+                timings.ttft_s = t_dec - t0
+            timings.decode_tokens = n  # forward passes after the first token
+            if sampling.stop_on_eos and tok == self.args.eos_token_id:
+                reason = "eos"
+                break
+            text = detok.add(tok) if detok else ""
+            text, stopped = stopper.push(text)
+            yield TokenRecord(tok, text)
+            if stopped:
+                reason = "stop"
+                break
+            if n + 1 < sampling.max_tokens:
+                logits = self.model.forward(tok_t.view(1), cache, last_only=True)[-1]
+        timings.decode_s = time.perf_counter() - t_dec if timings.decode_tokens else 0.0
+        tail = ""
+        if reason != "stop":
+            tail, _ = stopper.push(detok.flush() if detok else "")
+            tail += stopper.flush()
+        yield DoneRecord(reason, tail, timings, Memory(peak_rss_bytes(), cache.nbytes()))

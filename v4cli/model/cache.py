@@ -1,0 +1,310 @@
+"""Per-layer inference state for DeepSeek-V4: what must be kept to continue exactly at position n.
+
+Per layer: the sliding window of raw kv (the last `window-1` rows), and for CSA/HCA layers each compressor's
+emitted entries, its partial-window buffers (fp32) and, for the overlapped CSA compressors, the previous
+window's Ca half. Memory grows with the tokens held, not with the maximum context. The state can be
+snapshotted (`state_dict`/`to_bytes`) and restored exactly; it cannot be rewound without recomputation.
+
+KV storage formats (`kv_format`): "f32" (exact, for tests), "bf16", and "fp8": the non-rope dims as FP8 e4m3
+with one power-of-two scale per 64 values, the rope dims in BF16, and indexer keys in FP4 (e2m1, one
+power-of-two scale per 32) — the roundings DeepSeek's runtime applies.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from v4cli.errors import BadInput
+
+KV_FORMATS = ("f32", "bf16", "fp8")
+FP8_BLOCK = 64
+FP4_BLOCK = 32
+_FP4_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+_FP4_MIDS = (_FP4_GRID[1:] + _FP4_GRID[:-1]) / 2
+
+
+def _blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
+    """[n, d] → [n, ceil(d/block), block] zero-padded, and the pad width."""
+    n, d = x.shape
+    pad = (-d) % block
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.view(n, -1, block), pad
+
+
+def _pow2_exponent(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    """Smallest power-of-two exponent e with amax / 2^e ≤ qmax (as int8; all-zero blocks get the minimum)."""
+    e = torch.ceil(torch.log2(amax.clamp_min(1e-30) / qmax))
+    return e.clamp(-127, 127).to(torch.int8)
+
+
+class Codec:
+    """How one kind of row (main kv or indexer key) is stored. Subclasses per format."""
+
+    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def decode(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def row_bytes(self, dim: int) -> int:
+        raise NotImplementedError
+
+
+class PlainCodec(Codec):
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def encode(self, x):
+        return {"x": x.to(self.dtype)}
+
+    def decode(self, parts):
+        return parts["x"].float()
+
+    def row_bytes(self, dim):
+        return dim * torch.empty((), dtype=self.dtype).element_size()
+
+
+class Fp8KVCodec(Codec):
+    """Non-rope dims FP8 e4m3 with per-64 power-of-two scales; the trailing `rope` dims BF16."""
+
+    def __init__(self, rope: int):
+        self.rope = rope
+
+    def encode(self, x):
+        nope_dim = x.shape[-1] - self.rope
+        b, _ = _blocks(x[:, :nope_dim].float(), FP8_BLOCK)
+        e = _pow2_exponent(b.abs().amax(-1), 448.0)
+        q = (b / torch.exp2(e.float())[..., None]).to(torch.float8_e4m3fn).reshape(x.shape[0], -1)[:, :nope_dim]
+        return {"q": q, "e": e, "rope": x[:, nope_dim:].to(torch.bfloat16)}
+
+    def decode(self, parts):
+        q = parts["q"]
+        b, pad = _blocks(q.float(), FP8_BLOCK)
+        nope = (b * torch.exp2(parts["e"].float())[..., None]).reshape(q.shape[0], -1)
+        nope = nope[:, : q.shape[1]]
+        return torch.cat([nope, parts["rope"].float()], dim=-1)
+
+    def row_bytes(self, dim):
+        nope_dim = dim - self.rope
+        return nope_dim + math.ceil(nope_dim / FP8_BLOCK) + 2 * self.rope
+
+
+class Fp4Codec(Codec):
+    """FP4 e2m1, two codes per byte, one power-of-two scale per 32 values (indexer keys)."""
+
+    def encode(self, x):
+        n, d = x.shape
+        b, _ = _blocks(x.float(), FP4_BLOCK)
+        e = _pow2_exponent(b.abs().amax(-1), 6.0)
+        v = (b / torch.exp2(e.float())[..., None]).reshape(n, -1)
+        code = torch.bucketize(v.abs(), _FP4_MIDS.to(v.device)).to(torch.uint8) | ((v < 0).to(torch.uint8) << 3)
+        if code.shape[1] % 2:
+            code = torch.nn.functional.pad(code, (0, 1))
+        return {"p": code[:, 0::2] | (code[:, 1::2] << 4), "e": e, "d": torch.tensor(d)}
+
+    def decode(self, parts):
+        p = parts["p"]
+        code = torch.stack([p & 15, p >> 4], dim=-1).reshape(p.shape[0], -1).long()
+        mag = _FP4_GRID.to(p.device)[code & 7]
+        v = torch.where(code >= 8, -mag, mag)
+        b = v[:, : parts["e"].shape[1] * FP4_BLOCK].reshape(p.shape[0], -1, FP4_BLOCK)
+        return (b * torch.exp2(parts["e"].float())[..., None]).reshape(p.shape[0], -1)[:, : int(parts["d"])]
+
+    def row_bytes(self, dim):
+        return math.ceil(dim / 2) + math.ceil(dim / FP4_BLOCK)
+
+
+def codecs(kv_format: str, rope: int) -> tuple[Codec, Codec]:
+    """(main kv codec, indexer key codec) for a storage format."""
+    if kv_format == "f32":
+        return PlainCodec(torch.float32), PlainCodec(torch.float32)
+    if kv_format == "bf16":
+        return PlainCodec(torch.bfloat16), PlainCodec(torch.bfloat16)
+    if kv_format == "fp8":
+        return Fp8KVCodec(rope), Fp4Codec()
+    raise BadInput(f"unknown kv format {kv_format!r}", hint=f"use one of {', '.join(KV_FORMATS)}")
+
+
+class Rows:
+    """A growable list of encoded rows (capacity doubles, so appends are amortized O(1) per row)."""
+
+    def __init__(self, codec: Codec, dim: int):
+        self.codec, self.dim = codec, dim
+        self.parts: dict[str, torch.Tensor] = {}
+        self.n = 0
+
+    def append(self, x: torch.Tensor) -> torch.Tensor:
+        """Store rows x [m, dim]; returns them as they will read back (the storage rounding applied)."""
+        enc = self.codec.encode(x)
+        m = x.shape[0]
+        for k, v in enc.items():
+            if v.dim() == 0:  # per-store constants (e.g. the unpadded dim)
+                self.parts[k] = v
+                continue
+            cur = self.parts.get(k)
+            if cur is None or cur.shape[0] < self.n + m:
+                cap = max(16, 2 * (self.n + m))
+                grown = v.new_zeros((cap, *v.shape[1:]))
+                if cur is not None:
+                    grown[: self.n] = cur[: self.n]
+                self.parts[k] = cur = grown
+            cur[self.n: self.n + m] = v
+        self.n += m
+        return self.codec.decode(enc)
+
+    def get(self) -> torch.Tensor:
+        """All rows, decoded to f32 [n, dim]."""
+        if self.n == 0:
+            return torch.zeros(0, self.dim, device=self._device())
+        return self.codec.decode(self._view(0, self.n))
+
+    def keep_last(self, k: int) -> None:
+        """Drop all but the last k rows (the sliding window)."""
+        if self.n <= k:
+            return
+        self.parts = {n: (v[self.n - k: self.n].clone() if v.dim() else v) for n, v in self.parts.items()}
+        self.n = k
+
+    def nbytes(self) -> int:
+        """Bytes of the rows held (not the spare capacity)."""
+        return self.n * self.codec.row_bytes(self.dim)
+
+    def _view(self, a, b):
+        return {k: (v[a:b] if v.dim() else v) for k, v in self.parts.items()}
+
+    def _device(self):
+        return next(iter(self.parts.values())).device if self.parts else torch.device("cpu")
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self._view(0, self.n).items()} | {"n": torch.tensor(self.n)}
+
+    def load(self, sd: dict[str, torch.Tensor]) -> None:
+        self.n = int(sd["n"])
+        self.parts = {k: v.clone() for k, v in sd.items() if k != "n"}
+
+
+@dataclass
+class CompressorState:
+    """One compressor's running state: entries emitted, the unfinished window, the previous window's Ca half."""
+
+    entries: Rows
+    buf_kv: torch.Tensor | None = None  # [< ratio, width] f32 projections of tokens not yet in a window
+    buf_score: torch.Tensor | None = None
+    prev_kv: torch.Tensor | None = None  # [ratio, dim] Ca half of the last complete window (CSA only)
+    prev_score: torch.Tensor | None = None
+    count: int = 0  # windows closed so far
+
+    _TENSORS = ("buf_kv", "buf_score", "prev_kv", "prev_score")
+
+    def nbytes(self) -> int:
+        extra = sum(t.numel() * t.element_size() for t in (getattr(self, n) for n in self._TENSORS) if t is not None)
+        return self.entries.nbytes() + extra
+
+    def state(self) -> dict[str, torch.Tensor]:
+        sd = {f"entries.{k}": v for k, v in self.entries.state().items()}
+        for n in self._TENSORS:
+            t = getattr(self, n)
+            if t is not None:
+                sd[n] = t.clone()
+        sd["count"] = torch.tensor(self.count)
+        return sd
+
+    def load(self, sd: dict[str, torch.Tensor]) -> None:
+        self.entries.load({k[len("entries."):]: v for k, v in sd.items() if k.startswith("entries.")})
+        for n in self._TENSORS:
+            setattr(self, n, sd[n].clone() if n in sd else None)
+        self.count = int(sd["count"])
+
+
+@dataclass
+class LayerCache:
+    """One layer's state: the raw-kv window plus (CSA/HCA) the attention compressor and (CSA) the indexer's."""
+
+    window: Rows
+    window_len: int  # rows kept: sliding_window - 1
+    compressor: CompressorState | None = None
+    indexer: CompressorState | None = None
+
+    def parts(self) -> dict[str, object]:
+        return {k: v for k, v in (("compressor", self.compressor), ("indexer", self.indexer)) if v is not None}
+
+
+@dataclass
+class ModelCache:
+    """The whole model's state at position `pos`. Made by `DeepseekV4.make_cache()`."""
+
+    layers: list[LayerCache]
+    kv_format: str
+    pos: int = 0
+    meta: dict = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        """Bytes of state actually held: windows, compressed entries, compressor buffers."""
+        total = 0
+        for lc in self.layers:
+            total += lc.window.nbytes()
+            total += sum(p.nbytes() for p in lc.parts().values())
+        return total
+
+    def entry_bytes(self) -> int:
+        """Bytes of compressed entries only: the part that grows with the tokens held."""
+        return sum(p.entries.nbytes() for lc in self.layers for p in lc.parts().values())
+
+    def bytes_per_token(self) -> float:
+        """Measured growth: compressed-entry bytes held per token seen."""
+        return self.entry_bytes() / max(self.pos, 1)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor and counter needed to continue exactly; restore with `load_state_dict`."""
+        sd: dict[str, torch.Tensor] = {"pos": torch.tensor(self.pos)}
+        for i, lc in enumerate(self.layers):
+            sd.update({f"{i}.window.{k}": v for k, v in lc.window.state().items()})
+            for name, part in lc.parts().items():
+                sd.update({f"{i}.{name}.{k}": v for k, v in part.state().items()})
+        return sd
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Restore a snapshot taken by `state_dict` from a cache made for the same model and format."""
+        self.pos = int(sd["pos"])
+        for i, lc in enumerate(self.layers):
+            lc.window.load(_sub(sd, f"{i}.window."))
+            for name, part in lc.parts().items():
+                part.load(_sub(sd, f"{i}.{name}."))
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        torch.save({"kv_format": self.kv_format, "state": self.state_dict()}, buf)
+        return buf.getvalue()
+
+    def load_bytes(self, data: bytes) -> None:
+        obj = torch.load(io.BytesIO(data), weights_only=True)
+        if obj["kv_format"] != self.kv_format:
+            raise BadInput(f"snapshot is kv format {obj['kv_format']}, this cache is {self.kv_format}")
+        self.load_state_dict(obj["state"])
+
+
+def _sub(sd: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def kv_bytes_per_token(args, kv_format: str) -> float:
+    """The formula: compressed-entry bytes per token for a model (excludes the constant-size windows).
+
+    Flash: bf16 21·(512·2 + 128·2)/4 + 20·512·2/128 = 6,880 B; fp8 ≈ 3,509 B.
+    """
+    kv, idx = codecs(kv_format, args.qk_rope_head_dim)
+    total = 0.0
+    for layer in range(args.num_hidden_layers):
+        ratio = args.compress_ratios[layer]
+        if ratio == 0:
+            continue
+        per_entry = kv.row_bytes(args.head_dim)
+        if args.is_csa(layer):
+            per_entry += idx.row_bytes(args.index_head_dim)
+        total += per_entry / ratio
+    return total

@@ -1,0 +1,379 @@
+"""DeepSeek-V4 forward pass (facts §4), written against transformers' `deepseek_v4` as the executable spec.
+
+The model knows nothing of quantization or devices: weights are `QWeight`s looked up by GGUF name (through
+quant/names.py) and every projection goes through `kernels.linear.linear`. Small tensors (norms, mHC mixers,
+sinks, ape, router bias) are read once as f32. All state lives in the cache from `make_cache()`, so a prompt
+can be fed in chunks of any size and decoding continues exactly.
+
+Shapes: T = tokens in this call, H = heads, d = head_dim, r = rope dims, N = compressed entries, S = hc streams.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from kernels.linear import QWeight, embedding, linear
+from quant import names
+from quant.config import ModelArgs
+from v4cli.errors import GGUFError
+from v4cli.model.cache import CompressorState, LayerCache, ModelCache, Rows, codecs
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    y = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    return y if weight is None else y * weight
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    """DeepSeek-V4's clamped SwiGLU: silu(min(gate, L)) · clamp(up, −L, L)."""
+    return F.silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)
+
+
+class Rope:
+    """Interleaved-pair RoPE on the trailing `dim` channels; YaRN-scaled frequencies for compressed layers."""
+
+    def __init__(self, dim: int, theta: float, yarn: ModelArgs | None = None):
+        inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        if yarn is not None:
+            # YaRN frequency blend (no attention mscale: DeepSeek's reference does not scale cos/sin)
+            def corr(rot):
+                return dim * math.log(yarn.rope_original_max_position / (rot * 2 * math.pi)) / (2 * math.log(theta))
+
+            low = max(math.floor(corr(yarn.beta_fast)), 0)
+            high = min(math.ceil(corr(yarn.beta_slow)), dim - 1)
+            if low == high:
+                high += 0.001
+            ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+            extra = 1 - ramp
+            inv = inv / yarn.rope_factor * (1 - extra) + inv * extra
+        self.dim, self.inv_freq = dim, inv
+
+    def cos_sin(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = pos.float()[:, None] * self.inv_freq.to(pos.device)  # (T, dim/2)
+        return f.cos(), f.sin()
+
+    def apply(self, x: torch.Tensor, cs: tuple[torch.Tensor, torch.Tensor], inverse: bool = False) -> torch.Tensor:
+        """Rotate the last `dim` channels of x [T, ..., D] at the rows' positions (inverse: rotate back)."""
+        cos, sin = cs
+        if inverse:
+            sin = -sin
+        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
+        cos, sin = cos.view(shape), sin.view(shape)
+        nope, rope = x[..., : -self.dim], x[..., -self.dim:]
+        a, b = rope[..., 0::2], rope[..., 1::2]
+        rot = torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2)
+        return torch.cat([nope, rot], dim=-1)
+
+
+class Weights:
+    """GGUF tensors by name: QWeights for projections, f32 tensors (read once) for the small ones."""
+
+    def __init__(self, tensors: Mapping[str, QWeight]):
+        self.tensors = tensors
+
+    def q(self, name: str) -> QWeight:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise GGUFError(f"tensor {name} is missing from the model file") from None
+
+    def f32(self, name: str) -> torch.Tensor:
+        return self.q(name).dense()
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+
+class HyperConnection:
+    """mHC mixer: from the S streams compute pre (collapse), post (expand) and comb (Sinkhorn-mixed residual)."""
+
+    def __init__(self, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, args: ModelArgs):
+        self.fn, self.base, self.scale = fn, base, scale
+        self.S, self.iters, self.eps, self.norm_eps = args.hc_mult, args.hc_sinkhorn_iters, args.hc_eps, args.rms_norm_eps
+
+    def pre(self, X: torch.Tensor):
+        """X [T, S, D] → (block input [T, D], post [T, S], comb [T, S, S])."""
+        S = self.S
+        m = F.linear(rms_norm(X.flatten(1), None, self.norm_eps), self.fn)  # (T, (2+S)·S)
+        pre = torch.sigmoid(m[:, :S] * self.scale[0] + self.base[:S]) + self.eps
+        post = 2 * torch.sigmoid(m[:, S: 2 * S] * self.scale[1] + self.base[S: 2 * S])
+        comb = (m[:, 2 * S:] * self.scale[2] + self.base[2 * S:]).view(-1, S, S)
+        comb = torch.softmax(comb, dim=-1) + self.eps
+        comb = comb / (comb.sum(-2, keepdim=True) + self.eps)
+        for _ in range(self.iters - 1):
+            comb = comb / (comb.sum(-1, keepdim=True) + self.eps)
+            comb = comb / (comb.sum(-2, keepdim=True) + self.eps)
+        return (pre[..., None] * X).sum(1), post, comb
+
+    @staticmethod
+    def post(y: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+        """X'[k] = post[k]·y + Σ_j comb[j,k]·X[j]."""
+        return post[..., None] * y[:, None, :] + torch.einsum("tjk,tjd->tkd", comb, X)
+
+
+class Compressor:
+    """Softmax-gated pooling of `ratio` tokens into one entry; `overlap` (CSA) pools prev Ca + this Cb (2·ratio)."""
+
+    def __init__(self, w: Weights, layer: int, prefix: str, dim: int, ratio: int, rope: Rope, eps: float):
+        kv, gate, ape, norm = (f"{prefix}.{s}" for s in ("wkv.weight", "wgate.weight", "ape", "norm.weight"))
+        self.wkv, self.wgate = w.q(names.blk(layer, kv)), w.q(names.blk(layer, gate))
+        self.ape, self.norm = w.f32(names.blk(layer, ape)), w.f32(names.blk(layer, norm))
+        self.dim, self.ratio, self.rope, self.eps = dim, ratio, rope, eps
+        self.overlap = ratio == 4
+
+    def update(self, st: CompressorState, x: torch.Tensor) -> None:
+        """Feed x [T, D]; every window it completes becomes one stored entry."""
+        m, d = self.ratio, self.dim
+        kv, score = linear(x, self.wkv), linear(x, self.wgate)  # (T, width) each, width = 2d if overlap else d
+        if st.buf_kv is not None:
+            kv, score = torch.cat([st.buf_kv, kv]), torch.cat([st.buf_score, score])
+        usable = kv.shape[0] // m * m
+        st.buf_kv, st.buf_score = kv[usable:].clone(), score[usable:].clone()
+        n = usable // m
+        if n == 0:
+            return
+        ck = kv[:usable].view(n, m, -1)
+        cs = score[:usable].view(n, m, -1) + self.ape
+        if self.overlap:
+            pk = ck.new_zeros(n, 2 * m, d)
+            ps = cs.new_full((n, 2 * m, d), float("-inf"))
+            pk[:, m:], ps[:, m:] = ck[..., d:], cs[..., d:]  # this window's Cb
+            pk[1:, :m], ps[1:, :m] = ck[:-1, :, :d], cs[:-1, :, :d]  # previous window's Ca
+            if st.prev_kv is not None:
+                pk[0, :m], ps[0, :m] = st.prev_kv, st.prev_score
+            st.prev_kv, st.prev_score = ck[-1, :, :d].clone(), cs[-1, :, :d].clone()
+            ck, cs = pk, ps
+        entries = rms_norm((ck * torch.softmax(cs, dim=1)).sum(1), self.norm, self.eps)  # (n, d)
+        pos = (torch.arange(n, device=x.device) + st.count) * m
+        entries = self.rope.apply(entries, self.rope.cos_sin(pos))
+        st.entries.append(entries)
+        st.count += n
+
+
+class Indexer:
+    """Lightning indexer: picks, per query, the top-k visible CSA entries."""
+
+    def __init__(self, w: Weights, layer: int, args: ModelArgs, rope: Rope):
+        self.wq_b = w.q(names.blk(layer, "attn.indexer.wq_b.weight"))
+        self.proj = w.q(names.blk(layer, "attn.indexer.weights_proj.weight"))
+        self.compressor = Compressor(w, layer, "attn.indexer.compressor", args.index_head_dim, 4, rope,
+                                     args.rms_norm_eps)
+        self.H, self.d, self.topk, self.rope = args.index_n_heads, args.index_head_dim, args.index_topk, rope
+
+    def select(self, st: CompressorState, x, qr, cs, pos) -> tuple[torch.Tensor, torch.Tensor]:
+        """→ (indices [T, k], valid [T, k]) of the chosen entries; k = min(topk, entries)."""
+        self.compressor.update(st, x)
+        keys = st.entries.get()  # (N, di)
+        T, N = x.shape[0], keys.shape[0]
+        if N == 0:
+            return (torch.zeros(T, 0, dtype=torch.long, device=x.device),
+                    torch.zeros(T, 0, dtype=torch.bool, device=x.device))
+        q = self.rope.apply(linear(qr, self.wq_b).view(T, self.H, self.d), cs)  # (T, Hi, di)
+        w = linear(x, self.proj) * self.H ** -0.5  # (T, Hi)
+        s = torch.relu(torch.einsum("thd,nd->thn", q, keys)) * self.d ** -0.5
+        score = torch.einsum("thn,th->tn", s, w)
+        visible = (pos + 1) // 4  # entries 0..visible-1 are complete for query t
+        future = torch.arange(N, device=x.device)[None, :] >= visible[:, None]
+        # a stable sort breaks score ties toward the older entry, so the choice never depends on chunking
+        order = torch.sort(score.masked_fill(future, float("-inf")), dim=-1, descending=True, stable=True).indices
+        idx = order[:, : min(self.topk, N)]
+        return idx, idx < visible[:, None]
+
+
+class Attention:
+    """Shared-KV MQA with sinks over a sliding window plus (CSA/HCA) compressed entries; grouped output."""
+
+    def __init__(self, w: Weights, layer: int, args: ModelArgs, ropes: dict[str, Rope]):
+        b = lambda s: names.blk(layer, s)  # noqa: E731
+        self.wq_a, self.wq_b, self.wkv = w.q(b("attn.wq_a.weight")), w.q(b("attn.wq_b.weight")), w.q(b("attn.wkv.weight"))
+        self.wo_a, self.wo_b = w.q(b("attn.wo_a.weight")), w.q(b("attn.wo_b.weight"))
+        self.q_norm, self.kv_norm = w.f32(b("attn.q_norm.weight")), w.f32(b("attn.kv_norm.weight"))
+        self.sink = w.f32(b("attn.attn_sink"))
+        self.ratio = args.compress_ratios[layer]
+        self.rope = ropes["main"] if self.ratio == 0 else ropes["compress"]
+        self.compressor = None
+        if self.ratio:
+            self.compressor = Compressor(w, layer, "attn.compressor", args.head_dim, self.ratio, self.rope,
+                                         args.rms_norm_eps)
+        self.indexer = Indexer(w, layer, args, self.rope) if args.is_csa(layer) else None
+        self.H, self.d, self.W, self.eps = args.num_attention_heads, args.head_dim, args.sliding_window, args.rms_norm_eps
+        self.G, self.o_rank = args.o_groups, args.o_lora_rank
+        self.wo_a_groups = [self.wo_a.row_slice(g * self.o_rank, (g + 1) * self.o_rank) for g in range(self.G)]
+
+    def __call__(self, x: torch.Tensor, pos: torch.Tensor, lc: LayerCache) -> torch.Tensor:
+        """x [T, D] at positions pos [T] (consecutive) → [T, D]; advances this layer's cache."""
+        T, H, d = x.shape[0], self.H, self.d
+        cs = self.rope.cos_sin(pos)
+        qr = rms_norm(linear(x, self.wq_a), self.q_norm, self.eps)
+        q = rms_norm(linear(qr, self.wq_b).view(T, H, d), None, self.eps)
+        q = self.rope.apply(q, cs)  # (T, H, d)
+        kv = self.rope.apply(rms_norm(linear(x, self.wkv), self.kv_norm, self.eps), cs)  # (T, d)
+
+        # window keys: the stored last W-1 rows, then this call's rows (read back through the storage format)
+        prior = lc.window.get()
+        kv = lc.window.append(kv)
+        keys = torch.cat([prior, kv])  # (K, d)
+        lc.window.keep_last(lc.window_len)
+        # key positions relative to the first query (host ints only: no device sync)
+        kpos = torch.arange(-prior.shape[0], T, device=x.device)
+        qpos = torch.arange(T, device=x.device)
+        allowed = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - self.W)  # (T, K)
+        logits = torch.einsum("thd,kd->htk", q, keys) * d ** -0.5
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        values = keys
+
+        if self.compressor is not None:
+            self.compressor.update(lc.compressor, x)
+            ent = lc.compressor.entries.get()  # (N, d)
+            N = ent.shape[0]
+            if self.indexer is not None:
+                idx, valid = self.indexer.select(lc.indexer, x, qr, cs, pos)
+                seen = torch.zeros(T, N + 1, dtype=torch.bool, device=x.device)
+                seen.scatter_(1, torch.where(valid, idx, N), True)
+                seen = seen[:, :N]
+            else:
+                seen = torch.arange(N, device=x.device)[None, :] < ((pos + 1) // self.ratio)[:, None]
+            c_logits = torch.einsum("thd,nd->htn", q, ent) * d ** -0.5
+            logits = torch.cat([logits, c_logits.masked_fill(~seen, float("-inf"))], dim=-1)
+            values = torch.cat([keys, ent])
+
+        # softmax with a per-head sink logit in the denominator only
+        sink = self.sink.view(H, 1, 1)
+        mx = torch.maximum(logits.amax(-1, keepdim=True), sink)
+        p = torch.exp(logits - mx)
+        p = p / (p.sum(-1, keepdim=True) + torch.exp(sink - mx))
+        out = torch.einsum("htk,kd->thd", p, values)  # (T, H, d)
+        out = self.rope.apply(out, cs, inverse=True)
+
+        og = out.reshape(T, self.G, -1)  # (T, G, H/G·d)
+        y = torch.cat([linear(og[:, g], self.wo_a_groups[g]) for g in range(self.G)], dim=-1)
+        return linear(y, self.wo_b)
+
+
+class MoE:
+    """Routed experts (sqrt-softplus scores, bias or hash selection) + one always-on shared expert."""
+
+    # at or below this many (token, expert) pairs, gather the experts' weights in one shot (no host sync)
+    GATHER_MAX = 16
+
+    def __init__(self, w: Weights, layer: int, args: ModelArgs):
+        b = lambda s: names.blk(layer, s)  # noqa: E731
+        self.gate = w.f32(b("ffn.gate.weight"))
+        self.hash = args.is_hash(layer)
+        if self.hash:
+            self.tid2eid = w.q(b("ffn.gate.tid2eid")).plain().long()
+        else:
+            self.bias = w.f32(b("ffn.gate.bias"))
+        self.w1, self.w3, self.w2 = (w.q(names.experts(layer, k)) for k in ("w1", "w3", "w2"))
+        self.s1, self.s3, self.s2 = (w.q(b(f"ffn.shared_experts.{k}.weight")) for k in ("w1", "w3", "w2"))
+        self.k, self.E, self.scale, self.limit = (args.num_experts_per_tok, args.n_routed_experts,
+                                                  args.routed_scaling_factor, args.swiglu_limit)
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        scores = torch.sqrt(F.softplus(F.linear(x, self.gate)))  # (T, E)
+        if self.hash:
+            idx = self.tid2eid[ids]
+        else:
+            idx = torch.topk(scores + self.bias, self.k, dim=-1).indices
+        wts = scores.gather(1, idx)
+        wts = wts / (wts.sum(-1, keepdim=True) + 1e-20) * self.scale  # (T, k)
+        routed = self._gathered(x, idx, wts) if idx.numel() <= self.GATHER_MAX else self._grouped(x, idx, wts)
+        shared = linear(swiglu(linear(x, self.s1), linear(x, self.s3), self.limit), self.s2)
+        return routed + shared
+
+    def _gathered(self, x, idx, wts):
+        flat = idx.reshape(-1)
+        xs = x.repeat_interleave(self.k, dim=0)[:, :, None]  # (T·k, D, 1)
+        g = torch.bmm(self.w1.gather_experts(flat), xs)
+        u = torch.bmm(self.w3.gather_experts(flat), xs)
+        h = swiglu(g, u, self.limit)
+        y = torch.bmm(self.w2.gather_experts(flat), h)[..., 0] * wts.reshape(-1, 1)  # (T·k, D)
+        return y.view(x.shape[0], self.k, -1).sum(1)
+
+    def _grouped(self, x, idx, wts):
+        """One matmul per active expert over the tokens routed to it (prefill)."""
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        tok = order // self.k
+        counts = torch.bincount(flat, minlength=self.E).tolist()
+        wsorted = wts.reshape(-1)[order]
+        out = torch.zeros_like(x)
+        start = 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            t, sl = tok[start:start + c], slice(start, start + c)
+            xs = x[t]
+            h = swiglu(linear(xs, self.w1.expert(e)), linear(xs, self.w3.expert(e)), self.limit)
+            out.index_add_(0, t, linear(h, self.w2.expert(e)) * wsorted[sl, None])
+            start += c
+        return out
+
+
+class Block:
+    def __init__(self, w: Weights, layer: int, args: ModelArgs, ropes: dict[str, Rope]):
+        b = lambda s: names.blk(layer, s)  # noqa: E731
+        self.attn_hc = HyperConnection(w.f32(b("hc_attn_fn")), w.f32(b("hc_attn_base")), w.f32(b("hc_attn_scale")), args)
+        self.ffn_hc = HyperConnection(w.f32(b("hc_ffn_fn")), w.f32(b("hc_ffn_base")), w.f32(b("hc_ffn_scale")), args)
+        self.attn_norm, self.ffn_norm = w.f32(b("attn_norm.weight")), w.f32(b("ffn_norm.weight"))
+        self.attn, self.moe, self.eps = Attention(w, layer, args, ropes), MoE(w, layer, args), args.rms_norm_eps
+
+    def __call__(self, X, ids, pos, lc: LayerCache):
+        a, post, comb = self.attn_hc.pre(X)
+        X = HyperConnection.post(self.attn(rms_norm(a, self.attn_norm, self.eps), pos, lc), X, post, comb)
+        a, post, comb = self.ffn_hc.pre(X)
+        return HyperConnection.post(self.moe(rms_norm(a, self.ffn_norm, self.eps), ids), X, post, comb)
+
+
+class DeepseekV4:
+    """The whole model over GGUF tensors. `forward(ids, cache)` advances the cache by len(ids) tokens."""
+
+    def __init__(self, args: ModelArgs, tensors: Mapping[str, QWeight]):
+        w = Weights(tensors)
+        self.args = args
+        ropes = {"main": Rope(args.qk_rope_head_dim, args.rope_theta),
+                 "compress": Rope(args.qk_rope_head_dim, args.compress_rope_theta, yarn=args)}
+        self.embed = w.q(names.root("embed.weight"))
+        self.head = w.q(names.root("head.weight"))
+        self.norm = w.f32(names.root("norm.weight"))
+        self.hc_fn, self.hc_base, self.hc_scale = (w.f32(names.root(f"hc_head_{k}")) for k in ("fn", "base", "scale"))
+        self.blocks = [Block(w, i, args, ropes) for i in range(args.num_hidden_layers)]
+
+    def make_cache(self, kv_format: str = "bf16") -> ModelCache:
+        """Empty state for one sequence, storing kv in `kv_format` ("f32", "bf16" or "fp8")."""
+        a = self.args
+        kv_c, idx_c = codecs(kv_format, a.qk_rope_head_dim)
+        layers = []
+        for i in range(a.num_hidden_layers):
+            lc = LayerCache(Rows(kv_c, a.head_dim), a.sliding_window - 1)
+            if a.compress_ratios[i]:
+                lc.compressor = CompressorState(Rows(kv_c, a.head_dim))
+            if a.is_csa(i):
+                lc.indexer = CompressorState(Rows(idx_c, a.index_head_dim))
+            layers.append(lc)
+        return ModelCache(layers, kv_format)
+
+    def hidden(self, ids: torch.Tensor, cache: ModelCache) -> torch.Tensor:
+        """ids [T] → final normed hidden [T, D]; advances the cache."""
+        T = ids.shape[0]
+        pos = torch.arange(cache.pos, cache.pos + T, device=ids.device)
+        x = embedding(ids, self.embed)  # (T, D)
+        X = x[:, None, :].expand(-1, self.args.hc_mult, -1).contiguous()  # (T, S, D)
+        for blk, lc in zip(self.blocks, cache.layers):
+            X = blk(X, ids, pos, lc)
+        cache.pos += T
+        flat = rms_norm(X.flatten(1), None, self.args.rms_norm_eps)
+        pre = torch.sigmoid(F.linear(flat, self.hc_fn) * self.hc_scale + self.hc_base) + self.args.hc_eps
+        h = (pre[..., None] * X).sum(1)
+        return rms_norm(h, self.norm, self.args.rms_norm_eps)
+
+    def forward(self, ids: torch.Tensor, cache: ModelCache, last_only: bool = False) -> torch.Tensor:
+        """ids [T] → logits [T, vocab] (or [1, vocab] with last_only) in f32."""
+        h = self.hidden(ids, cache)
+        if last_only:
+            h = h[-1:]
+        return linear(h, self.head)

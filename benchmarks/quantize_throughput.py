@@ -44,11 +44,22 @@ _LLAMA = textwrap.dedent("""
 """)
 # VmHWM, not ru_maxrss: on Linux a child inherits its parent's ru_maxrss across fork/exec, so it would report
 # the benchmark driver's peak (which built the checkpoint in memory) instead of its own.
+# RssAnon is sampled too: VmHWM includes the shards' mmap'd pages, which are file-backed and reclaimable.
 _PEAK = textwrap.dedent("""
-    def peak_rss():
+    import threading, time as _t
+    def _status(key):
         for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
+            if line.startswith(key):
                 return int(line.split()[1]) * 1024
+        return 0
+    _anon = [0]
+    def _sample():
+        while True:
+            _anon[0] = max(_anon[0], _status("RssAnon:"))
+            _t.sleep(0.05)
+    threading.Thread(target=_sample, daemon=True).start()
+    def peak_rss():
+        return {"hwm": _status("VmHWM:"), "anon": max(_anon[0], _status("RssAnon:"))}
 """)
 
 
@@ -83,21 +94,25 @@ def main() -> None:
     except ImportError:
         have_llama = False
     print(f"mini-Flash: {a.layers} layers, {a.experts} experts, Flash per-layer dims; threads={a.threads}")
-    print(f"{'recipe':8} {'ours MB/s':>10} {'ours s':>8} {'ours RSS':>9} {'llama MB/s':>11} {'llama s':>8} "
-          f"{'llama RSS':>10} {'ours/llama':>11}")
+    print(f"{'recipe':8} {'ours MB/s':>10} {'ours s':>8} {'ours RSS':>9} {'ours anon':>10} {'llama MB/s':>11} "
+          f"{'llama s':>8} {'llama RSS':>10} {'llama anon':>11} {'ours/llama':>11}")
     for recipe in a.recipes.split(","):
         ours = [_run(_OURS, ckpt, a.work / f"ours-{recipe}.gguf", recipe) for _ in range(a.repeat)]
         in_mb = ours[0]["in"] / 1e6
         o_s = statistics.median(r["s"] for r in ours)
-        o_rss = max(r["rss"] for r in ours) / 1e9
-        line = f"{recipe:8} {in_mb / o_s:10.1f} {o_s:8.1f} {o_rss:8.2f}G"
+        o_rss = max(r["rss"]["hwm"] for r in ours) / 1e9
+        o_anon = max(r["rss"]["anon"] for r in ours) / 1e9
+        line = f"{recipe:8} {in_mb / o_s:10.1f} {o_s:8.1f} {o_rss:8.2f}G {o_anon:9.2f}G"
         if have_llama and recipe in LLAMA_FTYPES:
             ll = [_run(_LLAMA, lossless, a.work / f"llama-{recipe}.gguf", LLAMA_FTYPES[recipe], a.threads)
                   for _ in range(a.repeat)]
             l_s = statistics.median(r["s"] for r in ll)
-            line += f" {in_mb / l_s:11.1f} {l_s:8.1f} {max(r['rss'] for r in ll) / 1e9:9.2f}G {l_s / o_s:10.2f}×"
+            l_rss = max(r["rss"]["hwm"] for r in ll) / 1e9
+            l_anon = max(r["rss"]["anon"] for r in ll) / 1e9
+            line += f" {in_mb / l_s:11.1f} {l_s:8.1f} {l_rss:9.2f}G {l_anon:10.2f}G {l_s / o_s:10.2f}×"
         print(line, flush=True)
-    print("MB/s = MB of official input (FP8/FP4/BF16 safetensors bytes) per second; RSS = peak resident set.")
+    print("MB/s = MB of official input (FP8/FP4/BF16 safetensors bytes) per second; RSS = peak resident set "
+          "(VmHWM, includes reclaimable mmap'd input pages); anon = peak anonymous memory (sampled).")
     print("llama.cpp quantizes our lossless GGUF (same weights) with allow_requantize; its ftype mixes differ.")
 
 

@@ -186,7 +186,7 @@ def convert(src: Path, out: Path, recipe: Recipe, *, source_repo: str | None = N
     """Convert an official checkpoint folder to one GGUF file at `out` (atomic)."""
     src, out = Path(src), Path(out)
     cfg_path = src / "config.json"
-    args = ModelArgs.from_config_file(cfg_path)  # raises for other architectures first
+    ModelArgs.from_config_file(cfg_path)  # raises for other architectures before any shard is opened
     cfg = json.loads(cfg_path.read_text())
     ckpt = Checkpoint(src)
     inv = validate(ckpt, cfg)

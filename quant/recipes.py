@@ -108,14 +108,3 @@ def choose_type(recipe: Recipe, gguf_name: str, role: str, source_dtype: str, sh
 # trained at FP4, so MXFP4 (lossless, q8) is both exact and smaller than Q4_K of the same weights.
 FIT_ORDER = ("lossless", "q8", "q3k", "q2k-q3k", "q2k")
 
-
-def parse_size(text: str) -> int:
-    """'128G', '100GB', '24GiB', '512M', '1T' or plain bytes → bytes (G = 10^9, GiB = 2^30)."""
-    import re
-
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
-    if not m:
-        raise BadInput(f"cannot read size {text!r}", hint="write it like 128G, 24GiB or 512M")
-    num, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
-    power = "KMGT".index(unit) + 1 if unit else 0
-    return int(num * (1024 if binary else 1000) ** power)

@@ -20,10 +20,11 @@ from typer.testing import CliRunner
 from quant import keys as K
 from quant import names as N
 from quant.config import FLASH_CONFIG, ModelArgs
-from v4cli import kvsize, ui
+from v4cli import kvsize
 from v4cli.cli import app
 from v4cli.errors import GGUFError, UnsupportedModel
 from v4cli.gguf_file import GGUFFile, deepseek4_tensor_shapes
+from v4cli.store import format_bytes
 
 # ---------------------------------------------------------------------------------------------- raw headers
 
@@ -351,7 +352,7 @@ def test_info_on_a_gguf(ds4):
         hist = f.type_histogram()
     assert lines[:6] == [
         f"file        {ds4}",
-        f"size        {ui.human_bytes(size)} ({size:,} bytes)",
+        f"size        {format_bytes(size)} ({size:,} bytes)",
         f"format      GGUF v3, {n_tensors} tensors, {n_keys} keys",
         "arch        deepseek4",
         "source      test/tiny",

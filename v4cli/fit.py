@@ -1,15 +1,24 @@
-"""Which quantize recipe fits a RAM budget: the file, the KV cache at the wanted context, and the OS."""
+"""Which quantize recipe fits a memory budget: `v4 quantize --fit`, decided by the same planner as `v4 plan`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from quant.config import ModelArgs
-from quant.convert import plan
-from quant.recipes import FIT_ORDER, get_recipe, parse_size
+from quant.recipes import FIT_ORDER
+from v4cli.units import parse_size
 from v4cli.errors import DoesNotFit
+from v4cli.plan import (
+    GPU_RESERVE,
+    KV_FORMATS,
+    OS_RESERVE,
+    Inventory,
+    Machine,
+    format_ctx,
+    plan_at,
+    round_ctx_down,
+)
 
-OS_RESERVE = 8 * 10**9  # what the OS, the page cache's working set and the runner itself need beside the model
+__all__ = ["OS_RESERVE", "FitChoice", "choose_recipe"]
 
 
 @dataclass(frozen=True)
@@ -20,29 +29,43 @@ class FitChoice:
     kv_bytes: int
     ctx: int
     sizes: dict[str, int]
+    vram: int = 0
 
     def explain(self) -> str:
-        left = self.budget - self.file_bytes - self.kv_bytes - OS_RESERVE
-        return (f"--fit {self.budget / 1e9:.0f} GB: recipe {self.recipe} ({self.file_bytes / 1e9:.1f} GB) + fp8 KV "
-                f"at {self.ctx:,} tokens ({self.kv_bytes / 1e9:.2f} GB) + {OS_RESERVE / 1e9:.0f} GB for the OS "
+        left = self.budget + self.vram - self.file_bytes - self.kv_bytes - OS_RESERVE - (
+            GPU_RESERVE if self.vram else 0)
+        gpu = f" + {self.vram / 1e9:.0f} GB GPU" if self.vram else ""
+        return (f"--fit {self.budget / 1e9:.0f} GB{gpu}: recipe {self.recipe} ({self.file_bytes / 1e9:.1f} GB) + fp8 "
+                f"KV at {self.ctx:,} tokens ({self.kv_bytes / 1e9:.2f} GB) + {OS_RESERVE / 1e9:.0f} GB for the OS "
                 f"leaves {left / 1e9:.1f} GB")
 
 
-def choose_recipe(cfg: dict, budget: str | int, ctx: int) -> FitChoice:
-    """The best-quality recipe (FIT_ORDER) whose file + KV(ctx, fp8) + OS reserve ≤ budget."""
-    from v4cli.kvsize import kv_bytes
-
+def choose_recipe(cfg: dict, budget: str | int, ctx: int, vram: str | int = 0) -> FitChoice:
+    """The best-quality recipe (FIT_ORDER) whose file and fp8 KV at `ctx` fit RAM (`budget`) + GPU (`vram`)
+    with nothing paged from disk, after the OS (and GPU) reserves. DoesNotFit names a context that would fit."""
     total = parse_size(budget) if isinstance(budget, str) else budget
-    args = ModelArgs.from_config(cfg)
-    kv = kv_bytes(args, "fp8", ctx)
-    sizes = {name: sum(t.nbytes for t in plan(cfg, get_recipe(name))) for name in FIT_ORDER}
-    for name in FIT_ORDER:
-        if sizes[name] + kv + OS_RESERVE <= total:
-            return FitChoice(name, total, sizes[name], kv, ctx, sizes)
+    gpu = parse_size(vram) if isinstance(vram, str) else vram
+    machine = Machine(ram=total, vram=gpu)
+    fmt = KV_FORMATS[0]
+    invs = {name: Inventory.from_recipe(cfg, name) for name in FIT_ORDER}
+    sizes = {name: inv.nbytes for name, inv in invs.items()}
+    last = None
+    for name, inv in invs.items():
+        last = plan_at(inv, machine, ctx, fmt)
+        if last.runs and not last.paged:
+            return FitChoice(name, total, sizes[name], last.kv_bytes, ctx, sizes, gpu)
     smallest = FIT_ORDER[-1]
-    need = sizes[smallest] + kv + OS_RESERVE
+    need = sizes[smallest] + last.kv_bytes + OS_RESERVE + (GPU_RESERVE if gpu else 0)
+    hint = "run with experts paged from disk (v4 plan shows the cost)"
+    lo, hi = 0, ctx  # the largest context at which the smallest recipe still fits in memory
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        p = plan_at(invs[smallest], machine, mid, fmt)
+        lo, hi = (mid, hi) if p.runs and not p.paged else (lo, mid)
+    if lo >= 1024:
+        hint = f"--ctx {format_ctx(round_ctx_down(lo))} fits {smallest}; or " + hint
     raise DoesNotFit(
         f"no recipe fits {total / 1e9:.0f} GB: the smallest ({smallest}, {sizes[smallest] / 1e9:.1f} GB) + KV "
-        f"({kv / 1e9:.2f} GB at {ctx:,} tokens) + OS needs {need / 1e9:.1f} GB",
-        hint="use a smaller --ctx, or run with experts paged from disk (v4 plan)",
+        f"({last.kv_bytes / 1e9:.2f} GB at {ctx:,} tokens) + OS needs {need / 1e9:.1f} GB",
+        hint=hint,
     )

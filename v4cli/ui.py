@@ -31,10 +31,3 @@ def byte_progress(transient: bool = False) -> Progress:
         disable=not sys.stderr.isatty(),
     )
 
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} TB"

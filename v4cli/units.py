@@ -6,7 +6,7 @@ import re
 
 from v4cli.errors import BadInput
 
-# decimal like the sizes ui.human_bytes prints (and GPU and RAM labels); `i` suffixes are binary
+# decimal like the sizes store.format_bytes prints (and GPU and RAM labels); `i` suffixes are binary
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 _BINARY = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)(B?)\s*$", re.IGNORECASE)

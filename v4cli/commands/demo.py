@@ -40,24 +40,20 @@ def demo(
 
 
 def _answer(gguf, prompt: str, max_tokens: int, seed: int) -> None:
-    try:
-        from v4cli.engine import Engine, SamplingParams
-    except ImportError:
-        ui.console.print("engine      not available in this build; the GGUF above loads in llama.cpp")
-        return
-    from v4cli.prompt.encoding import Mode, Message, encode
+    from v4cli.engine import Engine, SamplingParams
+    from v4cli.engine.records import DoneRecord
+    from v4cli.prompt.encoding import Mode, PromptTokenizer, User, encode
 
     engine = Engine.load(gguf)
-    ids = encode([Message("user", prompt)], Mode.NON_THINK, tokenizer=engine.tokenizer)
+    ids = encode([User(prompt)], Mode.NON_THINK, tokenizer=PromptTokenizer(engine.tokenizer))
     ui.console.print(f"prompt      {prompt!r} ({len(ids)} tokens, non-think mode)")
     ui.console.print("answer      ", end="")
-    last = None
     for rec in engine.generate(ids, SamplingParams(max_tokens=max_tokens, seed=seed)):
         ui.console.print(rec.text, end="", markup=False, highlight=False)
-        last = rec
-    ui.console.print()
-    if last is not None and getattr(last, "timings", None):
-        ui.console.print(f"[dim]{last.timings}[/]")
+        if isinstance(rec, DoneRecord):
+            t = rec.timings
+            ui.console.print(f"\n[dim]{t.prompt_tokens} prompt tokens, prefill {t.prefill_tps:.0f} tok/s, "
+                             f"decode {t.decode_tps:.1f} tok/s, finish: {rec.finish_reason}[/]")
 
 
 def register(app: typer.Typer) -> None:

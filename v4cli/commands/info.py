@@ -13,6 +13,7 @@ from quant.config import ModelArgs
 from v4cli import kvsize, ui
 from v4cli.errors import GGUFError, NotFoundError
 from v4cli.gguf_file import GGUFFile
+from v4cli.store import format_bytes
 from v4cli.placement import DEFAULT_RECIPE_TYPES, PlacementPlan, inventory_for
 from v4cli.units import parse_size
 
@@ -65,16 +66,16 @@ def _config_lines(args: ModelArgs) -> None:
 def _kv_table(args: ModelArgs) -> None:
     t = _table("KV cache", *KV_SHOWN)
     for n in KV_CONTEXTS:
-        t.add_row(_ctx(n), *(ui.human_bytes(kvsize.kv_bytes(args, f, n)) for f in KV_SHOWN))
+        t.add_row(_ctx(n), *(format_bytes(kvsize.kv_bytes(args, f, n)) for f in KV_SHOWN))
     ui.console.print(t)
 
 
 def _plan_table(plan: PlacementPlan) -> None:
     t = _table("component", "bytes", "where", "form")
     for r in plan.summary():
-        t.add_row(r.component, ui.human_bytes(r.nbytes), r.where, r.form)
+        t.add_row(r.component, format_bytes(r.nbytes), r.where, r.form)
     ui.console.print(t)
-    _line("totals      " + ", ".join(f"{d} {ui.human_bytes(b)}" for d, b in plan.totals().items()))
+    _line("totals      " + ", ".join(f"{d} {format_bytes(b)}" for d, b in plan.totals().items()))
     for note in plan.notes + plan.problems:
         _line(f"note: {note}")
 
@@ -95,13 +96,13 @@ def _gguf_info(path: Path, plan: bool, plan_kw: dict) -> None:
         if plan:
             _ = f.args  # a plan needs a deepseek4 file: UnsupportedModel before any output otherwise
         _line(f"file        {path}")
-        _line(f"size        {ui.human_bytes(f.size)} ({f.size:,} bytes)")
+        _line(f"size        {format_bytes(f.size)} ({f.size:,} bytes)")
         _line(f"format      GGUF v{f.version}, {len(f.tensors)} tensors, {len(f.metadata)} keys")
         _line(f"arch        {f.architecture}")
         _provenance(f.metadata)
         t = _table("type", "tensors", "bytes")
         for qtype, (count, nbytes) in f.type_histogram().items():
-            t.add_row(qtype.name, str(count), ui.human_bytes(nbytes))
+            t.add_row(qtype.name, str(count), format_bytes(nbytes))
         ui.console.print(t)
         if f.architecture != K.ARCH:
             return
@@ -122,10 +123,10 @@ def _checkpoint_info(path: Path, plan: bool, plan_kw: dict) -> None:
     files = sorted(p for p in path.iterdir() if p.is_file())
     shards = [p for p in files if p.suffix == ".safetensors"]
     _line(f"folder      {path}")
-    _line(f"shards      {len(shards)} safetensors, {ui.human_bytes(sum(p.stat().st_size for p in shards))}")
+    _line(f"shards      {len(shards)} safetensors, {format_bytes(sum(p.stat().st_size for p in shards))}")
     others = [p for p in files if p.suffix != ".safetensors"]
     if others:
-        _line("files       " + ", ".join(f"{p.name} ({ui.human_bytes(p.stat().st_size)})" for p in others))
+        _line("files       " + ", ".join(f"{p.name} ({format_bytes(p.stat().st_size)})" for p in others))
     _config_lines(args)
     cfg = json.loads((path / "config.json").read_text())
     if "quantization_config" in cfg:

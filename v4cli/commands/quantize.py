@@ -38,7 +38,7 @@ def quantize(
     output: Path | None = typer.Option(None, "-o", "--output", help="Output .gguf (default: in the model store)."),
     recipe: str | None = typer.Option(None, "--recipe", "-r", help="lossless, q8, q4k, q3k, q2k-q3k, q2k or f32."),
     fit: str | None = typer.Option(None, "--fit", help="Choose the best recipe whose file fits this RAM (e.g. 128G)."),
-    ctx: int = typer.Option(1_048_576, "--ctx", help="Context the --fit budget must leave room for (fp8 KV)."),
+    ctx: str = typer.Option("1M", "--ctx", help="Context the --fit budget must leave room for (fp8 KV): 1M, 384K."),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="Override: PATTERN=TYPE on GGUF names; repeatable."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor plan and exact size; write nothing."),
     show_tensors: bool = typer.Option(False, "--tensors", help="With --dry-run: list every tensor, not just totals."),
@@ -48,13 +48,15 @@ def quantize(
     from quant.inventory import official_inventory
     from quant.official import Checkpoint
     from quant.recipes import get_recipe
+    from v4cli.store import format_bytes
 
     cfg, path, store_name = _source(src)
     if fit:
         from v4cli.fit import choose_recipe
+        from v4cli.plan import parse_ctx
 
-        choice = choose_recipe(cfg, fit, ctx)
-        ui.err.print(choice.explain())
+        choice = choose_recipe(cfg, fit, parse_ctx(ctx))
+        ui.err.print(choice.explain(), soft_wrap=True)
         recipe = recipe or choice.recipe
     r = get_recipe(recipe or "q8", tensor_type)
     if dry_run:
@@ -82,7 +84,7 @@ def quantize(
 
         res = convert(path, output, r, source_repo=store_name, progress=on_progress)
     mb_s = res.in_bytes / 1e6 / max(res.seconds, 1e-9)
-    ui.console.print(f"wrote {res.path} ({ui.human_bytes(res.out_bytes)}, {res.tensors} tensors, recipe {r.name}) "
+    ui.console.print(f"wrote {res.path} ({format_bytes(res.out_bytes)}, {res.tensors} tensors, recipe {r.name}) "
                      f"in {res.seconds:.1f} s ({mb_s:.0f} MB/s of input)")
 
 

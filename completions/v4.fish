@@ -1,0 +1,1 @@
+complete --command v4 --no-files --arguments "(env _V4_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) v4)" --condition "env _V4_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) v4"

@@ -1,0 +1,116 @@
+"""`v4 plan`: what fits this machine (recipe, placement, KV format, context) and how fast it can decode."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from v4cli import ui
+
+_WHERE = {"gpu": "GPU", "ram": "RAM", "disk": "disk"}
+_BW = {"gpu": "vram_bw", "ram": "ram_bw", "disk": "disk_bw"}  # Machine.source keys
+
+
+def _line(text: str) -> None:
+    # soft_wrap: one logical line stays one line whatever the terminal width (and tests can match lines)
+    ui.console.print(text, soft_wrap=True, markup=False, highlight=False)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def _size(n: float) -> str:
+    """Table cells: GB with one decimal, MB or KB below that, so small components do not read as 0.0 GB."""
+    if n >= 1e9:
+        return _gb(n)
+    return f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} KB"
+
+
+def _rate(bw: float) -> str:
+    return f"{bw / 1e9:.1f} GB/s" if bw < 10e9 else f"{bw / 1e9:.0f} GB/s"
+
+
+def _bw(text: str | None, flag: str) -> float | None:
+    """'90' or '90GB/s' (GB/s) → bytes/s."""
+    from v4cli.errors import BadInput
+
+    if text is None:
+        return None
+    t = text.strip().upper().removesuffix("/S").removesuffix("GB").strip()
+    try:
+        value = float(t)
+    except ValueError:
+        raise BadInput(f"{flag} {text!r}: expected GB/s, e.g. {flag} 90") from None
+    if value <= 0:
+        raise BadInput(f"{flag} must be positive")
+    return value * 1e9
+
+
+def plan(
+    model: str = typer.Argument("flash", help="flash, a pulled name, a checkpoint folder or a .gguf file."),
+    ram: str | None = typer.Option(None, "--ram", help="RAM to plan for, e.g. 128G (default: this machine's)."),
+    vram: str | None = typer.Option(None, "--vram", help="GPU memory, e.g. 24G; 0 for CPU only (default: detected)."),
+    ctx: str | None = typer.Option(None, "--ctx", help="Context: 1M, 384K, 65536 (default: the largest that fits)."),
+    kv: str = typer.Option("auto", "--kv", help="KV cache format: auto, fp8 or bf16."),
+    ram_bw: str | None = typer.Option(None, "--ram-bw", help="RAM bandwidth in GB/s (default: measured, ~0.5 s)."),
+    vram_bw: str | None = typer.Option(None, "--vram-bw", help="GPU bandwidth in GB/s (default: measured)."),
+    disk_bw: str | None = typer.Option(None, "--disk-bw", help="Disk read bandwidth in GB/s (default: 3, assumed)."),
+    disk: str | None = typer.Option(None, "--disk", help="Free disk for the store (default: detected)."),
+) -> None:
+    """Plan a model on this machine (or the one described): recipe, placement, KV, context, decode speed."""
+    from v4cli.units import parse_size
+    from v4cli.plan import detect_machine, parse_ctx, plan_for
+
+    machine = detect_machine(
+        ram=parse_size(ram) if ram is not None else None,
+        vram=parse_size(vram) if vram is not None else None,
+        ram_bw=_bw(ram_bw, "--ram-bw"), vram_bw=_bw(vram_bw, "--vram-bw"), disk_bw=_bw(disk_bw, "--disk-bw"),
+        disk_free=parse_size(disk) if disk is not None else None,
+    )
+    p = plan_for(model, machine, parse_ctx(ctx) if ctx is not None else None, kv)
+    render(p)
+
+
+def render(p) -> None:
+    """The plan as a table, then plain sentences: memory per tier, context, KV, the decode bound, the notes."""
+    from v4cli.plan import GPU, GPU_RESERVE, OS_RESERVE, RAM, TIERS, format_ctx
+
+    m = p.machine
+    inv = p.inventory
+    title = inv.label if inv.recipe is None or inv.source is None else f"{inv.source}, recipe {inv.recipe}"
+    table = Table("component", "size", "where", "read/token", "ms/token",
+                  title=f"{title} on {_gb(m.ram)} RAM" + (f" + {_gb(m.vram)} GPU" if m.vram else " (CPU only)")
+                  + f", {format_ctx(p.ctx)} context")
+    rows = p.rows()
+    for r in rows:
+        table.add_row(r.component, _size(r.nbytes), _WHERE[r.where], _size(r.read) if r.read else "-",
+                      f"{r.seconds * 1e3:.1f}" if r.read else "-")
+    table.add_section()
+    table.add_row("total, with reserves", _size(sum(r.nbytes for r in rows)), "", _size(sum(r.read for r in rows)),
+                  f"{p.seconds_per_token * 1e3:.1f}")
+    ui.console.print(table)
+    if m.vram:
+        _line(f"GPU: {_size(p.used(GPU))} used of {_size(m.gpu_capacity)} ({_size(m.vram)} less {_size(GPU_RESERVE)} "
+              "for CUDA and compute buffers)")
+    _line(f"RAM: {_size(p.used(RAM))} used of {_size(m.ram_capacity)} ({_size(m.ram)} less {_size(OS_RESERVE)} "
+          "for the OS and runtime)")
+    _line(f"disk: {_size(p.paged)} of weights paged from disk" if p.paged else "disk: nothing paged from disk")
+    ctx_line = f"context: {format_ctx(p.ctx)} tokens"
+    if p.ctx_chosen:
+        ctx_line += " (the largest that runs)" if p.ctx < p.args.max_position_embeddings else " (the model's maximum)"
+    mem = (f"all weights stay in memory up to {format_ctx(p.max_ctx_in_memory)}" if p.max_ctx_in_memory
+           else "no context keeps all weights in memory")
+    _line(f"{ctx_line}; runs up to {format_ctx(p.max_ctx)}; {mem}")
+    _line(f"KV cache: {p.kv_format}, {_size(p.kv_bytes)} at {format_ctx(p.ctx)} tokens, {_size(p.kv_read)} read per token")
+    parts = ", ".join(f"{_WHERE[t]} {_size(p.read(t))} at {_rate(m.bandwidth(t))} ({m.source.get(_BW[t], 'given')})"
+                      for t in TIERS if p.read(t))
+    total = sum(p.read(t) for t in TIERS)
+    _line(f"decode bound: {p.tokens_per_second:.1f} tokens/s ({_size(total)} read per token: {parts})")
+    _line("  (memory traffic only: published runs reach 25-55% of such bounds)")
+    for note in p.notes:
+        _line(note)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(plan)

@@ -51,13 +51,15 @@ def format_bytes(n: float) -> str:
     return f"{n:.2f} TB"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, rename: readers see the old file or the new, never half."""
+@contextmanager
+def atomic_open(path: Path):
+    """A binary file that appears at `path` only when the block completes: temp file in the same folder, fsync,
+    rename. Readers see the old file or the new one, never half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -65,6 +67,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (see atomic_open)."""
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,20 +27,13 @@ def _read_tokens(path: Path) -> list[int]:
 
 
 def _save_npy(path: Path, array) -> None:
-    """np.save, atomically: temp file in the same folder, fsync, rename."""
+    """np.save, atomically."""
     import numpy as np
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from v4cli.store import atomic_open
+
+    with atomic_open(path) as f:
+        np.save(f, array)
 
 
 def eval_cmd(

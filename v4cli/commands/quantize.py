@@ -41,7 +41,6 @@ def quantize(
     ctx: str = typer.Option("1M", "--ctx", help="Context the --fit budget must leave room for (fp8 KV): 1M, 384K."),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="Override: PATTERN=TYPE on GGUF names; repeatable."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor plan and exact size; write nothing."),
-    show_tensors: bool = typer.Option(False, "--tensors", help="With --dry-run: list every tensor, not just totals."),
 ) -> None:
     """Convert an official DeepSeek-V4 checkpoint to a llama.cpp-compatible GGUF."""
     from quant.convert import convert, plan
@@ -65,7 +64,7 @@ def quantize(
             ck = Checkpoint(path)  # headers only
             inv = [e for e in official_inventory(cfg, with_mtp=False) if e.name in ck.tensors]
         tensors = plan(cfg, r, inv)
-        _print_plan(tensors, r, show_tensors)
+        _print_plan(tensors, r)
         return
     if path is None:
         raise BadInput(f"{src} is not downloaded yet", hint=f"v4 pull {src}")
@@ -88,18 +87,17 @@ def quantize(
                      f"in {res.seconds:.1f} s ({mb_s:.0f} MB/s of input)")
 
 
-def _print_plan(tensors, recipe, show_tensors: bool) -> None:
+def _print_plan(tensors, recipe) -> None:
     from collections import defaultdict
 
     by_type: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for t in tensors:
         by_type[t.qtype.name][0] += 1
         by_type[t.qtype.name][1] += t.nbytes
-    if show_tensors:
-        tt = Table("tensor", "type", "shape", "bytes", "source")
-        for t in tensors:
-            tt.add_row(t.gguf, t.qtype.name, "×".join(map(str, t.shape)), f"{t.nbytes:,}", t.source_dtype)
-        ui.console.print(tt)
+    tt = Table("tensor", "type", "shape", "bytes", "source")
+    for t in tensors:
+        tt.add_row(t.gguf, t.qtype.name, "×".join(map(str, t.shape)), f"{t.nbytes:,}", t.source_dtype)
+    ui.console.print(tt)
     table = Table("type", "tensors", "bytes", title=f"recipe {recipe.name}: {recipe.summary}")
     for name, (n, b) in sorted(by_type.items(), key=lambda kv: -kv[1][1]):
         table.add_row(name, str(n), f"{b:,}")

@@ -2,11 +2,14 @@
 
 `QWeight` keeps a tensor in its GGUF encoding (raw bytes + ggml type + torch-order shape); nothing is
 dequantized at load. `linear(x, w)` dispatches on (qtype, device type) to a registered kernel, falling back
-to the reference: dequantize, then matmul. Fast kernels plug in with `register(qtype, device_type)`.
+to the reference: dequantize, then matmul. Fast kernels plug in with `register(qtype, device_type)`;
+`kernels.fast` (the compiled CPU kernels) registers itself on the first call. `routed_experts` is the same
+arrangement for a decode-time MoE over a few (token, expert) pairs. `V4_KERNELS=reference` forces the references.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -124,10 +127,67 @@ def reference_linear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
     return F.linear(x, w.dense())
 
 
+_fast_imported = False
+
+
+def _use_fast() -> bool:
+    """False under V4_KERNELS=reference; otherwise imports kernels.fast once (it registers what it can build)."""
+    global _fast_imported
+    if os.environ.get("V4_KERNELS", "").lower() == "reference":
+        return False
+    if not _fast_imported:
+        _fast_imported = True
+        import kernels.fast  # noqa: F401  (registers kernels as a side effect; a failed build keeps the reference)
+    return True
+
+
 def linear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
     """x [..., in] f32 → [..., out] f32 through the best registered kernel for w."""
-    fn = _KERNELS.get((w.qtype, x.device.type), reference_linear)
+    fn = _KERNELS.get((w.qtype, x.device.type), reference_linear) if _use_fast() else reference_linear
     return fn(x, w)
+
+
+MoeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, QWeight, QWeight, QWeight, float], torch.Tensor]
+_MOE_KERNELS: dict[str, MoeKernel] = {}
+
+
+def register_moe(device_type: str) -> Callable[[MoeKernel], MoeKernel]:
+    """Decorator: a fast `routed_experts` kernel for one device type. It may return None to decline a call."""
+
+    def deco(fn: MoeKernel) -> MoeKernel:
+        _MOE_KERNELS[device_type] = fn
+        return fn
+
+    return deco
+
+
+def reference_routed_experts(x: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, w1: QWeight, w3: QWeight,
+                             w2: QWeight, limit: float) -> torch.Tensor:
+    """Σ_j wts[t,j]·W2[e](silu(min(W1[e] x_t, L))·clamp(W3[e] x_t, ±L)), e = idx[t,j]: gathers the experts' f32."""
+    T, k = idx.shape
+    flat = idx.reshape(-1)
+    xs = x.repeat_interleave(k, dim=0)[:, :, None]  # (T·k, D, 1)
+    g = torch.bmm(w1.gather_experts(flat), xs)
+    u = torch.bmm(w3.gather_experts(flat), xs)
+    h = F.silu(g.clamp(max=limit)) * u.clamp(-limit, limit)  # DeepSeek-V4's clamped SwiGLU
+    y = torch.bmm(w2.gather_experts(flat), h)[..., 0] * wts.reshape(-1, 1)  # (T·k, D)
+    return y.view(T, k, -1).sum(1)
+
+
+def routed_experts(x: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, w1: QWeight, w3: QWeight, w2: QWeight,
+                   limit: float) -> torch.Tensor:
+    """Routed MoE output [T, D] for x [T, D], expert ids idx [T, k] (int64), weights wts [T, k] (f32).
+
+    w1 / w3 (gate / up) are 3-D [E, I, D] and w2 (down) [E, D, I]. Meant for decode-sized batches; a fast kernel
+    reads each selected expert's bytes once without building f32 copies.
+    """
+    if _use_fast():
+        fn = _MOE_KERNELS.get(x.device.type)
+        if fn is not None:
+            y = fn(x, idx, wts, w1, w3, w2, limit)
+            if y is not None:
+                return y
+    return reference_routed_experts(x, idx, wts, w1, w3, w2, limit)
 
 
 def embedding(ids: torch.Tensor, w: QWeight) -> torch.Tensor:

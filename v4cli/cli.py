@@ -45,7 +45,12 @@ for _mod in sorted(m.name for m in pkgutil.iter_modules(commands.__path__)):
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry: run the app behind the one error boundary."""
     try:
-        app(args=argv, prog_name="v4", standalone_mode=False)
+        # without standalone mode click *returns* the exit code of typer.Exit and of Ctrl-C (130)
+        rc = app(args=argv, prog_name="v4", standalone_mode=False)
+        if rc == 130:
+            print("interrupted", file=sys.stderr)
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except V4Error as e:
         if os.environ.get("V4_DEBUG"):
             raise
@@ -69,3 +74,7 @@ def main(argv: list[str] | None = None) -> None:
             e.show()
             sys.exit(e.exit_code)
         raise
+
+
+if __name__ == "__main__":
+    main()

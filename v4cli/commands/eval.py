@@ -42,20 +42,19 @@ def eval_cmd(
     tokens: Path = typer.Option(None, "--tokens", help="Score these token ids (JSON list or whitespace-separated)."),
     chunk: int = typer.Option(256, "--chunk", min=1, help="Prefill chunk size."),
     dump_logits: Path = typer.Option(None, "--dump-logits", help="Write all logits [T, vocab] f32 to this .npy."),
-    engine: str = typer.Option("torch", "--engine", help="Inference engine (torch)."),
+    engine: str = typer.Option("torch", "--engine", help="Inference engine: torch or llama (llama.cpp)."),
     kv_format: str = typer.Option("bf16", "--kv-format", help="KV storage: f32, bf16 or fp8."),
     device: str = typer.Option("cpu", "--device", help="torch device."),
+    threads: int = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores)."),
 ) -> None:
     """Perplexity of MODEL on a text or token file, and prefill tokens/s."""
     import torch
 
-    from v4cli.engine import Engine
+    from v4cli.engine.select import load_engine
 
     if (text is None) == (tokens is None):
         raise BadInput("give exactly one of --text FILE or --tokens FILE")
-    if engine != "torch":
-        raise BadInput(f"unknown engine {engine!r}", hint="use --engine torch")
-    eng = Engine.load(model, kv_format=kv_format, device=device)
+    eng = load_engine(model, engine, kv_format=kv_format, device=device, threads=threads)
     ids = _read_tokens(tokens) if tokens is not None else eng.tokenizer.encode(text.read_text(),
                                                                                add_special_tokens=False).ids
     if len(ids) < 2:
@@ -76,7 +75,8 @@ def eval_cmd(
     ppl = math.exp(nll / (len(ids) - 1))
     ui.console.print(f"tokens      {len(ids)}")
     ui.console.print(f"perplexity  {ppl:.4f}")
-    ui.console.print(f"speed       {len(ids) / secs:.1f} tok/s ({secs:.2f} s, chunk {chunk}, kv {kv_format})")
+    ui.console.print(f"speed       {len(ids) / secs:.1f} tok/s ({secs:.2f} s, chunk {chunk}, kv {kv_format}, "
+                     f"engine {engine})")
     if dump_logits is not None:
         _save_npy(dump_logits, torch.cat(kept).numpy())
         ui.console.print(f"logits      {dump_logits}")

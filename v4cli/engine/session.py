@@ -23,11 +23,15 @@ Progress = Callable[[int, int], None]  # (tokens prefilled so far, tokens to pre
 class PrefixStore(Protocol):
     """Where snapshots outlive the process (the disk prefix cache implements this)."""
 
-    def lookup(self, tokens: Sequence[int]) -> tuple[int, bytes] | None:
-        """The longest saved prefix of `tokens`: (its length, the cache bytes), or None."""
+    def lookup(self, tokens: Sequence[int], longer_than: int = 0) -> tuple[int, bytes] | None:
+        """The longest saved prefix of `tokens` longer than `longer_than`: (its length, the cache bytes), or None.
+        (`longer_than` spares reading a state that the live cache already beats.)"""
 
     def save(self, tokens: Sequence[int], state: bytes) -> None:
         """Keep the cache state reached after exactly `tokens`."""
+
+    def discard(self, tokens: Sequence[int]) -> None:
+        """Forget the state saved for exactly `tokens` (an automatic checkpoint a later save superseded)."""
 
 
 @dataclass
@@ -48,8 +52,13 @@ class Session:
     """Live cache + the exact tokens in it; `generate` reuses whatever prefix it can."""
 
     def __init__(self, engine: Engine, store: PrefixStore | None = None, max_snapshots: int = 4,
-                 chunk: int = DEFAULT_CHUNK):
+                 chunk: int = DEFAULT_CHUNK, save_every: int | None = None):
+        if save_every is not None and save_every < 1:
+            raise BadInput(f"save_every must be a positive token count, not {save_every}")
         self.engine, self.store, self.chunk = engine, store, chunk
+        # with a store: also checkpoint a long prefill at every multiple of save_every tokens, so an
+        # interrupted one resumes there; each checkpoint is dropped once the next save of the prefill lands
+        self.save_every = save_every
         self.max_snapshots = max_snapshots
         self.snapshots: list[Snapshot] = []
         self.reused = 0  # tokens of the last prompt that were not prefilled
@@ -75,7 +84,7 @@ class Session:
             if n > max(best, 0) and n <= len(want) and common_prefix(snap.tokens, want) == n:
                 best, source = n, snap.state
         if self.store is not None:
-            hit = self.store.lookup(want)
+            hit = self.store.lookup(want, longer_than=max(best, 0))
             if hit is not None and hit[0] > max(best, 0):
                 best, source = hit
         if source is not None:
@@ -108,7 +117,8 @@ class Session:
                  marks: Sequence[int] = (), progress: Progress | None = None
                  ) -> Iterator[TokenRecord | DoneRecord]:
         """Reuse the longest held prefix of `prompt`, prefill the rest (snapshotting at each mark: a token count
-        later prompts will share), then sample. Same records as `Engine.generate`."""
+        later prompts will share; with `save_every`, also checkpointing to the store), then sample. Same records
+        as `Engine.generate`."""
         prompt = list(prompt)
         if not prompt:
             raise BadInput("nothing to prefill: the prompt is empty")
@@ -116,11 +126,21 @@ class Session:
         start = len(self.tokens)
         self.reused = start
         todo = len(prompt) - start
-        cuts = sorted({m for m in marks if start < m < len(prompt)})
+        marked = {m for m in marks if start < m < len(prompt)}
+        auto: set[int] = set()
+        if self.save_every and self.store is not None:
+            auto = set(range((start // self.save_every + 1) * self.save_every, len(prompt), self.save_every))
+        superseded: list[int] | None = None  # the last automatic checkpoint, until a later save replaces it
         try:
-            for m in cuts:
+            for m in sorted(marked | auto):
                 self._feed(prompt[len(self.tokens): m], progress, len(self.tokens) - start, todo)
-                self.snapshot()
+                if m in marked:
+                    self.snapshot()
+                else:
+                    self.store.save(self.tokens, self.cache.to_bytes())
+                if superseded is not None:
+                    self.store.discard(superseded)
+                superseded = list(self.tokens) if m not in marked else None
             rest = prompt[len(self.tokens):]
             if progress and len(rest) > 1:
                 self._feed(rest[:-1], progress, len(self.tokens) - start, todo)

@@ -163,6 +163,12 @@ class Rows:
             return torch.zeros(0, self.dim, device=self._device())
         return self.codec.decode(self._view(0, self.n))
 
+    def take(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows idx (any shape, values in [0, n)) decoded to f32 [*idx.shape, dim]; only those rows are decoded."""
+        flat = idx.reshape(-1)
+        parts = {k: (v[flat] if v.dim() else v) for k, v in self._view(0, self.n).items()}
+        return self.codec.decode(parts).view(*idx.shape, self.dim)
+
     def keep_last(self, k: int) -> None:
         """Drop all but the last k rows (the sliding window)."""
         if self.n <= k:

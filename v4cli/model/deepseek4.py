@@ -16,7 +16,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from kernels.linear import QWeight, embedding, linear
+from kernels.linear import QWeight, embedding, linear, routed_experts
 from quant import names
 from quant.config import ModelArgs
 from v4cli.errors import GGUFError
@@ -224,34 +224,70 @@ class Attention:
         allowed = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - self.W)  # (T, K)
         logits = torch.einsum("thd,kd->htk", q, keys) * d ** -0.5
         logits = logits.masked_fill(~allowed, float("-inf"))
-        values = keys
 
-        if self.compressor is not None:
+        if self.compressor is None:
+            out = self._softmax_out(logits, keys)
+        else:
             self.compressor.update(lc.compressor, x)
-            ent = lc.compressor.entries.get()  # (N, d)
-            N = ent.shape[0]
+            entries = lc.compressor.entries
+            N = entries.n
             if self.indexer is not None:
                 idx, valid = self.indexer.select(lc.indexer, x, qr, cs, pos)
-                seen = torch.zeros(T, N + 1, dtype=torch.bool, device=x.device)
-                seen.scatter_(1, torch.where(valid, idx, N), True)
-                seen = seen[:, :N]
+                if idx.shape[1] < N:
+                    out = self._gathered(q, logits, keys, entries, idx, valid)
+                else:  # every entry is a candidate: dense with a mask is the same sum and cheaper
+                    seen = torch.zeros(T, N + 1, dtype=torch.bool, device=x.device)
+                    seen.scatter_(1, torch.where(valid, idx, N), True)
+                    out = self._dense(q, logits, keys, entries.get(), seen[:, :N])
             else:
                 seen = torch.arange(N, device=x.device)[None, :] < ((pos + 1) // self.ratio)[:, None]
-            c_logits = torch.einsum("thd,nd->htn", q, ent) * d ** -0.5
-            logits = torch.cat([logits, c_logits.masked_fill(~seen, float("-inf"))], dim=-1)
-            values = torch.cat([keys, ent])
-
-        # softmax with a per-head sink logit in the denominator only
-        sink = self.sink.view(H, 1, 1)
-        mx = torch.maximum(logits.amax(-1, keepdim=True), sink)
-        p = torch.exp(logits - mx)
-        p = p / (p.sum(-1, keepdim=True) + torch.exp(sink - mx))
-        out = torch.einsum("htk,kd->thd", p, values)  # (T, H, d)
+                out = self._dense(q, logits, keys, entries.get(), seen)
         out = self.rope.apply(out, cs, inverse=True)
 
         og = out.reshape(T, self.G, -1)  # (T, G, H/G·d)
         y = torch.cat([linear(og[:, g], self.wo_a_groups[g]) for g in range(self.G)], dim=-1)
         return linear(y, self.wo_b)
+
+
+    # query rows per block when gathering top-k entries: bounds the [rows, k, d] gather to ~64 MB of f32
+    GATHER_ELEMS = 1 << 24
+
+    def _softmax_out(self, logits: torch.Tensor, values: torch.Tensor, extra=None) -> torch.Tensor:
+        """Softmax over keys with a per-head sink logit in the denominator only → (T, H, d).
+
+        `extra` = (logits [H, T, k], values [T, k, d]): per-query candidates (gathered top-k entries)."""
+        H = self.H
+        sink = self.sink.view(H, 1, 1)
+        mx = torch.maximum(logits.amax(-1, keepdim=True), sink)
+        if extra is not None:
+            mx = torch.maximum(mx, extra[0].amax(-1, keepdim=True))
+        p = torch.exp(logits - mx)
+        den = p.sum(-1, keepdim=True) + torch.exp(sink - mx)
+        out = torch.einsum("htk,kd->thd", p, values)
+        if extra is not None:
+            pe = torch.exp(extra[0] - mx)
+            den = den + pe.sum(-1, keepdim=True)
+            out = out + torch.einsum("htk,tkd->thd", pe, extra[1])
+        return out / den.permute(1, 0, 2)
+
+    def _dense(self, q, logits, keys, ent, seen) -> torch.Tensor:
+        """Window keys + all compressed entries, masked per query (HCA; CSA while entries ≤ top-k)."""
+        c_logits = torch.einsum("thd,nd->htn", q, ent) * self.d ** -0.5
+        logits = torch.cat([logits, c_logits.masked_fill(~seen, float("-inf"))], dim=-1)
+        return self._softmax_out(logits, torch.cat([keys, ent]))
+
+    def _gathered(self, q, logits, keys, entries, idx, valid) -> torch.Tensor:
+        """Window keys + only each query's top-k entries, decoded from storage by index (CSA at length)."""
+        T, k = idx.shape
+        step = max(1, self.GATHER_ELEMS // max(1, k * self.d))
+        outs = []
+        for a in range(0, T, step):
+            b = min(T, a + step)
+            sel = entries.take(torch.where(valid[a:b], idx[a:b], 0))  # (rows, k, d)
+            c = torch.einsum("thd,tkd->htk", q[a:b], sel) * self.d ** -0.5
+            c = c.masked_fill(~valid[a:b][None], float("-inf"))
+            outs.append(self._softmax_out(logits[:, a:b], keys, (c, sel)))
+        return torch.cat(outs)
 
 
 class MoE:
@@ -286,13 +322,8 @@ class MoE:
         return routed + shared
 
     def _gathered(self, x, idx, wts):
-        flat = idx.reshape(-1)
-        xs = x.repeat_interleave(self.k, dim=0)[:, :, None]  # (T·k, D, 1)
-        g = torch.bmm(self.w1.gather_experts(flat), xs)
-        u = torch.bmm(self.w3.gather_experts(flat), xs)
-        h = swiglu(g, u, self.limit)
-        y = torch.bmm(self.w2.gather_experts(flat), h)[..., 0] * wts.reshape(-1, 1)  # (T·k, D)
-        return y.view(x.shape[0], self.k, -1).sum(1)
+        """Few (token, expert) pairs (decode): each selected expert's bytes read once, no host sync."""
+        return routed_experts(x, idx, wts, self.w1, self.w3, self.w2, self.limit)
 
     def _grouped(self, x, idx, wts):
         """One matmul per active expert over the tokens routed to it (prefill)."""

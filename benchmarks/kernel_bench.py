@@ -1,0 +1,205 @@
+"""CPU matvec bandwidth: our fused kernels vs the torch reference vs llama.cpp's own vec_dot, as % of memory bandwidth.
+
+    python benchmarks/kernel_bench.py [--types Q4_K,MXFP4] [--reps 20] [--threads 1] [--no-llama] [--prefill]
+
+Weights are random bytes of the right size (speed does not depend on the values). Each timed call reads a
+different copy out of a pool larger than the last-level cache, so every figure is a DRAM figure. Times are the
+minimum over repetitions (robust to other load on a shared machine). GB/s counts weight bytes read per second.
+The llama.cpp column runs ggml's vec_dot for the type (from the libggml-cpu shipped in llama_cpp) row by row
+under OpenMP with the same thread count, after quantizing x with ggml's own from_float, which is what ggml's
+mul_mat does for one token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+from kernels import fast
+from kernels.linear import QWeight, reference_linear
+
+# Flash shapes: (name, out N, in K)
+SHAPES = (("expert w1/w3 4096→2048", 2048, 4096), ("expert w2 2048→4096", 4096, 2048), ("q_a 4096→1024", 1024, 4096))
+TYPES = ("Q8_0", "Q4_K", "Q2_K", "Q3_K", "Q6_K", "MXFP4", "BF16")
+POOL_BYTES = 512 << 20
+
+_HELPER = r"""
+#include <stdint.h>
+#include <stddef.h>
+typedef void (*vec_dot_t)(int, float*, size_t, const void*, size_t, const void*, size_t, int);
+void matvec(vec_dot_t vd, int n, const uint8_t* W, int64_t rb, int64_t N, const void* xq, float* y, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t r = 0; r < N; ++r) vd(n, y + r, 0, W + r * rb, 0, xq, 0, 1);
+}
+"""
+
+
+class TypeTraitsCpu(ctypes.Structure):
+    _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p), ("vec_dot_type", ctypes.c_int),
+                ("nrows", ctypes.c_int64)]
+
+
+class Ggml:
+    """ggml's CPU vec_dot through ctypes, plus a tiny OpenMP row loop compiled here."""
+
+    def __init__(self):
+        import llama_cpp
+
+        libdir = Path(llama_cpp.__file__).parent / "lib"
+        ctypes.CDLL(str(libdir / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
+        self.cpu = ctypes.CDLL(str(libdir / "libggml-cpu.so"), mode=ctypes.RTLD_GLOBAL)
+        self.cpu.ggml_cpu_init()
+        self.cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(TypeTraitsCpu)
+        tmp = Path(tempfile.mkdtemp())
+        (tmp / "h.c").write_text(_HELPER)
+        subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-fopenmp", str(tmp / "h.c"), "-o", str(tmp / "h.so")],
+                       check=True)
+        self.helper = ctypes.CDLL(str(tmp / "h.so"))
+        self.helper.matvec.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+
+    def prepare(self, qtype: Q, x: torch.Tensor):
+        """Quantize x into the type's vec_dot_type with ggml's from_float; return (vec_dot, x buffer)."""
+        tr = self.cpu.ggml_get_type_traits_cpu(int(qtype)).contents
+        dt = Q(tr.vec_dot_type)
+        bs, ts = GGML_QUANT_SIZES[dt]
+        buf = torch.empty(x.shape[-1] // bs * ts, dtype=torch.uint8)
+        if dt == Q.F32:
+            buf = x.reshape(-1).clone().view(torch.uint8)
+        else:
+            dtr = self.cpu.ggml_get_type_traits_cpu(int(dt)).contents
+            ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(dtr.from_float)(
+                x.data_ptr(), buf.data_ptr(), x.shape[-1])
+        return tr.vec_dot, buf
+
+    def matvec(self, vd, xbuf, w: QWeight, y: torch.Tensor):
+        N, K = w.shape
+        self.helper.matvec(vd, K, w.raw.data_ptr(), w.row_bytes, N, xbuf.data_ptr(), y.data_ptr(),
+                           torch.get_num_threads())
+
+
+def best_time(fn, reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def stream_bandwidth(reps: int) -> tuple[float, float]:
+    """(read GB/s from a sum over 512 MB, copy GB/s counting read + write) with torch's threads."""
+    a = torch.ones(POOL_BYTES // 4)
+    b = torch.empty_like(a)
+    read = a.numel() * 4 / best_time(lambda: a.sum(), reps) / 1e9
+    copy = 2 * a.numel() * 4 / best_time(lambda: b.copy_(a), reps) / 1e9
+    return read, copy
+
+
+def weight_pool(qtype: Q, N: int, K: int, rng: np.random.Generator) -> list[QWeight]:
+    bs, ts = GGML_QUANT_SIZES[qtype]
+    nbytes = N * K // bs * ts
+    copies = max(2, POOL_BYTES // nbytes)
+    raw = torch.from_numpy(rng.integers(0, 256, size=copies * nbytes, dtype=np.uint8))
+    if qtype in (Q.BF16, Q.F16):  # random bits would include NaN/Inf; keep values finite and small
+        raw.view(torch.int16).bitwise_and_(0x3FFF if qtype == Q.BF16 else 0x3BFF)
+    return [QWeight(raw[i * nbytes:(i + 1) * nbytes], qtype, (N, K)) for i in range(copies)]
+
+
+def cycling(fn, pool):
+    it = iter(())
+
+    def call():
+        nonlocal it
+        w = next(it, None)
+        if w is None:
+            it = iter(pool)
+            w = next(it)
+        fn(w)
+
+    return call
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--types", default=",".join(TYPES))
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=None, help="torch / kernel threads (default: torch's)")
+    ap.add_argument("--no-llama", action="store_true")
+    ap.add_argument("--prefill", action="store_true", help="also time M in {8..128}: fused vs tiled GEMM vs reference")
+    ap.add_argument("--moe", action="store_true", help="also time one decode token's routed experts (k=6, Flash)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not fast.AVAILABLE:
+        raise SystemExit("the CPU kernels did not build; nothing to benchmark")
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    read, copy = stream_bandwidth(args.reps)
+    bw = max(read, copy)
+    print(f"threads {torch.get_num_threads()}  isa {fast._lib.v4_isa()}  "
+          f"STREAM-like: read {read:.1f} GB/s, copy {copy:.1f} GB/s  (100% = {bw:.1f} GB/s)")
+    ggml = None
+    if not args.no_llama:
+        try:
+            ggml = Ggml()
+        except (ImportError, OSError, subprocess.CalledProcessError) as e:
+            print(f"llama.cpp column skipped: {e}")
+    print(f"{'type':6} {'shape':24} {'ours GB/s':>10} {'%bw':>5} {'llama GB/s':>10} {'%bw':>5} {'ref GB/s':>9}  "
+          f"{'ours us':>8} {'llama us':>8}")
+    for name in args.types.split(","):
+        qt = Q[name]
+        for label, N, K in SHAPES:
+            pool = weight_pool(qt, N, K, rng)
+            nbytes = pool[0].raw.numel()
+            x = torch.randn(1, K)
+            t_ours = best_time(cycling(lambda w: fast.matvec(x, w), pool), args.reps)
+            t_ref = best_time(cycling(lambda w: reference_linear(x, w), pool), max(2, args.reps // 10))
+            t_ll = float("nan")
+            if ggml is not None:
+                vd, xbuf = ggml.prepare(qt, x)
+                y = torch.empty(N)
+                t_ll = best_time(cycling(lambda w: ggml.matvec(vd, xbuf, w, y), pool), args.reps)
+            g_ours, g_ll, g_ref = nbytes / t_ours / 1e9, nbytes / t_ll / 1e9, nbytes / t_ref / 1e9
+            print(f"{name:6} {label:24} {g_ours:10.1f} {100 * g_ours / bw:5.0f} {g_ll:10.1f} {100 * g_ll / bw:5.0f} "
+                  f"{g_ref:9.2f}  {t_ours * 1e6:8.0f} {t_ll * 1e6:8.0f}")
+        if args.moe:
+            moe_decode(qt, args.reps, rng)
+        if args.prefill:
+            pool = weight_pool(qt, 2048, 4096, rng)[:4]
+            for M in (8, 16, 32, 64, 128):
+                x = torch.randn(M, 4096)
+                t_mv = best_time(cycling(lambda w: fast.matvec(x, w), pool), 3)
+                t_gm = best_time(cycling(lambda w: fast.tiled_gemm(x, w), pool), 3)
+                t_rf = best_time(cycling(lambda w: reference_linear(x, w), pool), 2)
+                print(f"  prefill {name} M={M:3}: fused {t_mv * 1e3:7.2f} ms  tiled GEMM {t_gm * 1e3:7.2f} ms  "
+                      f"reference {t_rf * 1e3:7.2f} ms")
+
+
+def moe_decode(qtype: Q, reps: int, rng: np.random.Generator) -> None:
+    """One token, 6 of 16 Flash-shaped experts (D 4096, I 2048): fused routed_experts vs the gather+bmm reference."""
+    from kernels.linear import reference_routed_experts
+
+    E, D, I, k = 16, 4096, 2048, 6
+    w1, w3, w2 = (weight_pool(qtype, E * a, b, rng)[0] for a, b in ((I, D), (I, D), (D, I)))
+    w1, w3, w2 = (QWeight(w.raw, qtype, (E, *s)) for w, s in ((w1, (I, D)), (w3, (I, D)), (w2, (D, I))))
+    x, wts = torch.randn(1, D) * 0.01, torch.rand(1, k)
+    idx = torch.randperm(E)[:k].reshape(1, k)
+    nbytes = 3 * k * w1.raw.numel() // E
+    t_f = best_time(lambda: fast.cpu_routed_experts(x, idx, wts, w1, w3, w2, 10.0), reps)
+    t_r = best_time(lambda: reference_routed_experts(x, idx, wts, w1, w3, w2, 10.0), max(2, reps // 10))
+    print(f"  moe decode {qtype.name}: fused {t_f * 1e3:.2f} ms ({nbytes / t_f / 1e9:.1f} GB/s)  "
+          f"reference {t_r * 1e3:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()

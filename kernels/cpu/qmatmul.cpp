@@ -1,0 +1,275 @@
+// Fused dequantize-and-multiply CPU kernels for ggml block formats, called through ctypes (kernels/cpu_ext.py).
+//
+// y[M, N] = x[M, K] · W[N, K]ᵀ with W in its GGUF encoding. Activations are quantized to int8 per 32 elements
+// (scale = absmax / 127) for the integer formats; BF16 / F16 weights multiply f32 activations directly.
+// The ISA body is compiled twice (AVX2, AVX-512 VNNI) and picked at run time, so one build runs on both.
+// Work is split over output rows with OpenMP; the library links the same libgomp that torch loaded, so the
+// thread count is torch's.
+
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+// ggml type ids
+enum : int { T_F16 = 1, T_Q8_0 = 8, T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14,
+             T_BF16 = 30, T_MXFP4 = 39, T_COUNT = 40 };
+
+// One activation row: int8 values with per-32 scales and per-16 / per-32 sums (of the quantized values, so the
+// offset terms see the same x as the dots), and the f32 row for the float kernels.
+struct XRow {
+    const int8_t* q;
+    const float* d;
+    const float* s16;
+    const float* s32;
+    const float* f;
+};
+
+using RowFn = void (*)(const uint8_t* W, int64_t rb, int64_t K, const XRow* xs, float* const* y, int64_t r0, int64_t r1);
+using DeqFn = void (*)(const uint8_t* w, int64_t K, float* out);
+
+// Activation rows per kernel call; more rows run in groups of MAX_M over the same (cached) weight rows.
+constexpr int MAX_M = 4;
+
+struct Kernels {
+    RowFn rows[T_COUNT][MAX_M];
+    DeqFn deq[T_COUNT];
+};
+
+}  // namespace
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+#define V4_VNNI 0
+#include "qmatmul_isa.inc"
+#undef V4_VNNI
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
+namespace vnni {
+#define V4_VNNI 1
+#include "qmatmul_isa.inc"
+#undef V4_VNNI
+}  // namespace vnni
+#pragma GCC pop_options
+
+namespace {
+
+int g_isa = -1;
+Kernels g_k;
+
+void init() {
+    if (g_isa >= 0) return;
+    memset(&g_k, 0, sizeof g_k);
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw")) {
+        vnni::install(&g_k);
+        g_isa = 2;
+    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+        avx2::install(&g_k);
+        g_isa = 1;
+    } else {
+        g_isa = 0;
+    }
+}
+
+int block_size(int t) {
+    switch (t) {
+        case T_Q8_0: case T_MXFP4: return 32;
+        case T_Q2_K: case T_Q3_K: case T_Q4_K: case T_Q5_K: case T_Q6_K: return 256;
+        case T_BF16: case T_F16: return 1;
+        default: return 0;
+    }
+}
+
+bool is_float(int t) { return t == T_BF16 || t == T_F16; }
+
+// Quantized activations for R rows of length K, kept in one reusable per-thread buffer.
+struct XQuant {
+    std::vector<int8_t> q;
+    std::vector<float> d, s16, s32;
+    std::vector<XRow> rows;
+
+    void quantize(const float* x, int64_t R, int64_t K, int64_t ldx, bool float_only) {
+        rows.resize(R);
+        if (float_only) {
+            for (int64_t r = 0; r < R; ++r) rows[r] = XRow{nullptr, nullptr, nullptr, nullptr, x + r * ldx};
+            return;
+        }
+        const int64_t nb = K / 32;
+        q.resize(R * K);
+        d.resize(R * nb);
+        s32.resize(R * nb);
+        s16.resize(R * nb * 2);
+        for (int64_t r = 0; r < R; ++r) {
+            quantize_row(x + r * ldx, K, q.data() + r * K, d.data() + r * nb, s16.data() + r * nb * 2, s32.data() + r * nb);
+            rows[r] = XRow{q.data() + r * K, d.data() + r * nb, s16.data() + r * nb * 2, s32.data() + r * nb, x + r * ldx};
+        }
+    }
+
+    static void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* s16, float* s32) {
+        for (int64_t b = 0; b < K / 32; ++b) {
+            const float* xb = x + 32 * b;
+            float amax = 0.0f;
+            for (int i = 0; i < 32; ++i) amax = std::fmax(amax, std::fabs(xb[i]));
+            const float db = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+            int sum[2] = {0, 0};
+            for (int i = 0; i < 32; ++i) {
+                const int v = (int)std::nearbyint(xb[i] * id);
+                q[32 * b + i] = (int8_t)v;
+                sum[i >> 4] += v;
+            }
+            d[b] = db;
+            s16[2 * b] = db * (float)sum[0];
+            s16[2 * b + 1] = db * (float)sum[1];
+            s32[b] = db * (float)(sum[0] + sum[1]);
+        }
+    }
+};
+
+XQuant& scratch(int i) {
+    static thread_local XQuant bufs[2];
+    return bufs[i];
+}
+
+// Rows per parallel task: small enough to balance, large enough that a task reads a few KB of weights.
+constexpr int64_t ROWS_PER_TASK = 16;
+
+// All M activation rows against weight rows r0..r1, MAX_M at a time; the weight rows stay in L1/L2 between
+// groups, so memory sees each weight byte once.
+void run_rows(int t, const uint8_t* W, int64_t rb, int64_t K, const XRow* xs, int64_t M, float* y, int64_t ldy,
+              int64_t r0, int64_t r1) {
+    float* yp[MAX_M];
+    for (int64_t m0 = 0; m0 < M; m0 += MAX_M) {
+        const int64_t mm = M - m0 < MAX_M ? M - m0 : MAX_M;
+        for (int64_t m = 0; m < mm; ++m) yp[m] = y + (m0 + m) * ldy;
+        g_k.rows[t][mm - 1](W, rb, K, xs + m0, yp, r0, r1);
+    }
+}
+
+int64_t row_bytes(int t, int64_t K) {
+    switch (t) {
+        case T_Q8_0: return K / 32 * 34;
+        case T_MXFP4: return K / 32 * 17;
+        case T_Q2_K: return K / 256 * 84;
+        case T_Q3_K: return K / 256 * 110;
+        case T_Q4_K: return K / 256 * 144;
+        case T_Q5_K: return K / 256 * 176;
+        case T_Q6_K: return K / 256 * 210;
+        default: return 2 * K;
+    }
+}
+
+bool supported(int t, int64_t K) {
+    init();
+    if (t < 0 || t >= T_COUNT || !g_k.rows[t][0]) return false;
+    const int bs = block_size(t);
+    // the int8 activation layout needs whole 32-blocks even for float types' callers of quantize
+    return bs > 0 && K > 0 && K % bs == 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+// 0: no usable SIMD (callers keep the torch reference), 1: AVX2, 2: AVX-512 VNNI.
+int v4_isa(void) {
+    init();
+    return g_isa;
+}
+
+int v4_supported(int t, int64_t K) { return supported(t, K) ? 1 : 0; }
+
+// y[M, N] = x[M, K] · W[N, K]ᵀ. Returns 0, or -1 for an unsupported type / row length.
+int v4_matmul(int t, const uint8_t* W, int64_t N, int64_t K, const float* x, int64_t M, float* y, int nthreads) {
+    if (!supported(t, K)) return -1;
+    XQuant& xq = scratch(0);
+    xq.quantize(x, M, K, K, is_float(t));
+    const XRow* xs = xq.rows.data();
+    const int64_t rb = row_bytes(t, K), ntask = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1 && N * rb * M > (1 << 16))
+    for (int64_t i = 0; i < ntask; ++i) {
+        const int64_t r0 = i * ROWS_PER_TASK, r1 = r0 + ROWS_PER_TASK < N ? r0 + ROWS_PER_TASK : N;
+        run_rows(t, W, rb, K, xs, M, y, N, r0, r1);
+    }
+    return 0;
+}
+
+// out[R, K] = the R rows of W as f32.
+int v4_dequant(int t, const uint8_t* W, int64_t R, int64_t K, float* out, int nthreads) {
+    if (!supported(t, K)) return -1;
+    const int64_t rb = row_bytes(t, K);
+    DeqFn f = g_k.deq[t];
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1 && R * K > (1 << 15))
+    for (int64_t r = 0; r < R; ++r) f(W + r * rb, K, out + r * K);
+    return 0;
+}
+
+// Routed experts for T tokens, k experts each: out[t] = Σ_j wts[t,j] · W2[e] (swiglu(W1[e] x_t, W3[e] x_t)),
+// e = idx[t,j]. W1/W3 are [E, I, D] and W2 is [E, D, I] in their GGUF encodings; swiglu is DeepSeek-V4's
+// silu(min(g, L)) · clamp(u, −L, L). Works one (token, expert) pair at a time, so it suits decode (few pairs).
+// Returns 0, -1 for an unsupported type / shape, -2 for an expert id out of range.
+int v4_moe(const float* x, int64_t T, int64_t D, const int64_t* idx, const float* wts, int64_t k, int t1,
+           const uint8_t* W1, int t3, const uint8_t* W3, int t2, const uint8_t* W2, int64_t E, int64_t I, float limit,
+           float* out, int nthreads) {
+    if (!supported(t1, D) || !supported(t3, D) || !supported(t2, I)) return -1;
+    const int64_t P = T * k;
+    for (int64_t p = 0; p < P; ++p)
+        if (idx[p] < 0 || idx[p] >= E) return -2;
+    const int64_t rb1 = row_bytes(t1, D), rb3 = row_bytes(t3, D), rb2 = row_bytes(t2, I);
+    XQuant& xq = scratch(0);
+    xq.quantize(x, T, D, D, is_float(t1) && is_float(t3));
+    std::vector<float> h(P * I);
+
+    // gate and up for every pair, fused with the activation (tasks = pairs × row blocks)
+    const int64_t tasks1 = P * ((I + ROWS_PER_TASK - 1) / ROWS_PER_TASK), per1 = tasks1 / P;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t i = 0; i < tasks1; ++i) {
+        const int64_t p = i / per1, r0 = (i % per1) * ROWS_PER_TASK, r1 = r0 + ROWS_PER_TASK < I ? r0 + ROWS_PER_TASK : I;
+        const int64_t e = idx[p];
+        const XRow* xr = &xq.rows[p / k];
+        float g[ROWS_PER_TASK], u[ROWS_PER_TASK];
+        float* gp = g;
+        float* up = u;
+        g_k.rows[t1][0](W1 + (e * I + r0) * rb1, rb1, D, xr, &gp, 0, r1 - r0);
+        g_k.rows[t3][0](W3 + (e * I + r0) * rb3, rb3, D, xr, &up, 0, r1 - r0);
+        float* hp = h.data() + p * I + r0;
+        for (int64_t r = 0; r < r1 - r0; ++r) {
+            const float gv = g[r] < limit ? g[r] : limit;
+            const float uv = u[r] < -limit ? -limit : (u[r] > limit ? limit : u[r]);
+            hp[r] = gv / (1.0f + std::exp(-gv)) * uv;
+        }
+    }
+
+    XQuant& hq = scratch(1);
+    hq.quantize(h.data(), P, I, I, is_float(t2));
+    // down projection: each task owns a block of output rows for every token, so no two tasks write one value
+    const int64_t tasks2 = (D + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t i = 0; i < tasks2; ++i) {
+        const int64_t r0 = i * ROWS_PER_TASK, r1 = r0 + ROWS_PER_TASK < D ? r0 + ROWS_PER_TASK : D;
+        float tmp[ROWS_PER_TASK];
+        float* tp = tmp;
+        for (int64_t t = 0; t < T; ++t) {
+            float* o = out + t * D + r0;
+            for (int64_t r = 0; r < r1 - r0; ++r) o[r] = 0.0f;
+            for (int64_t j = 0; j < k; ++j) {
+                const int64_t p = t * k + j;
+                g_k.rows[t2][0](W2 + (idx[p] * D + r0) * rb2, rb2, I, &hq.rows[p], &tp, 0, r1 - r0);
+                for (int64_t r = 0; r < r1 - r0; ++r) o[r] += wts[p] * tmp[r];
+            }
+        }
+    }
+    return 0;
+}
+
+}  // extern "C"

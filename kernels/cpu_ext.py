@@ -1,0 +1,122 @@
+"""Build and load the C++ CPU kernels (kernels/cpu/*.cpp) as a plain shared library called through ctypes.
+
+The sources ship inside the package; the first use compiles them with the system C++ compiler into torch's
+extensions folder (`$TORCH_EXTENSIONS_DIR`, else ~/.cache/torch_extensions), keyed by a hash of the sources,
+flags and compiler, and later uses load the cached library. That folder, unlike `$V4_HOME`, does not move when
+tests point `V4_HOME` at a temporary directory, so one build serves every session. A plain C ABI instead of a torch extension keeps the one-time build to
+seconds (torch/extension.h alone costs ~30 s on two cores). `load()` raises KernelBuildError when no compiler is
+found or the build fails; callers keep the torch reference then.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from v4cli.errors import V4Error
+
+SOURCES = ("qmatmul.cpp", "qmatmul_isa.inc")
+# -ffp-contract=off keeps the dequantizers' multiply-then-subtract bit-exact with kernels/dequant.py;
+# -fopenmp links libgomp.so.1, which resolves to the copy torch already loaded (one thread pool, torch's count).
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-fno-math-errno")
+SRC_DIR = Path(__file__).parent / "cpu"
+
+
+class KernelBuildError(V4Error):
+    """The CPU kernels could not be compiled or loaded; the torch reference path still works."""
+
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        raise KernelBuildError("no C++ compiler found (set CXX or install g++)")
+    return cxx
+
+
+def _build_key(cxx: str) -> str:
+    h = hashlib.sha256()
+    for name in SOURCES:
+        h.update((SRC_DIR / name).read_bytes())
+    h.update(" ".join(FLAGS).encode())
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
+    h.update(cxx.encode() + version.encode())
+    return h.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    """Where built libraries live: `v4_qmatmul/` under torch's extensions build root."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(get_default_build_root()) / "v4_qmatmul"
+
+
+def build(force: bool = False) -> Path:
+    """Compile the kernels unless a library for these sources is cached; return its path."""
+    cxx = _compiler()
+    out_dir = cache_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lib = out_dir / f"v4_qmatmul_{_build_key(cxx)}.so"
+    if lib.exists() and not force:
+        return lib
+    # Built under a temporary name and renamed, so a concurrent or interrupted build never leaves a half-written .so.
+    fd, tmp = tempfile.mkstemp(prefix=lib.stem, suffix=".so.tmp", dir=out_dir)
+    os.close(fd)
+    try:
+        cmd = [cxx, *FLAGS, str(SRC_DIR / "qmatmul.cpp"), "-o", tmp]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            raise KernelBuildError(f"compiling the CPU kernels failed:\n{res.stderr.strip()[-2000:]}")
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    i64, i32, ptr, f32 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
+    lib.v4_isa.restype = i32
+    lib.v4_isa.argtypes = []
+    lib.v4_supported.restype = i32
+    lib.v4_supported.argtypes = [i32, i64]
+    lib.v4_matmul.restype = i32
+    lib.v4_matmul.argtypes = [i32, ptr, i64, i64, ptr, i64, ptr, i32]
+    lib.v4_dequant.restype = i32
+    lib.v4_dequant.argtypes = [i32, ptr, i64, i64, ptr, i32]
+    lib.v4_moe.restype = i32
+    lib.v4_moe.argtypes = [ptr, i64, i64, ptr, ptr, i64, i32, ptr, i32, ptr, i32, ptr, i64, i64, f32, ptr, i32]
+    return lib
+
+
+def load() -> ctypes.CDLL:
+    """The loaded kernel library (built on first use, once per process)."""
+    global _lib
+    with _lock:
+        if _lib is None:
+            # torch (imported above) has loaded its libgomp.so.1, so the library's libgomp.so.1 resolves to it
+            try:
+                _lib = _bind(ctypes.CDLL(str(build())))
+            except OSError as e:
+                raise KernelBuildError(f"loading the CPU kernels failed: {e}") from e
+        return _lib
+
+
+def isa() -> int:
+    """0: no usable SIMD (the torch reference is used), 1: AVX2, 2: AVX-512 VNNI."""
+    return load().v4_isa()
+
+
+def threads() -> int:
+    return torch.get_num_threads()

@@ -1,0 +1,124 @@
+"""Compiled CPU kernels (kernels/cpu/qmatmul.cpp) registered with the `linear` dispatcher.
+
+Importing this module builds or loads the library and registers `cpu_linear` for the types below plus
+`cpu_routed_experts` for the MoE. If the build fails, or the CPU lacks AVX2, it logs once at debug level and
+registers nothing, so everything keeps the torch reference.
+
+Accuracy: integer types quantize activations to int8 per 32 values (scale = absmax/127), as llama.cpp does on
+CPU; expect ~0.5 % relative error against the f32 reference. BF16/F16 use f32 activations (summation order only).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from kernels import cpu_ext
+from kernels.linear import QWeight, reference_linear, register, register_moe
+from v4cli.errors import BadInput
+
+log = logging.getLogger(__name__)
+
+TYPES: tuple[Q, ...] = (Q.Q8_0, Q.Q4_K, Q.Q2_K, Q.MXFP4, Q.BF16, Q.Q3_K, Q.Q5_K, Q.Q6_K, Q.F16)
+# From this many activation rows on, dequantize weight tiles and use torch's GEMM (measured crossover; see
+# benchmarks/kernel_bench.py --prefill).
+GEMM_MIN_ROWS = 32
+# Weight rows per dequantized tile: 256 × 4096 f32 = 4 MB, which stays in L2/L3 for the GEMM that follows.
+TILE_ROWS = 256
+
+_lib = None
+
+
+def _ready(x: torch.Tensor, w: QWeight) -> bool:
+    return (x.dtype == torch.float32 and len(w.shape) == 2 and w.raw.is_contiguous()
+            and _lib.v4_supported(int(w.qtype), w.shape[1]) == 1)
+
+
+def matvec(x2: torch.Tensor, w: QWeight) -> torch.Tensor:
+    """x2 [M, K] f32 contiguous · Wᵀ → [M, N] with the fused integer / float kernels (any M; best for small M)."""
+    M, (N, K) = x2.shape[0], w.shape
+    y = torch.empty(M, N, dtype=torch.float32)
+    rc = _lib.v4_matmul(int(w.qtype), w.raw.data_ptr(), N, K, x2.data_ptr(), M, y.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"v4_matmul failed for {w.qtype.name} {w.shape}")  # _ready() checked the type
+    return y
+
+
+def dequantize(w: QWeight) -> torch.Tensor:
+    """A 2-D QWeight as f32 [N, K], bit-identical to kernels.dequant (multithreaded C++)."""
+    N, K = w.shape
+    out = torch.empty(N, K, dtype=torch.float32)
+    if _lib.v4_dequant(int(w.qtype), w.raw.data_ptr(), N, K, out.data_ptr(), torch.get_num_threads()) != 0:
+        raise RuntimeError(f"v4_dequant failed for {w.qtype.name} {w.shape}")
+    return out
+
+
+def tiled_gemm(x2: torch.Tensor, w: QWeight) -> torch.Tensor:
+    """x2 [M, K] · Wᵀ for large M: dequantize TILE_ROWS weight rows at a time into one reused f32 buffer, GEMM each."""
+    M, (N, K) = x2.shape[0], w.shape
+    rb = w.row_bytes
+    yt = torch.empty(N, M, dtype=torch.float32)  # (N, M): each tile's result is a contiguous row block
+    tile = torch.empty(min(TILE_ROWS, N), K, dtype=torch.float32)
+    base, nt = w.raw.data_ptr(), torch.get_num_threads()
+    for n0 in range(0, N, TILE_ROWS):
+        n = min(TILE_ROWS, N - n0)
+        _lib.v4_dequant(int(w.qtype), base + n0 * rb, n, K, tile.data_ptr(), nt)
+        torch.mm(tile[:n], x2.t(), out=yt[n0:n0 + n])
+    return yt.t().contiguous()
+
+
+def cpu_linear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
+    """`linear` for CPU tensors: fused kernels for few rows, tiled dequantize + GEMM for many."""
+    if not _ready(x, w):
+        return reference_linear(x, w)
+    N, K = w.shape
+    x2 = x.reshape(-1, K).contiguous()  # (M, K)
+    y = matvec(x2, w) if x2.shape[0] < GEMM_MIN_ROWS else tiled_gemm(x2, w)
+    return y.view(*x.shape[:-1], N)
+
+
+def cpu_routed_experts(x: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, w1: QWeight, w3: QWeight,
+                       w2: QWeight, limit: float) -> torch.Tensor | None:
+    """`routed_experts` on CPU in one C++ call: no f32 expert copies. None (→ reference) for unsupported inputs."""
+    E, I, D = w1.shape
+    ok = (x.dtype == torch.float32 and len(w1.shape) == 3 and w3.shape == w1.shape and w2.shape == (E, D, I)
+          and all(w.raw.is_contiguous() for w in (w1, w3, w2))
+          and _lib.v4_supported(int(w1.qtype), D) == 1 and _lib.v4_supported(int(w3.qtype), D) == 1
+          and _lib.v4_supported(int(w2.qtype), I) == 1)
+    if not ok:
+        return None
+    T, k = idx.shape
+    x = x.contiguous()
+    idx = idx.to(torch.int64).contiguous()
+    wts = wts.to(torch.float32).contiguous()
+    out = torch.empty(T, D, dtype=torch.float32)
+    rc = _lib.v4_moe(x.data_ptr(), T, D, idx.data_ptr(), wts.data_ptr(), k,
+                     int(w1.qtype), w1.raw.data_ptr(), int(w3.qtype), w3.raw.data_ptr(),
+                     int(w2.qtype), w2.raw.data_ptr(), E, I, float(limit), out.data_ptr(), torch.get_num_threads())
+    if rc == -2:
+        raise BadInput(f"expert id out of range 0..{E - 1}")
+    if rc != 0:
+        raise RuntimeError(f"v4_moe failed ({rc})")
+    return out
+
+
+def _install() -> bool:
+    global _lib
+    try:
+        lib = cpu_ext.load()
+    except cpu_ext.KernelBuildError as e:
+        log.debug("CPU kernels unavailable, using the torch reference: %s", e)
+        return False
+    if lib.v4_isa() == 0:
+        log.debug("CPU kernels need AVX2; using the torch reference")
+        return False
+    _lib = lib
+    for t in TYPES:
+        register(t, "cpu")(cpu_linear)
+    register_moe("cpu")(cpu_routed_experts)
+    return True
+
+
+AVAILABLE = _install()

@@ -1,0 +1,100 @@
+"""`v4 chat [MODEL]`: an interactive terminal chat that reuses the prefilled prefix from turn to turn."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.text import Text
+
+from v4cli import ui
+from v4cli.chat import flags as F
+from v4cli.errors import V4Error
+from v4cli.prompt.encoding import Mode
+
+
+def _say(line: str, style: str = "dim") -> None:
+    # Notes go to stdout on a terminal (they belong to the conversation) and to stderr when piped.
+    console = ui.console if ui.console.is_terminal else ui.err
+    console.print(Text(line, style=style), soft_wrap=True)
+
+
+def _error(e: V4Error) -> None:
+    # Inside the chat loop a bad command must not end the session: the same line the error boundary prints.
+    msg = f"error: {e}" + (f" ({e.hint})" if e.hint else "")
+    ui.err.print(Text(msg, style="red"), soft_wrap=True)
+
+
+def chat_cmd(
+    model: str = typer.Argument(None, help="A GGUF path or store name (default: $V4_MODEL, else the store's only GGUF)."),
+    mode: Mode = F.MODE,
+    system: str = F.SYSTEM,
+    temperature: float = F.TEMPERATURE,
+    top_p: float = F.TOP_P,
+    top_k: int = F.TOP_K,
+    min_p: float = F.MIN_P,
+    seed: int = F.SEED,
+    max_tokens: int = F.MAX_TOKENS,
+    kv_format: str = F.KV_FORMAT,
+    device: str = F.DEVICE,
+    engine: str = F.ENGINE,
+    threads: int = F.THREADS,
+    ctx: str = F.CTX,
+    hide_thinking: bool = F.HIDE_THINKING,
+    chunk: int = F.CHUNK,
+) -> None:
+    """Chat with a model. Type /help for commands; Ctrl-C stops an answer, Ctrl-D leaves."""
+    from v4cli.chat import slash
+    from v4cli.chat.answer import Chat, InterruptLatch, load_engine, plan_context, resolve_model
+    from v4cli.chat.conversation import Conversation, PromptEncoder
+    from v4cli.chat.render import StreamView, busy, status_line
+    from v4cli.engine.session import Session
+    from v4cli.prompt.encoding import check_context
+
+    sampling = F.sampling(temperature, top_p, top_k, min_p, seed, max_tokens)
+    path = resolve_model(model)
+    n_ctx = plan_context(path, ctx, kv_format)
+    with busy(ui.err, f"loading {path.name}"):
+        eng = load_engine(path, engine, kv_format, device, threads, n_ctx)
+    chat = Chat(Session(eng, chunk=chunk), PromptEncoder(eng.tokenizer), Conversation(Mode(mode), system),
+                sampling, n_ctx, path.name)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        import readline  # noqa: F401  (line editing and history for input())
+    _say(f"{path.name} · mode {chat.conversation.mode.value} · context {n_ctx:,} tokens · /help for commands")
+    if (warning := check_context(mode, n_ctx)) is not None:
+        _say(warning, style="yellow")
+
+    def read_line(prompt: str) -> str:
+        return input(prompt if interactive else "")
+
+    while True:
+        try:
+            line = slash.read_message(read_line)
+        except (EOFError, KeyboardInterrupt):
+            if interactive:
+                ui.console.print()
+            break
+        if not line.strip():
+            continue
+        try:
+            inv = slash.parse(line)
+            if inv is not None:
+                outcome = slash.dispatch(chat, inv)
+                for text in outcome.lines:
+                    _say(text, style="")
+                if outcome.exit:
+                    break
+                continue
+            with InterruptLatch() as latch, StreamView(chat.conversation.mode, ui.console, ui.err,
+                                                       hide_thinking) as view:
+                reply = chat.turn(slash.message_text(line), view.event, view.progress, latch)
+            if reply.interrupted:
+                _say("[interrupted]", style="yellow")
+            _say(status_line(reply, chat.held, chat.ctx))
+        except V4Error as e:
+            _error(e)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("chat")(chat_cmd)

@@ -1,0 +1,33 @@
+"""Pick an inference engine by name: our torch `Engine` or llama.cpp's `LlamaEngine`, same interface."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from v4cli.errors import BadInput
+
+ENGINES = ("torch", "llama")
+
+
+def load_engine(path: str | Path, engine: str = "torch", kv_format: str = "bf16", device: str = "cpu",
+                threads: int | None = None, **llama_options):
+    """Load `path` with the named engine. `threads` also sets torch's intra-op threads for the torch engine.
+
+    `llama_options` (n_ctx, flash_attn, ...) go to `LlamaEngine.load` only.
+    """
+    if engine == "torch":
+        import torch
+
+        from v4cli.engine.generate import Engine
+
+        if threads:
+            torch.set_num_threads(threads)
+        return Engine.load(path, kv_format=kv_format, device=device)
+    if engine == "llama":
+        from v4cli.engine.llama import LlamaEngine
+
+        if device != "cpu":
+            raise BadInput(f"the llama engine runs on its own backends, not torch device {device!r}",
+                           hint="drop --device, or use --engine torch")
+        return LlamaEngine.load(path, kv_format=kv_format, n_threads=threads, **llama_options)
+    raise BadInput(f"unknown engine {engine!r} (choices: {', '.join(ENGINES)})", hint="pass --engine torch or llama")

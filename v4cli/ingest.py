@@ -23,7 +23,7 @@ import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from v4cli.errors import BadInput, NotFoundError
 
@@ -603,11 +603,28 @@ def _junctions_split(tok: Tokenizer, texts: list[str], window: int = 64) -> bool
     return True
 
 
-def _encode(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
+Progress = Callable[[int, int], None]  # (bytes tokenized so far, bytes to tokenize)
+_PROGRESS_BATCH = 4 << 20  # text per encode_batch_fast call when reporting progress: ~0.1 s, still parallel
+
+
+def _encode(tok: Tokenizer, texts: list[str], progress: Progress | None = None) -> list[list[int]]:
     if not texts:
         return []
-    # encode_batch_fast: Rust, parallel over inputs, skips offset tracking
-    return [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+    if progress is None:
+        # encode_batch_fast: Rust, parallel over inputs, skips offset tracking
+        return [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+    sizes = [len(t.encode("utf-8", "surrogatepass")) for t in texts]
+    total, done, out, i = sum(sizes), 0, [], 0
+    while i < len(texts):
+        j, size = i + 1, sizes[i]
+        while j < len(texts) and size + sizes[j] <= _PROGRESS_BATCH:
+            size += sizes[j]
+            j += 1
+        out += [e.ids for e in tok.encode_batch_fast(texts[i:j], add_special_tokens=False)]
+        done += size
+        progress(done, total)
+        i = j
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -842,6 +859,7 @@ def build_context(
     base: str | os.PathLike | None = None,
     extra_tokens: int = 0,
     enforce_budget: bool = True,
+    progress: Progress | None = None,
 ) -> Context:
     """Collect, lay out and tokenize the context for `v4 ask`.
 
@@ -849,6 +867,7 @@ def build_context(
     tail from the edited file on, then stdin as the pseudo-file `<stdin>` (never capped), then the
     question. `extra_tokens` counts the caller's prompt wrapping against the budget. Raises
     ContextTooLarge (with the full report) when over budget, unless `enforce_budget` is False (dry run).
+    `progress(done, total)` is called in bytes as tokenization advances.
     """
     budget = options.budget
     cap = options.max_file_tokens
@@ -870,7 +889,7 @@ def build_context(
     q = question.strip() if question else ""
     if q:
         texts.append(q)
-    ids = _encode(tok, texts)
+    ids = _encode(tok, texts, progress)
 
     n_tree = 1 if files else 0
     truncated: list[Truncation] = []

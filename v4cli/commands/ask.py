@@ -118,9 +118,11 @@ def _ask(args, model, include, exclude, max_file_tokens, dry_run, json_out, mode
     head, tail = wrap_ids(encoder, mode, system)
     options = IngestOptions(include=tuple(include), exclude=tuple(exclude), max_file_tokens=max_file_tokens,
                             context_limit=n_ctx, answer_reserve=max_tokens)
-    with busy(ui.err, "reading and tokenizing"):
+    with ui.byte_progress(transient=True) as bar:  # bytes of text, speed, ETA
+        task = bar.add_task("tokenizing", total=None)
         context = build_context(paths, tokenizer, question=question, stdin=stdin, options=options,
-                                extra_tokens=len(head) + len(tail), enforce_budget=not dry_run)
+                                extra_tokens=len(head) + len(tail), enforce_budget=not dry_run,
+                                progress=lambda done, total: bar.update(task, completed=done, total=total))
     if dry_run:
         report = context.report()
         extra = len(head) + len(tail)

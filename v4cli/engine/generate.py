@@ -25,6 +25,15 @@ DEFAULT_CHUNK = 256
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak resident set. VmHWM first: getrusage's ru_maxrss survives execve, so a worker
+    forked from a big parent would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 

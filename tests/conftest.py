@@ -21,6 +21,17 @@ from quant.recipes import get_recipe
 from v4cli.testing.tiny import make_tiny_checkpoint
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: on shared 2-core boxes OpenMP spinning costs 10x on tiny ops."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("tiny")

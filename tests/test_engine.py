@@ -13,12 +13,7 @@ from v4cli.testing.golden import golden_logits
 from v4cli.testing.tiny import build_tensors, random_token_ids, tiny_config, write_checkpoint
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared 2-core dev boxes: OpenMP spinning costs 10× on tiny ops
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny ops on a shared 2-core box
 
 
 @pytest.fixture(scope="module")

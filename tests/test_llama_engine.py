@@ -23,18 +23,10 @@ from v4cli.engine.select import load_engine
 from v4cli.errors import BadInput, GGUFError, NotFoundError
 from v4cli.testing.tiny import random_token_ids
 
-pytestmark = pytest.mark.llama
+pytestmark = [pytest.mark.llama, pytest.mark.usefixtures("one_thread")]  # one_thread: see conftest
 
 PRESET = "tiny-128"  # the preset llama.cpp loads (HCA ratio 128)
 REL_TOL = 1e-4  # measured 9.5e-7 over 300 tokens: both run the exact f32 path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared 2-core machines: tiny ops lose more to thread spinning than they gain
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -25,13 +25,7 @@ SHORT = 160  # tiny preset: HCA ratio 16 → 10 windows; 40 CSA entries ≫ inde
 LONG = 1536  # tiny-128 preset: 12 HCA windows of 128
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the dev machines are shared 2-core boxes: OpenMP spinning on a loaded machine costs 10× on tiny ops
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny ops on a shared 2-core box
 
 
 class Tiny:

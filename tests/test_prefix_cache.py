@@ -43,12 +43,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=5, stop_on_eos=False)
 BOUNDARIES = [1, 5, 17, 63, 130]  # tiny preset: ratios 4 and 16, window 16; most are aligned to neither
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny ops on a shared 2-core box
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,7 @@ from v4cli.engine.session import Session, common_prefix
 from v4cli.testing.tiny import random_token_ids
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny ops on a shared 2-core box
 
 
 @pytest.fixture(scope="module")

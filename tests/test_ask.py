@@ -227,7 +227,10 @@ def test_ctrl_c_exits_130(tmp_path, tiny_gguf):
                                 "non-think", "--max-tokens", "5000", "--temperature", "1", "--seed", "1",
                                 "--threads", "1"),
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                            cwd=tmp_path)
+                            cwd=tmp_path,
+                            # a runner started in the background (`cmd &`) ignores SIGINT, and children inherit
+                            # that: give the CLI the terminal's default, as a user's shell would
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 180
         got = b""

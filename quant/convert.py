@@ -33,7 +33,7 @@ from v4cli import __version__
 from v4cli.errors import CheckpointError, DiskSpaceError
 
 CHUNK_ELEMS = 1 << 22  # ~16 MB of f32 per slice: bounds peak memory, large enough to keep numpy efficient
-PLAIN, EXPERTS, TID2EID = "plain", "experts", "tid2eid"
+PLAIN, EXPERTS, TID2EID, CONCAT = "plain", "experts", "tid2eid", "concat"
 
 
 @dataclass(frozen=True)
@@ -54,46 +54,75 @@ class TensorPlan:
         return tensor_bytes(self.qtype, self.shape)
 
 
-def plan(cfg: dict, recipe: Recipe, inventory: list[Entry] | None = None) -> list[TensorPlan]:
-    """The per-tensor conversion plan for a config (and its official inventory), in GGUF file order."""
-    inv = {e.name: e for e in (inventory if inventory is not None else official_inventory(cfg, with_mtp=False))}
+def plan(cfg: dict, recipe: Recipe, inventory: list[Entry] | None = None, *, mtp: bool = False) -> list[TensorPlan]:
+    """The per-tensor conversion plan for a config (and its official inventory), in GGUF file order.
+
+    `mtp`: plan llama.cpp's separate draft file instead — the trunk's embed/norm/head, the draft's own hc_head at
+    the root, and MTP block 0 as `blk.{n_layers}` with eh_proj = [e_proj | h_proj] (llama.cpp runs one block).
+    """
+    inv = {e.name: e for e in (inventory if inventory is not None else official_inventory(cfg, with_mtp=mtp))}
     args = ModelArgs.from_config(cfg)
+    n = args.num_hidden_layers
     out: list[TensorPlan] = []
 
     def scale_bytes(name: str) -> int:
         s = inv.get(name.removesuffix(".weight") + ".scale")
         return s.nbytes if s else 0
 
-    def plain(official: str):
+    def plain(official: str, m: N.Mapped):
         e = inv[official]
-        m = N.to_gguf(official)
         if m.role == N.TID2EID:
             out.append(TensorPlan(m.gguf, QT.I32, e.shape, m.role, TID2EID, (official,), e.dtype, e.nbytes))
             return
         qt = choose_type(recipe, m.gguf, m.role, e.dtype, e.shape)
         out.append(TensorPlan(m.gguf, qt, e.shape, m.role, PLAIN, (official,), e.dtype, e.nbytes + scale_bytes(official)))
 
-    for official in N.ROOT:
-        plain(official)
-    for layer in range(args.num_hidden_layers):
-        for suffix in N.LAYER:
-            official = N.official_layer(layer, suffix)
-            if official in inv:
-                plain(official)
+    def experts(layer: int):
         for w in ("w1", "w2", "w3"):
-            srcs = tuple(N.official_expert(layer, e, w) for e in range(args.n_routed_experts))
+            srcs = tuple(N.official_expert(layer, e, w, n_layers=n) for e in range(args.n_routed_experts))
             first = inv[srcs[0]]
             shape = (args.n_routed_experts, first.shape[0], first.shape[1] * 2)  # FP4: two values per byte
             name = N.experts(layer, w)
             qt = choose_type(recipe, name, N.EXPS, first.dtype, shape)
             src_bytes = sum(inv[s].nbytes + scale_bytes(s) for s in srcs)
             out.append(TensorPlan(name, qt, shape, N.EXPS, EXPERTS, srcs, first.dtype, src_bytes))
+
+    if not mtp:
+        for official in N.ROOT:
+            plain(official, N.to_gguf(official))
+        for layer in range(n):
+            for suffix in N.LAYER:
+                official = N.official_layer(layer, suffix)
+                if official in inv:
+                    plain(official, N.to_gguf(official))
+            experts(layer)
+        return out
+
+    for official in ("embed.weight", "norm.weight", "head.weight"):  # shared with the trunk (llama.cpp reads them here)
+        plain(official, N.to_gguf(official))
+    for suffix in (*N.MTP_ROOT_HC, *N.LAYER, *N.MTP_ONLY):
+        official = N.official_mtp(0, suffix)
+        if official in inv:
+            plain(official, N.mtp_to_gguf(official, n))
+    experts(n)
+    e, h = (inv[N.official_mtp(0, s)] for s in N.MTP_EH_SOURCES)
+    shape, name = (e.shape[0], e.shape[1] + h.shape[1]), N.mtp_eh_proj(n)
+    qt = choose_type(recipe, name, N.MTP_PROJ, e.dtype, shape)
+    out.append(TensorPlan(name, qt, shape, N.MTP_PROJ, CONCAT, (e.name, h.name), e.dtype,
+                          e.nbytes + h.nbytes + scale_bytes(e.name) + scale_bytes(h.name)))
     return out
 
 
-def validate(ckpt: Checkpoint, cfg: dict) -> list[Entry]:
-    """Every tensor the config implies exists with its official dtype and shape; errors name file and tensor."""
-    inv = official_inventory(cfg, with_mtp=False)
+def validate(ckpt: Checkpoint, cfg: dict, *, mtp: bool = False) -> list[Entry]:
+    """Every tensor the config implies exists with its official dtype and shape; errors name file and tensor.
+
+    `mtp`: the tensors of the draft file instead (the MTP block plus the shared embed/norm/head)."""
+    inv = official_inventory(cfg, with_mtp=mtp)
+    if mtp:
+        inv = [e for e in inv if e.name.startswith("mtp.0.") or e.name in ("embed.weight", "norm.weight", "head.weight")]
+        if not any(e.name.startswith("mtp.0.") for e in inv) or N.official_mtp(0, "attn_norm.weight") not in ckpt.tensors:
+            raise CheckpointError(f"{ckpt.root}: the checkpoint has no MTP block (mtp.0.*) to convert",
+                                  hint="convert without --mtp")
     for e in inv:
         ckpt.expect(e.name, (e.dtype,), e.shape)
     return inv
@@ -127,6 +156,11 @@ def _tensor_bytes(ckpt: Checkpoint, tp: TensorPlan) -> Iterator[tuple[np.ndarray
                 for r0, r1 in _row_chunks(out_rows, tp.shape[2], 1):
                     yield _encode(dequantized_rows(ckpt, src, r0, r1), tp.qtype), per * (r1 - r0) // out_rows
         return
+    if tp.kind == CONCAT:  # rows of each source side by side: [e_proj | h_proj]
+        for r0, r1 in _row_chunks(tp.shape[0], tp.shape[1], FP8_BLOCK):
+            parts = [dequantized_rows(ckpt, s, r0, r1) for s in tp.sources]
+            yield _encode(torch.cat(parts, dim=1), tp.qtype), tp.source_bytes * (r1 - r0) // tp.shape[0]
+        return
     src = tp.sources[0]
     n_rows = tp.shape[0] if len(tp.shape) > 1 else 1
     if len(tp.shape) == 1:
@@ -138,12 +172,12 @@ def _tensor_bytes(ckpt: Checkpoint, tp: TensorPlan) -> Iterator[tuple[np.ndarray
 
 
 def header_kv(cfg: dict, src: Path, recipe: Recipe, tensors: list[TensorPlan], source_repo: str | None,
-              source_revision: str | None) -> list[tuple[str, object, GGUFValueType]]:
+              source_revision: str | None, mtp: bool = False) -> list[tuple[str, object, GGUFValueType]]:
     args = ModelArgs.from_config(cfg)
     S, U = GGUFValueType.STRING, GGUFValueType.UINT32
     kv = [(K.General.NAME, cfg.get("_name_or_path") or source_repo or Path(src).name, S),
           (K.General.QUANT_VERSION, 2, U)]
-    kv += args.gguf_kv()
+    kv += args.gguf_kv(with_mtp=mtp)
     kv += tokenizer_kv(src, args.vocab_size, args.bos_token_id, args.eos_token_id)
     kv += [
         (K.Provenance.TOOL, f"v4 {__version__}", S),
@@ -182,15 +216,18 @@ def partial_path(out: Path) -> Path:
 
 
 def convert(src: Path, out: Path, recipe: Recipe, *, source_repo: str | None = None,
-            source_revision: str | None = None, progress: Callable[[Progress], None] | None = None) -> ConvertResult:
-    """Convert an official checkpoint folder to one GGUF file at `out` (atomic)."""
+            source_revision: str | None = None, progress: Callable[[Progress], None] | None = None,
+            mtp: bool = False) -> ConvertResult:
+    """Convert an official checkpoint folder to one GGUF file at `out` (atomic).
+
+    `mtp`: write llama.cpp's separate MTP draft file (see `plan`) instead of the model."""
     src, out = Path(src), Path(out)
     cfg_path = src / "config.json"
     ModelArgs.from_config_file(cfg_path)  # raises for other architectures before any shard is opened
     cfg = json.loads(cfg_path.read_text())
     ckpt = Checkpoint(src)
-    inv = validate(ckpt, cfg)
-    tensors = plan(cfg, recipe, inv)
+    inv = validate(ckpt, cfg, mtp=mtp)
+    tensors = plan(cfg, recipe, inv, mtp=mtp)
     total_out = sum(t.nbytes for t in tensors)
     total_in = sum(t.source_bytes for t in tensors)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -202,7 +239,7 @@ def convert(src: Path, out: Path, recipe: Recipe, *, source_repo: str | None = N
     t0 = time.perf_counter()
     w = GGUFWriter(tmp, K.ARCH)
     try:
-        for key, val, typ in header_kv(cfg, src, recipe, tensors, source_repo, source_revision):
+        for key, val, typ in header_kv(cfg, src, recipe, tensors, source_repo, source_revision, mtp):
             w.add_key_value(key, val, typ)
         for t in tensors:
             # a non-uint8 dtype tells the writer `shape` is in elements, not bytes

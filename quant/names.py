@@ -71,9 +71,11 @@ MTP_ONLY: dict[str, tuple[str, str]] = {
     "norm.weight": ("nextn.shared_head_norm.weight", NORM),
 }
 MTP_EH_PROJ = "nextn.eh_proj.weight"  # concat(e_proj, h_proj) along the input dim
+MTP_EH_SOURCES = ("e_proj.weight", "h_proj.weight")  # in that order: the draft input is [enorm(e) | hnorm(h)]
 MTP_ROOT_HC = ("hc_head_fn", "hc_head_base", "hc_head_scale")  # become the MTP file's root output_hc_*
 
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
+_MTP_RE = re.compile(r"^mtp\.(\d+)\.(.+)$")
 _EXPERT_RE = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.(weight|scale)$")
 
 
@@ -90,12 +92,28 @@ def experts(layer: int, w: str) -> str:
     return f"blk.{layer}.{EXPERTS[w]}"
 
 
-def official_expert(layer: int, expert: int, w: str, part: str = "weight") -> str:
-    return f"layers.{layer}.ffn.experts.{expert}.{w}.{part}"
+def official_expert(layer: int, expert: int, w: str, part: str = "weight", *, n_layers: int | None = None) -> str:
+    """Official name of one routed expert's tensor; with `n_layers`, a layer ≥ it is MTP block layer − n_layers."""
+    block = f"mtp.{layer - n_layers}" if n_layers is not None and layer >= n_layers else f"layers.{layer}"
+    return f"{block}.ffn.experts.{expert}.{w}.{part}"
 
 
 def official_layer(layer: int, suffix: str) -> str:
     return f"layers.{layer}.{suffix}"
+
+
+def official_mtp(m: int, suffix: str) -> str:
+    """Official name of MTP block m's tensor `suffix` (its block tensors use the same suffixes as a layer)."""
+    return f"mtp.{m}.{suffix}"
+
+
+def mtp_blk(layer: int, official_suffix: str) -> str:
+    """GGUF name of an MTP-only tensor (enorm, hnorm, norm) of the draft block numbered `layer`."""
+    return f"blk.{layer}.{MTP_ONLY[official_suffix][0]}"
+
+
+def mtp_eh_proj(layer: int) -> str:
+    return f"blk.{layer}.{MTP_EH_PROJ}"
 
 
 @dataclass(frozen=True)
@@ -116,6 +134,25 @@ def to_gguf(official: str) -> Mapped:
         g, role = LAYER[m.group(2)]
         return Mapped(f"blk.{layer}.{g}", role, layer)
     raise KeyError(official)
+
+
+def mtp_to_gguf(official: str, n_layers: int) -> Mapped:
+    """Map one `mtp.M.*` tensor (not an expert, not e/h_proj) to llama.cpp's separate MTP file: block
+    n_layers + M, except the draft's own hc_head, which becomes that file's root output_hc_*."""
+    m = _MTP_RE.match(official)
+    if not m:
+        raise KeyError(official)
+    layer, suffix = n_layers + int(m.group(1)), m.group(2)
+    if suffix in MTP_ROOT_HC:
+        g, role = ROOT[suffix]
+        return Mapped(g, role, None)
+    if suffix in MTP_ONLY:
+        g, role = MTP_ONLY[suffix]
+    elif suffix in LAYER:
+        g, role = LAYER[suffix]
+    else:
+        raise KeyError(official)
+    return Mapped(f"blk.{layer}.{g}", role, layer)
 
 
 def parse_expert(official: str) -> tuple[int, int, str, str] | None:

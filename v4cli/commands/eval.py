@@ -36,6 +36,29 @@ def _save_npy(path: Path, array) -> None:
         np.save(f, array)
 
 
+class DraftScore:
+    """Running MTP draft statistics: agreement with the model's top-1, and accuracy/NLL against the text."""
+
+    def __init__(self):
+        self.n = self.agree = self.scored = self.hit = 0
+        self.nll = 0.0
+
+    def add(self, logits, draft, target, skip: int = 0) -> None:
+        """Positions of one block; `skip` leading ones (position 0: a draft with no trunk state before it)."""
+        import torch
+
+        logits, draft = logits[skip:], draft[skip:]
+        target = target[skip:]
+        top = draft.argmax(-1)
+        self.n += top.numel()
+        self.agree += int((top == logits.argmax(-1)).sum())
+        m = target.numel()  # the last position of the text has no next token to score against
+        self.scored += m
+        self.hit += int((top[:m].cpu() == target).sum())
+        lp = torch.log_softmax(draft[:m].float(), dim=-1).cpu()
+        self.nll -= lp.gather(1, target[:, None]).sum().item()
+
+
 def eval_cmd(
     model: Path = typer.Argument(..., help="A deepseek4 GGUF file."),
     text: Path = typer.Option(None, "--text", help="Score this text file (tokenized with the model's tokenizer)."),
@@ -46,6 +69,8 @@ def eval_cmd(
     kv_format: str = typer.Option("bf16", "--kv-format", help="KV storage: f32, bf16 or fp8."),
     device: str = typer.Option("cpu", "--device", help="torch device."),
     threads: int = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores)."),
+    mtp: Path = typer.Option(None, "--mtp", help="Also score this MTP draft file (v4 quantize --mtp): how often "
+                             "its drafts match the model's own top token (the speculative acceptance rate)."),
 ) -> None:
     """Perplexity of MODEL on a text or token file, and prefill tokens/s."""
     import torch
@@ -54,15 +79,17 @@ def eval_cmd(
 
     if (text is None) == (tokens is None):
         raise BadInput("give exactly one of --text FILE or --tokens FILE")
-    eng = load_engine(model, engine, kv_format=kv_format, device=device, threads=threads)
+    eng = load_engine(model, engine, kv_format=kv_format, device=device, threads=threads, mtp=mtp)
     ids = _read_tokens(tokens) if tokens is not None else eng.tokenizer.encode(text.read_text(),
                                                                                add_special_tokens=False).ids
     if len(ids) < 2:
         raise BadInput("need at least 2 tokens to score")
     t0 = time.perf_counter()
     nll, kept, done = 0.0, [], 0
+    draft = DraftScore()
     target = torch.as_tensor(ids[1:], dtype=torch.long)
-    for block in eng.iter_logits(ids, chunk):
+    blocks = eng.iter_draft_logits(ids, chunk) if mtp is not None else ((b, None) for b in eng.iter_logits(ids, chunk))
+    for block, draft_block in blocks:
         n = block.shape[0]
         if dump_logits is not None:
             kept.append(block.cpu())
@@ -70,6 +97,8 @@ def eval_cmd(
         tgt = target[done: done + n]
         lp = torch.log_softmax(block[: tgt.numel()].float(), dim=-1).cpu()
         nll -= lp.gather(1, tgt[:, None]).sum().item()
+        if draft_block is not None:
+            draft.add(block, draft_block, tgt, skip=1 if done == 0 else 0)
         done += n
     secs = time.perf_counter() - t0
     ppl = math.exp(nll / (len(ids) - 1))
@@ -77,6 +106,10 @@ def eval_cmd(
     ui.console.print(f"perplexity  {ppl:.4f}")
     ui.console.print(f"speed       {len(ids) / secs:.1f} tok/s ({secs:.2f} s, chunk {chunk}, kv {kv_format}, "
                      f"engine {engine})")
+    if mtp is not None and draft.n:
+        ui.console.print(f"mtp draft   top-1 = model's {100 * draft.agree / draft.n:.2f} % (greedy acceptance), "
+                         f"= next token {100 * draft.hit / draft.scored:.2f} %, "
+                         f"perplexity {math.exp(draft.nll / draft.scored):.4f} ({draft.n} drafts)")
     if dump_logits is not None:
         _save_npy(dump_logits, torch.cat(kept).numpy())
         ui.console.print(f"logits      {dump_logits}")

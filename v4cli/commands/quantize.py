@@ -41,6 +41,8 @@ def quantize(
     ctx: str = typer.Option("1M", "--ctx", help="Context the --fit budget must leave room for (fp8 KV): 1M, 384K."),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="Override: PATTERN=TYPE on GGUF names; repeatable."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor plan and exact size; write nothing."),
+    mtp: bool = typer.Option(False, "--mtp", help="Also write the MTP draft block as llama.cpp's separate "
+                             "draft file, mtp-<output name> beside the output (for v4 eval --mtp)."),
 ) -> None:
     """Convert an official DeepSeek-V4 checkpoint to a llama.cpp-compatible GGUF."""
     from quant.convert import convert, plan
@@ -59,12 +61,12 @@ def quantize(
         recipe = recipe or choice.recipe
     r = get_recipe(recipe or "q8", tensor_type)
     if dry_run:
-        inv = None
-        if path is not None and any(path.glob("*.safetensors")):
-            ck = Checkpoint(path)  # headers only
-            inv = [e for e in official_inventory(cfg, with_mtp=False) if e.name in ck.tensors]
-        tensors = plan(cfg, r, inv)
-        _print_plan(tensors, r)
+        for draft in (False, True) if mtp else (False,):
+            inv = None
+            if path is not None and any(path.glob("*.safetensors")):
+                ck = Checkpoint(path)  # headers only
+                inv = [e for e in official_inventory(cfg, with_mtp=draft) if e.name in ck.tensors]
+            _print_plan(plan(cfg, r, inv, mtp=draft), r)
         return
     if path is None:
         raise BadInput(f"{src} is not downloaded yet", hint=f"v4 pull {src}")
@@ -81,10 +83,15 @@ def quantize(
         def on_progress(p):
             bar.update(task, completed=p.done_bytes, total=p.total_bytes, description=p.tensor[:40])
 
-        res = convert(path, output, r, source_repo=store_name, progress=on_progress)
-    mb_s = res.in_bytes / 1e6 / max(res.seconds, 1e-9)
-    ui.console.print(f"wrote {res.path} ({format_bytes(res.out_bytes)}, {res.tensors} tensors, recipe {r.name}) "
-                     f"in {res.seconds:.1f} s ({mb_s:.0f} MB/s of input)")
+        results = [convert(path, output, r, source_repo=store_name, progress=on_progress)]
+        if mtp:
+            bar.update(task, completed=0, total=None)
+            results.append(convert(path, output.with_name("mtp-" + output.name), r, source_repo=store_name,
+                                   progress=on_progress, mtp=True))
+    for res in results:
+        mb_s = res.in_bytes / 1e6 / max(res.seconds, 1e-9)
+        ui.console.print(f"wrote {res.path} ({format_bytes(res.out_bytes)}, {res.tensors} tensors, recipe {r.name}) "
+                         f"in {res.seconds:.1f} s ({mb_s:.0f} MB/s of input)")
 
 
 def _print_plan(tensors, recipe) -> None:

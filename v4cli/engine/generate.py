@@ -14,12 +14,12 @@ from typing import Iterator
 import torch
 
 from v4cli.engine.detok import Detokenizer, StopMatcher, tokenizer_from_metadata
-from v4cli.engine.loader import load_model
+from v4cli.engine.loader import load_model, load_mtp
 from v4cli.engine.records import DoneRecord, Memory, Timings, TokenRecord
 from v4cli.engine.sampling import Sampler, SamplingParams
 from v4cli.errors import BadInput
 from v4cli.model.cache import KV_FORMATS, ModelCache
-from v4cli.model.deepseek4 import DeepseekV4
+from v4cli.model.deepseek4 import MTP, DeepseekV4
 
 DEFAULT_CHUNK = 256
 
@@ -41,17 +41,24 @@ class Engine:
     """A loaded model plus its tokenizer; makes caches in one KV storage format."""
 
     def __init__(self, model: DeepseekV4, tokenizer=None, kv_format: str = "bf16", device: str = "cpu",
-                 source=None):
+                 source=None, mtp: MTP | None = None):
         if kv_format not in KV_FORMATS:
             raise BadInput(f"unknown kv format {kv_format!r}", hint=f"use one of {', '.join(KV_FORMATS)}")
         self.model, self.tokenizer, self.kv_format = model, tokenizer, kv_format
         self.device = torch.device(device)
-        self.source = source  # the open GGUFFile, kept alive for the mmap views
+        self.source = source  # the open GGUFFile(s), kept alive for the mmap views
+        self.mtp = mtp  # the MTP draft head, when a draft file was loaded
 
     @classmethod
-    def load(cls, gguf_path: str | Path, kv_format: str = "bf16", device: str = "cpu") -> "Engine":
+    def load(cls, gguf_path: str | Path, kv_format: str = "bf16", device: str = "cpu",
+             mtp: str | Path | None = None) -> "Engine":
+        """Load a GGUF; `mtp`: also llama.cpp's separate MTP draft file for it (`v4 quantize --mtp`)."""
         model, gf = load_model(gguf_path, device)
-        return cls(model, tokenizer_from_metadata(gf.metadata), kv_format, device, source=gf)
+        draft, sources = None, gf
+        if mtp is not None:
+            draft, mgf = load_mtp(model, mtp, device)
+            sources = (gf, mgf)
+        return cls(model, tokenizer_from_metadata(gf.metadata), kv_format, device, source=sources, mtp=draft)
 
     @property
     def args(self):
@@ -83,6 +90,24 @@ class Engine:
         cache = cache if cache is not None else self.new_cache()
         for i in range(0, ids.numel(), chunk):
             yield self.model.forward(ids[i: i + chunk], cache)
+
+    @torch.no_grad()
+    def iter_draft_logits(self, ids, chunk: int = DEFAULT_CHUNK) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(trunk logits, MTP draft logits) per chunk, both [len(chunk), vocab]: at position p both predict x_{p+1},
+        the trunk from all of x_0..x_p, the draft from the trunk's streams at p − 1 and x_p (what a speculative
+        decoder has before running the trunk at p). Needs an engine loaded with `mtp=`."""
+        if self.mtp is None:
+            raise BadInput("no MTP draft loaded", hint="load the engine with an MTP file (v4 eval --mtp FILE)")
+        ids = self._ids(ids)
+        cache, draft_cache = self.new_cache(), self.mtp.make_cache(self.kv_format)
+        prev = None
+        for i in range(0, ids.numel(), chunk):
+            part = ids[i: i + chunk]
+            X = self.model.streams(part, cache)
+            if prev is None:  # the draft at position 0 has no trunk state before it (llama.cpp uses zeros)
+                prev = torch.zeros_like(X[:1])
+            yield self.model.head_logits(X), self.mtp.forward(torch.cat([prev, X[:-1]]), part, draft_cache)
+            prev = X[-1:]
 
     def logits(self, ids, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
         """f32 logits [T, vocab] for one sequence from a fresh cache."""

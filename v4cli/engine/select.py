@@ -10,8 +10,9 @@ ENGINES = ("torch", "llama")
 
 
 def load_engine(path: str | Path, engine: str = "torch", kv_format: str = "bf16", device: str = "cpu",
-                threads: int | None = None, **llama_options):
-    """Load `path` with the named engine. `threads` also sets torch's intra-op threads for the torch engine.
+                threads: int | None = None, mtp: str | Path | None = None, **llama_options):
+    """Load `path` with the named engine. `threads` also sets torch's intra-op threads for the torch engine;
+    `mtp` (torch engine) also loads an MTP draft file.
 
     `llama_options` (n_ctx, flash_attn, ...) go to `LlamaEngine.load` only.
     """
@@ -22,10 +23,12 @@ def load_engine(path: str | Path, engine: str = "torch", kv_format: str = "bf16"
 
         if threads:
             torch.set_num_threads(threads)
-        return Engine.load(path, kv_format=kv_format, device=device)
+        return Engine.load(path, kv_format=kv_format, device=device, mtp=mtp)
     if engine == "llama":
         from v4cli.engine.llama import LlamaEngine
 
+        if mtp is not None:
+            raise BadInput("the MTP draft runs in the torch engine", hint="drop --mtp, or use --engine torch")
         if device != "cpu":
             raise BadInput(f"the llama engine runs on its own backends, not torch device {device!r}",
                            hint="drop --device, or use --engine torch")

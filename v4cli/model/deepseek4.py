@@ -366,8 +366,8 @@ class DeepseekV4:
     def __init__(self, args: ModelArgs, tensors: Mapping[str, QWeight]):
         w = Weights(tensors)
         self.args = args
-        ropes = {"main": Rope(args.qk_rope_head_dim, args.rope_theta),
-                 "compress": Rope(args.qk_rope_head_dim, args.compress_rope_theta, yarn=args)}
+        self.ropes = ropes = {"main": Rope(args.qk_rope_head_dim, args.rope_theta),
+                              "compress": Rope(args.qk_rope_head_dim, args.compress_rope_theta, yarn=args)}
         self.embed = w.q(names.root("embed.weight"))
         self.head = w.q(names.root("head.weight"))
         self.norm = w.f32(names.root("norm.weight"))
@@ -388,8 +388,8 @@ class DeepseekV4:
             layers.append(lc)
         return ModelCache(layers, kv_format)
 
-    def hidden(self, ids: torch.Tensor, cache: ModelCache) -> torch.Tensor:
-        """ids [T] → final normed hidden [T, D]; advances the cache."""
+    def streams(self, ids: torch.Tensor, cache: ModelCache) -> torch.Tensor:
+        """ids [T] → the final mHC streams [T, S, D] (before the head's collapse); advances the cache."""
         T = ids.shape[0]
         pos = torch.arange(cache.pos, cache.pos + T, device=ids.device)
         x = embedding(ids, self.embed)  # (T, D)
@@ -397,14 +397,59 @@ class DeepseekV4:
         for blk, lc in zip(self.blocks, cache.layers):
             X = blk(X, ids, pos, lc)
         cache.pos += T
-        flat = rms_norm(X.flatten(1), None, self.args.rms_norm_eps)
-        pre = torch.sigmoid(F.linear(flat, self.hc_fn) * self.hc_scale + self.hc_base) + self.args.hc_eps
-        h = (pre[..., None] * X).sum(1)
-        return rms_norm(h, self.norm, self.args.rms_norm_eps)
+        return X
+
+    def head_logits(self, X: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Final streams [T, S, D] → logits [T, vocab] (or [1, vocab]) in f32."""
+        if last_only:
+            X = X[-1:]
+        return linear(collapse(X, self.hc_fn, self.hc_base, self.hc_scale, self.norm, self.args), self.head)
 
     def forward(self, ids: torch.Tensor, cache: ModelCache, last_only: bool = False) -> torch.Tensor:
         """ids [T] → logits [T, vocab] (or [1, vocab] with last_only) in f32."""
-        h = self.hidden(ids, cache)
-        if last_only:
-            h = h[-1:]
-        return linear(h, self.head)
+        return self.head_logits(self.streams(ids, cache), last_only)
+
+
+def collapse(X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm: torch.Tensor,
+             args: ModelArgs) -> torch.Tensor:
+    """The head's mHC collapse of the streams X [T, S, D] (sigmoid-weighted sum), then its RMSNorm → [T, D]."""
+    flat = rms_norm(X.flatten(1), None, args.rms_norm_eps)
+    pre = torch.sigmoid(F.linear(flat, fn) * scale + base) + args.hc_eps
+    return rms_norm((pre[..., None] * X).sum(1), norm, args.rms_norm_eps)
+
+
+class MTP:
+    """The draft block (facts §4, llama.cpp's separate MTP file): predicts the token after next.
+
+    Convention (llama.cpp's): the draft at position p reads token x_p and the trunk's final streams from p − 1
+    (zeros at p = 0) and predicts x_{p+1}. It has its own one-layer cache (a sliding window), its own hc_head and
+    head norm, and shares the trunk's embedding and output head.
+    """
+
+    def __init__(self, trunk: DeepseekV4, tensors: Mapping[str, QWeight]):
+        w, args = Weights(tensors), trunk.args
+        self.args, self.trunk = args, trunk
+        self.layer = L = args.num_hidden_layers
+        self.eh_proj = w.q(names.mtp_eh_proj(L))
+        self.enorm, self.hnorm = w.f32(names.mtp_blk(L, "enorm.weight")), w.f32(names.mtp_blk(L, "hnorm.weight"))
+        head_norm = names.mtp_blk(L, "norm.weight")
+        self.norm = w.f32(head_norm) if w.has(head_norm) else trunk.norm  # llama.cpp treats it as optional
+        self.hc_fn, self.hc_base, self.hc_scale = (w.f32(names.root(f"hc_head_{k}")) for k in ("fn", "base", "scale"))
+        self.block = Block(w, L, args, trunk.ropes)
+
+    def make_cache(self, kv_format: str = "bf16") -> ModelCache:
+        """Empty draft state: one sliding-window layer (the draft block attends over its own past inputs)."""
+        kv_c, _ = codecs(kv_format, self.args.qk_rope_head_dim)
+        return ModelCache([LayerCache(Rows(kv_c, self.args.head_dim), self.args.sliding_window - 1)], kv_format)
+
+    def forward(self, prev: torch.Tensor, ids: torch.Tensor, cache: ModelCache) -> torch.Tensor:
+        """prev [T, S, D] = trunk streams of the positions before ids [T] → draft logits [T, vocab]."""
+        a, eps = self.args, self.args.rms_norm_eps
+        T, S = prev.shape[0], a.hc_mult
+        pos = torch.arange(cache.pos, cache.pos + T, device=ids.device)
+        e = rms_norm(embedding(ids, self.trunk.embed), self.enorm, eps)  # (T, D)
+        h = rms_norm(prev, self.hnorm, eps)  # per stream: (T, S, D)
+        x = linear(torch.cat([e[:, None, :].expand(-1, S, -1), h], dim=-1).reshape(T * S, -1), self.eh_proj)
+        X = self.block(x.view(T, S, -1), ids, pos, cache.layers[0])
+        cache.pos += T
+        return linear(collapse(X, self.hc_fn, self.hc_base, self.hc_scale, self.norm, a), self.trunk.head)

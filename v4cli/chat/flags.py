@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from v4cli.engine.prefix_cache import DEFAULT_CACHE_SIZE
 from v4cli.engine.sampling import SamplingParams
 from v4cli.prompt.encoding import Mode
 
@@ -26,7 +27,7 @@ CTX = typer.Option(None, "--ctx", "--context",
                    help="Context length, like 64K or 1M (default: the largest that fits this machine).")
 HIDE_THINKING = typer.Option(False, "--hide-thinking", help="Do not show the reasoning, only the answer.")
 CHUNK = typer.Option(256, "--chunk", min=1, help="Prefill chunk size in tokens.")
-CACHE_SIZE = typer.Option("20G", "--cache-size",
+CACHE_SIZE = typer.Option(DEFAULT_CACHE_SIZE, "--cache-size",
                           help="Disk limit for saved prompt states (prefix cache); 0 turns it off.")
 SYSTEM = typer.Option(None, "--system", help="System prompt.")
 

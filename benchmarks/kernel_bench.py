@@ -2,8 +2,9 @@
 
     python benchmarks/kernel_bench.py [--types Q4_K,MXFP4] [--reps 20] [--threads 1] [--no-llama] [--prefill]
 
-Weights are random bytes of the right size (speed does not depend on the values). Each timed call reads a
-different copy out of a pool larger than the last-level cache, so every figure is a DRAM figure. Times are the
+Weights are random bytes of the right size (speed does not depend on the values, except MXFP4's exponents,
+which are kept near 1 so no scale is subnormal). Each timed call reads a different copy out of a pool larger
+than the last-level cache, so every figure is a DRAM figure. Times are the
 minimum over repetitions (robust to other load on a shared machine). GB/s counts weight bytes read per second.
 The llama.cpp column runs ggml's vec_dot for the type (from the libggml-cpu shipped in llama_cpp) row by row
 under OpenMP with the same thread count, after quantizing x with ggml's own from_float, which is what ggml's
@@ -112,6 +113,8 @@ def weight_pool(qtype: Q, N: int, K: int, rng: np.random.Generator) -> list[QWei
     raw = torch.from_numpy(rng.integers(0, 256, size=copies * nbytes, dtype=np.uint8))
     if qtype in (Q.BF16, Q.F16):  # random bits would include NaN/Inf; keep values finite and small
         raw.view(torch.int16).bitwise_and_(0x3FFF if qtype == Q.BF16 else 0x3BFF)
+    if qtype == Q.MXFP4:  # E8M0 exponents near 1 as in real checkpoints: random ones make subnormal scales, which
+        raw.view(-1, ts)[:, 0].bitwise_and_(7).add_(120)  # cost both kernels FP assists and measure that instead
     return [QWeight(raw[i * nbytes:(i + 1) * nbytes], qtype, (N, K)) for i in range(copies)]
 
 

@@ -115,6 +115,18 @@ def test_non_contiguous_input():
     assert rel_rms(fast.cpu_linear(x, w), reference_linear(x, w)) <= INT_TOL
 
 
+@pytest.mark.parametrize("qtype,K", [(Q.MXFP4, 32 * 13), (Q.MXFP4, 32 * 67), (Q.MXFP4, 32 * 130),
+                                     (Q.BF16, 48), (Q.BF16, 16 * 67 + 5)],
+                         ids=lambda v: getattr(v, "name", str(v)))
+@pytest.mark.parametrize("M", [1, 3])
+def test_row_lengths_off_the_unrolled_steps(qtype, K, M):
+    # MXFP4 decodes block pairs in 64-block chunks with scales built 8 at a time, BF16 steps 32 elements: an odd
+    # block count, a partial group of 8 and a second chunk (MXFP4), an odd 16 and a tail (BF16) take other paths
+    w = make_weight(qtype, (5, K), seed=K)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(K))
+    assert rel_rms(fast.matvec(x, w), reference_linear(x, w)) <= (FLOAT_TOL if qtype in FLOAT_TYPES else INT_TOL)
+
+
 def test_float_row_tail():
     # BF16 rows need not be a multiple of the 16-wide vector step
     w = make_weight(Q.BF16, (7, 75))

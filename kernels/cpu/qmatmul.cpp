@@ -27,11 +27,14 @@ struct XRow {
     const float* d;
     const float* s16;
     const float* s32;
+    const int8_t* qp;  // q with block pairs interleaved by 16-halves (MXFP4's decode order), see XQuant::pair
     const float* f;
+    const float* fp;  // f with each 16 reordered evens-then-odds (BF16's decode order), see XQuant::deinterleave
 };
 
 using RowFn = void (*)(const uint8_t* W, int64_t rb, int64_t K, const XRow* xs, float* const* y, int64_t r0, int64_t r1);
 using DeqFn = void (*)(const uint8_t* w, int64_t K, float* out);
+using QuantFn = void (*)(const float* x, int64_t K, int8_t* q, float* d, float* s16, float* s32);
 
 // Activation rows per kernel call; more rows run in groups of MAX_M over the same (cached) weight rows.
 constexpr int MAX_M = 4;
@@ -39,6 +42,7 @@ constexpr int MAX_M = 4;
 struct Kernels {
     RowFn rows[T_COUNT][MAX_M];
     DeqFn deq[T_COUNT];
+    QuantFn quant;
 };
 
 }  // namespace
@@ -95,44 +99,65 @@ bool is_float(int t) { return t == T_BF16 || t == T_F16; }
 
 // Quantized activations for R rows of length K, kept in one reusable per-thread buffer.
 struct XQuant {
-    std::vector<int8_t> q;
-    std::vector<float> d, s16, s32;
+    std::vector<int8_t> q, qp;
+    std::vector<float> d, s16, s32, fp;
     std::vector<XRow> rows;
 
     void quantize(const float* x, int64_t R, int64_t K, int64_t ldx, bool float_only) {
         rows.resize(R);
+        float* fb = aligned(fp, R * K);
+        for (int64_t r = 0; r < R; ++r) deinterleave(x + r * ldx, K, fb + r * K);
         if (float_only) {
-            for (int64_t r = 0; r < R; ++r) rows[r] = XRow{nullptr, nullptr, nullptr, nullptr, x + r * ldx};
+            for (int64_t r = 0; r < R; ++r) rows[r] = XRow{nullptr, nullptr, nullptr, nullptr, nullptr, x + r * ldx, fb + r * K};
             return;
         }
         const int64_t nb = K / 32;
-        q.resize(R * K);
+        int8_t* qb = aligned(q, R * K);
+        int8_t* qpb = aligned(qp, R * K);
         d.resize(R * nb);
         s32.resize(R * nb);
         s16.resize(R * nb * 2);
         for (int64_t r = 0; r < R; ++r) {
-            quantize_row(x + r * ldx, K, q.data() + r * K, d.data() + r * nb, s16.data() + r * nb * 2, s32.data() + r * nb);
-            rows[r] = XRow{q.data() + r * K, d.data() + r * nb, s16.data() + r * nb * 2, s32.data() + r * nb, x + r * ldx};
+            int8_t* qr = qb + r * K;
+            g_k.quant(x + r * ldx, K, qr, d.data() + r * nb, s16.data() + r * nb * 2, s32.data() + r * nb);
+            pair(qr, K, qpb + r * K);
+            rows[r] = XRow{qr, d.data() + r * nb, s16.data() + r * nb * 2, s32.data() + r * nb, qpb + r * K,
+                           x + r * ldx, fb + r * K};
         }
     }
 
-    static void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* s16, float* s32) {
-        for (int64_t b = 0; b < K / 32; ++b) {
-            const float* xb = x + 32 * b;
-            float amax = 0.0f;
-            for (int i = 0; i < 32; ++i) amax = std::fmax(amax, std::fabs(xb[i]));
-            const float db = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
-            int sum[2] = {0, 0};
-            for (int i = 0; i < 32; ++i) {
-                const int v = (int)std::nearbyint(xb[i] * id);
-                q[32 * b + i] = (int8_t)v;
-                sum[i >> 4] += v;
+    // n elements of v starting on a 64-byte boundary: a vector load that straddles two cache lines costs two,
+    // and with K a multiple of 32 every row then starts aligned too
+    template <class T>
+    static T* aligned(std::vector<T>& v, int64_t n) {
+        v.resize(n + 64 / sizeof(T));
+        const uintptr_t p = (uintptr_t)v.data();
+        return (T*)((p + 63) & ~(uintptr_t)63);
+    }
+
+    // Each whole 16 as its 8 even then its 8 odd elements; a tail shorter than 16 is copied as is.
+    static void deinterleave(const float* x, int64_t K, float* o) {
+        int64_t k = 0;
+        for (; k + 16 <= K; k += 16)
+            for (int i = 0; i < 8; ++i) {
+                o[k + i] = x[k + 2 * i];
+                o[k + 8 + i] = x[k + 2 * i + 1];
             }
-            d[b] = db;
-            s16[2 * b] = db * (float)sum[0];
-            s16[2 * b + 1] = db * (float)sum[1];
-            s32[b] = db * (float)(sum[0] + sum[1]);
+        for (; k < K; ++k) o[k] = x[k];
+    }
+
+    // Blocks 2p, 2p+1 as [2p: 0-15, 2p+1: 0-15, 2p: 16-31, 2p+1: 16-31]; an odd last block is copied as is.
+    static void pair(const int8_t* q, int64_t K, int8_t* qp) {
+        const int64_t nb = K / 32;
+        for (int64_t b = 0; b + 1 < nb; b += 2) {
+            const int8_t* s = q + 32 * b;
+            int8_t* o = qp + 32 * b;
+            memcpy(o, s, 16);
+            memcpy(o + 16, s + 32, 16);
+            memcpy(o + 32, s + 16, 16);
+            memcpy(o + 48, s + 48, 16);
         }
+        if (nb & 1) memcpy(qp + 32 * (nb - 1), q + 32 * (nb - 1), 32);
     }
 };
 

@@ -98,7 +98,7 @@ def plan(cfg: dict, recipe: Recipe, inventory: list[Entry] | None = None, *, mtp
             experts(layer)
         return out
 
-    for official in ("embed.weight", "norm.weight", "head.weight"):  # shared with the trunk (llama.cpp reads them here)
+    for official in N.MTP_SHARED_ROOT:
         plain(official, N.to_gguf(official))
     for suffix in (*N.MTP_ROOT_HC, *N.LAYER, *N.MTP_ONLY):
         official = N.official_mtp(0, suffix)
@@ -119,8 +119,9 @@ def validate(ckpt: Checkpoint, cfg: dict, *, mtp: bool = False) -> list[Entry]:
     `mtp`: the tensors of the draft file instead (the MTP block plus the shared embed/norm/head)."""
     inv = official_inventory(cfg, with_mtp=mtp)
     if mtp:
-        inv = [e for e in inv if e.name.startswith("mtp.0.") or e.name in ("embed.weight", "norm.weight", "head.weight")]
-        if not any(e.name.startswith("mtp.0.") for e in inv) or N.official_mtp(0, "attn_norm.weight") not in ckpt.tensors:
+        inv = [e for e in inv if N.in_mtp_file(e.name)]
+        probe = N.official_mtp(0, "attn_norm.weight")  # absent from the config's inventory or from the shards
+        if probe not in {e.name for e in inv} or probe not in ckpt.tensors:
             raise CheckpointError(f"{ckpt.root}: the checkpoint has no MTP block (mtp.0.*) to convert",
                                   hint="convert without --mtp")
     for e in inv:

@@ -73,6 +73,7 @@ MTP_ONLY: dict[str, tuple[str, str]] = {
 MTP_EH_PROJ = "nextn.eh_proj.weight"  # concat(e_proj, h_proj) along the input dim
 MTP_EH_SOURCES = ("e_proj.weight", "h_proj.weight")  # in that order: the draft input is [enorm(e) | hnorm(h)]
 MTP_ROOT_HC = ("hc_head_fn", "hc_head_base", "hc_head_scale")  # become the MTP file's root output_hc_*
+MTP_SHARED_ROOT = ("embed.weight", "norm.weight", "head.weight")  # the trunk's; llama.cpp reads them from the MTP file
 
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 _MTP_RE = re.compile(r"^mtp\.(\d+)\.(.+)$")
@@ -105,6 +106,11 @@ def official_layer(layer: int, suffix: str) -> str:
 def official_mtp(m: int, suffix: str) -> str:
     """Official name of MTP block m's tensor `suffix` (its block tensors use the same suffixes as a layer)."""
     return f"mtp.{m}.{suffix}"
+
+
+def in_mtp_file(official: str) -> bool:
+    """Whether llama.cpp's separate draft file holds this official tensor (MTP block 0, or a shared root one)."""
+    return official.startswith(official_mtp(0, "")) or official in MTP_SHARED_ROOT
 
 
 def mtp_blk(layer: int, official_suffix: str) -> str:

@@ -61,11 +61,9 @@ def quantize(
         recipe = recipe or choice.recipe
     r = get_recipe(recipe or "q8", tensor_type)
     if dry_run:
+        ck = Checkpoint(path) if path is not None and any(path.glob("*.safetensors")) else None  # headers only
         for draft in (False, True) if mtp else (False,):
-            inv = None
-            if path is not None and any(path.glob("*.safetensors")):
-                ck = Checkpoint(path)  # headers only
-                inv = [e for e in official_inventory(cfg, with_mtp=draft) if e.name in ck.tensors]
+            inv = None if ck is None else [e for e in official_inventory(cfg, with_mtp=draft) if e.name in ck.tensors]
             _print_plan(plan(cfg, r, inv, mtp=draft), r)
         return
     if path is None:

@@ -221,7 +221,7 @@ int v4_matmul(int t, const uint8_t* W, int64_t N, int64_t K, const float* x, int
     xq.quantize(x, M, K, K, is_float(t));
     const XRow* xs = xq.rows.data();
     const int64_t rb = row_bytes(t, K), ntask = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1 && N * rb * M > (1 << 16))
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && N * rb * M > (1 << 16))
     for (int64_t i = 0; i < ntask; ++i) {
         const int64_t r0 = i * ROWS_PER_TASK, r1 = r0 + ROWS_PER_TASK < N ? r0 + ROWS_PER_TASK : N;
         run_rows(t, W, rb, K, xs, M, y, N, r0, r1);
@@ -257,7 +257,7 @@ int v4_moe(const float* x, int64_t T, int64_t D, const int64_t* idx, const float
 
     // gate and up for every pair, fused with the activation (tasks = pairs × row blocks)
     const int64_t tasks1 = P * ((I + ROWS_PER_TASK - 1) / ROWS_PER_TASK), per1 = tasks1 / P;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1)
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
     for (int64_t i = 0; i < tasks1; ++i) {
         const int64_t p = i / per1, r0 = (i % per1) * ROWS_PER_TASK, r1 = r0 + ROWS_PER_TASK < I ? r0 + ROWS_PER_TASK : I;
         const int64_t e = idx[p];
@@ -279,7 +279,7 @@ int v4_moe(const float* x, int64_t T, int64_t D, const int64_t* idx, const float
     hq.quantize(h.data(), P, I, I, is_float(t2));
     // down projection: each task owns a block of output rows for every token, so no two tasks write one value
     const int64_t tasks2 = (D + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1)
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
     for (int64_t i = 0; i < tasks2; ++i) {
         const int64_t r0 = i * ROWS_PER_TASK, r1 = r0 + ROWS_PER_TASK < D ? r0 + ROWS_PER_TASK : D;
         float tmp[ROWS_PER_TASK];

@@ -23,7 +23,8 @@ import torch
 
 from v4cli.errors import V4Error
 
-SOURCES = ("qmatmul.cpp", "qmatmul_isa.inc")
+# every .cpp here is one translation unit of the library; the .inc files are included by them
+SOURCES = ("qmatmul.cpp", "qmatmul_isa.inc", "qgemm_isa.inc", "mhc.cpp")
 # -ffp-contract=off keeps the dequantizers' multiply-then-subtract bit-exact with kernels/dequant.py;
 # -fopenmp links libgomp.so.1, which resolves to the copy torch already loaded (one thread pool, torch's count).
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-fno-math-errno")
@@ -74,7 +75,7 @@ def build(force: bool = False) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=lib.stem, suffix=".so.tmp", dir=out_dir)
     os.close(fd)
     try:
-        cmd = [cxx, *FLAGS, str(SRC_DIR / "qmatmul.cpp"), "-o", tmp]
+        cmd = [cxx, *FLAGS, *(str(SRC_DIR / n) for n in SOURCES if n.endswith(".cpp")), "-o", tmp]
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if res.returncode != 0:
             raise KernelBuildError(f"compiling the CPU kernels failed:\n{res.stderr.strip()[-2000:]}")
@@ -89,10 +90,16 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, i32, ptr, f32 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
     lib.v4_isa.restype = i32
     lib.v4_isa.argtypes = []
+    lib.v4_set_isa.restype = i32
+    lib.v4_set_isa.argtypes = [i32]
     lib.v4_supported.restype = i32
     lib.v4_supported.argtypes = [i32, i64]
     lib.v4_matmul.restype = i32
     lib.v4_matmul.argtypes = [i32, ptr, i64, i64, ptr, i64, ptr, i32]
+    lib.v4_gemm_supported.restype = i32
+    lib.v4_gemm_supported.argtypes = [i32, i64]
+    lib.v4_gemm.restype = i32
+    lib.v4_gemm.argtypes = [i32, ptr, i64, i64, ptr, i64, ptr, i32]
     lib.v4_dequant.restype = i32
     lib.v4_dequant.argtypes = [i32, ptr, i64, i64, ptr, i32]
     lib.v4_moe.restype = i32

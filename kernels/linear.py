@@ -130,7 +130,7 @@ def reference_linear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
 _fast_imported = False
 
 
-def _use_fast() -> bool:
+def use_fast() -> bool:
     """False under V4_KERNELS=reference; otherwise imports kernels.fast once (it registers what it can build)."""
     global _fast_imported
     if os.environ.get("V4_KERNELS", "").lower() == "reference":
@@ -138,12 +138,13 @@ def _use_fast() -> bool:
     if not _fast_imported:
         _fast_imported = True
         import kernels.fast  # noqa: F401  (registers kernels as a side effect; a failed build keeps the reference)
+        import kernels.fast_mhc  # noqa: F401
     return True
 
 
 def linear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
     """x [..., in] f32 → [..., out] f32 through the best registered kernel for w."""
-    fn = _KERNELS.get((w.qtype, x.device.type), reference_linear) if _use_fast() else reference_linear
+    fn = _KERNELS.get((w.qtype, x.device.type), reference_linear) if use_fast() else reference_linear
     return fn(x, w)
 
 
@@ -181,7 +182,7 @@ def routed_experts(x: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, w1: QW
     w1 / w3 (gate / up) are 3-D [E, I, D] and w2 (down) [E, D, I]. Meant for decode-sized batches; a fast kernel
     reads each selected expert's bytes once without building f32 copies.
     """
-    if _use_fast():
+    if use_fast():
         fn = _MOE_KERNELS.get(x.device.type)
         if fn is not None:
             y = fn(x, idx, wts, w1, w3, w2, limit)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.linear import QWeight, embedding, linear, routed_experts
+from kernels.mhc import MixerParams, hc_collapse, hc_post, hc_pre
 from quant import names
 from quant.config import ModelArgs
 from v4cli.errors import GGUFError
@@ -92,27 +93,16 @@ class HyperConnection:
     """mHC mixer: from the S streams compute pre (collapse), post (expand) and comb (Sinkhorn-mixed residual)."""
 
     def __init__(self, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, args: ModelArgs):
-        self.fn, self.base, self.scale = fn, base, scale
-        self.S, self.iters, self.eps, self.norm_eps = args.hc_mult, args.hc_sinkhorn_iters, args.hc_eps, args.rms_norm_eps
+        self.p = MixerParams(fn, scale, base, args.hc_mult, args.hc_sinkhorn_iters, args.hc_eps, args.rms_norm_eps)
 
     def pre(self, X: torch.Tensor):
         """X [T, S, D] → (block input [T, D], post [T, S], comb [T, S, S])."""
-        S = self.S
-        m = F.linear(rms_norm(X.flatten(1), None, self.norm_eps), self.fn)  # (T, (2+S)·S)
-        pre = torch.sigmoid(m[:, :S] * self.scale[0] + self.base[:S]) + self.eps
-        post = 2 * torch.sigmoid(m[:, S: 2 * S] * self.scale[1] + self.base[S: 2 * S])
-        comb = (m[:, 2 * S:] * self.scale[2] + self.base[2 * S:]).view(-1, S, S)
-        comb = torch.softmax(comb, dim=-1) + self.eps
-        comb = comb / (comb.sum(-2, keepdim=True) + self.eps)
-        for _ in range(self.iters - 1):
-            comb = comb / (comb.sum(-1, keepdim=True) + self.eps)
-            comb = comb / (comb.sum(-2, keepdim=True) + self.eps)
-        return (pre[..., None] * X).sum(1), post, comb
+        return hc_pre(X, self.p)
 
     @staticmethod
     def post(y: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
         """X'[k] = post[k]·y + Σ_j comb[j,k]·X[j]."""
-        return post[..., None] * y[:, None, :] + torch.einsum("tjk,tjd->tkd", comb, X)
+        return hc_post(y, X, post, comb)
 
 
 class Compressor:
@@ -413,9 +403,8 @@ class DeepseekV4:
 def collapse(X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm: torch.Tensor,
              args: ModelArgs) -> torch.Tensor:
     """The head's mHC collapse of the streams X [T, S, D] (sigmoid-weighted sum), then its RMSNorm → [T, D]."""
-    flat = rms_norm(X.flatten(1), None, args.rms_norm_eps)
-    pre = torch.sigmoid(F.linear(flat, fn) * scale + base) + args.hc_eps
-    return rms_norm((pre[..., None] * X).sum(1), norm, args.rms_norm_eps)
+    p = MixerParams(fn, scale, base, args.hc_mult, 0, args.hc_eps, args.rms_norm_eps)
+    return rms_norm(hc_collapse(X, p), norm, args.rms_norm_eps)
 
 
 class MTP:

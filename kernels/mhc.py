@@ -1,0 +1,102 @@
+"""The mHC (manifold-constrained hyper-connection) mixers: plain torch references and the fast-path dispatch.
+
+Each block mixes S residual streams X [T, S, D]: `hc_pre` collapses them into the block input and gives the
+weights `post` [T, S] and the Sinkhorn-balanced `comb` [T, S, S] that `hc_post` uses to expand the block output
+back; `hc_collapse` is the head's version (weights only, no post/comb). The references are the model's math
+step by step; a fast kernel registered with `register(device_type, kernels)` (kernels.fast registers the
+compiled CPU ones) replaces them, and `V4_KERNELS=reference` forces the references.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from kernels.linear import use_fast
+
+
+class MixerParams(NamedTuple):
+    """One mixer's weights and constants: fn [R, S·D], scale [3] (or [1] for the head), base [R]."""
+
+    fn: torch.Tensor
+    scale: torch.Tensor
+    base: torch.Tensor
+    S: int
+    iters: int
+    eps: float
+    norm_eps: float
+
+
+class MixerKernels(Protocol):
+    def pre(self, X: torch.Tensor, p: MixerParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None: ...
+
+    def collapse(self, X: torch.Tensor, p: MixerParams) -> torch.Tensor | None: ...
+
+    def post(self, y: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor | None: ...
+
+
+_FAST: dict[str, MixerKernels] = {}
+
+
+def register(device_type: str, kernels: MixerKernels) -> None:
+    """Fast mixers for one device type; each method may return None to decline a call (→ the reference)."""
+    _FAST[device_type] = kernels
+
+
+def _fast(x: torch.Tensor) -> MixerKernels | None:
+    return _FAST.get(x.device.type) if use_fast() else None
+
+
+def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+
+
+def _weights(X: torch.Tensor, p: MixerParams) -> torch.Tensor:
+    """The mixing logits m [T, R] = rmsnorm(X flattened) · fnᵀ."""
+    return F.linear(_rms(X.flatten(1), p.norm_eps), p.fn)
+
+
+def reference_pre(X: torch.Tensor, p: MixerParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    S = p.S
+    m = _weights(X, p)
+    pre = torch.sigmoid(m[:, :S] * p.scale[0] + p.base[:S]) + p.eps
+    post = 2 * torch.sigmoid(m[:, S: 2 * S] * p.scale[1] + p.base[S: 2 * S])
+    comb = (m[:, 2 * S:] * p.scale[2] + p.base[2 * S:]).view(-1, S, S)
+    comb = torch.softmax(comb, dim=-1) + p.eps
+    comb = comb / (comb.sum(-2, keepdim=True) + p.eps)
+    for _ in range(p.iters - 1):  # Sinkhorn: alternate row and column normalization
+        comb = comb / (comb.sum(-1, keepdim=True) + p.eps)
+        comb = comb / (comb.sum(-2, keepdim=True) + p.eps)
+    return (pre[..., None] * X).sum(1), post, comb
+
+
+def reference_collapse(X: torch.Tensor, p: MixerParams) -> torch.Tensor:
+    pre = torch.sigmoid(_weights(X, p) * p.scale + p.base) + p.eps
+    return (pre[..., None] * X).sum(1)
+
+
+def reference_post(y: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    return post[..., None] * y[:, None, :] + torch.einsum("tjk,tjd->tkd", comb, X)
+
+
+def hc_pre(X: torch.Tensor, p: MixerParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """X [T, S, D] → (block input [T, D], post [T, S], comb [T, S, S])."""
+    k = _fast(X)
+    out = k.pre(X, p) if k is not None else None
+    return out if out is not None else reference_pre(X, p)
+
+
+def hc_collapse(X: torch.Tensor, p: MixerParams) -> torch.Tensor:
+    """The head's collapse: X [T, S, D] → Σ_s sigmoid-weight[s]·X[:, s] [T, D] (before the head's RMSNorm)."""
+    k = _fast(X)
+    out = k.collapse(X, p) if k is not None else None
+    return out if out is not None else reference_collapse(X, p)
+
+
+def hc_post(y: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """X'[:, k] = post[:, k]·y + Σ_j comb[:, j, k]·X[:, j]  ([T, S, D])."""
+    k = _fast(X)
+    out = k.post(y, X, post, comb) if k is not None else None
+    return out if out is not None else reference_post(y, X, post, comb)

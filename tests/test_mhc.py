@@ -1,0 +1,86 @@
+"""The compiled mHC mixers (kernels/cpu/mhc.cpp) against their torch references (kernels/mhc.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import fast_mhc, mhc
+
+pytestmark = pytest.mark.skipif(not fast_mhc.AVAILABLE, reason="CPU kernels unavailable (no compiler or no AVX2)")
+
+
+def params(S: int, D: int, R: int, seed: int, iters: int = 20) -> mhc.MixerParams:
+    g = torch.Generator().manual_seed(seed)
+    fn = torch.randn(R, S * D, generator=g) * 0.05
+    scale = torch.rand(3 if R > S else 1, generator=g) + 0.5
+    base = torch.randn(R, generator=g)
+    return mhc.MixerParams(fn, scale, base, S, iters, 1e-6, 1e-6)
+
+
+def streams(T: int, S: int, D: int, seed: int) -> torch.Tensor:
+    return torch.randn(T, S, D, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+FAST = fast_mhc.CpuMixers(fast_mhc.cpu_ext.load())
+
+
+@pytest.mark.parametrize("T,S,D", [(1, 4, 4096), (3, 4, 64), (17, 4, 1040), (2, 2, 16)])
+def test_pre_matches_reference(T, S, D):
+    p = params(S, D, (2 + S) * S, seed=T + D)
+    X = streams(T, S, D, seed=D)
+    got, want = FAST.pre(X, p), mhc.reference_pre(X, p)
+    assert got is not None
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=2e-5, atol=2e-5)
+    # the Sinkhorn result is (nearly) doubly stochastic: every column sums to 1 after the last round
+    torch.testing.assert_close(got[2].sum(-2), torch.ones(T, S), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("iters", [1, 2, 7])
+def test_pre_sinkhorn_rounds(iters):
+    p = params(4, 256, 24, seed=iters, iters=iters)
+    X = streams(2, 4, 256, seed=iters)
+    torch.testing.assert_close(FAST.pre(X, p)[2], mhc.reference_pre(X, p)[2], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_collapse_matches_reference(T):
+    p = params(4, 512, 4, seed=T)
+    X = streams(T, 4, 512, seed=T + 1)
+    torch.testing.assert_close(FAST.collapse(X, p), mhc.reference_collapse(X, p), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("T,S,D", [(1, 4, 4096), (9, 4, 48)])
+def test_post_matches_reference(T, S, D):
+    g = torch.Generator().manual_seed(T)
+    y, X = torch.randn(T, D, generator=g), torch.randn(T, S, D, generator=g)
+    post, comb = torch.rand(T, S, generator=g) * 2, torch.rand(T, S, S, generator=g)
+    torch.testing.assert_close(FAST.post(y, X, post, comb), mhc.reference_post(y, X, post, comb), rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_shapes_fall_back_to_the_reference():
+    p = params(4, 40, 24, seed=0)  # D = 40 is not a multiple of 16: the kernel declines
+    X = streams(2, 4, 40, seed=0)
+    assert FAST.pre(X, p) is None
+    got = mhc.hc_pre(X, p)
+    for g, w in zip(got, mhc.reference_pre(X, p)):
+        torch.testing.assert_close(g, w)
+    assert FAST.pre(X.double(), params(4, 40, 24, seed=0)) is None
+
+
+def test_dispatch_uses_the_kernel_and_env_forces_the_reference(monkeypatch):
+    monkeypatch.delenv("V4_KERNELS", raising=False)  # conftest defaults the suite to the references
+    p = params(4, 64, 24, seed=3)
+    X = streams(1, 4, 64, seed=3)
+    calls = []
+    real = FAST.pre
+    monkeypatch.setitem(mhc._FAST, "cpu", type("Spy", (), {
+        "pre": lambda self, X, p: calls.append(1) or real(X, p),
+        "collapse": lambda self, X, p: None, "post": lambda self, *a: None})())
+    mhc.hc_pre(X, p)
+    assert calls == [1]
+    monkeypatch.setenv("V4_KERNELS", "reference")
+    mhc.hc_pre(X, p)
+    assert calls == [1]

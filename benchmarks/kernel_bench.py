@@ -9,6 +9,11 @@ minimum over repetitions (robust to other load on a shared machine). GB/s counts
 The llama.cpp column runs ggml's vec_dot for the type (from the libggml-cpu shipped in llama_cpp) row by row
 under OpenMP with the same thread count, after quantizing x with ggml's own from_float, which is what ggml's
 mul_mat does for one token.
+
+--prefill times y = x·Wᵀ for M activation rows (Flash expert shape 2048×4096) in GOP/s (2·M·N·K per second):
+our fused row kernels, our int8 GEMM, the tiled dequantize + f32 GEMM, and ggml's own mul_mat (a one-node ggml
+graph run with ggml_graph_compute_with_ctx and the same thread count; weights in their GGUF layout, i.e. without
+llama.cpp's load-time repacking of some types).
 """
 
 from __future__ import annotations
@@ -43,6 +48,10 @@ void matvec(vec_dot_t vd, int n, const uint8_t* W, int64_t rb, int64_t N, const 
 """
 
 
+class GgmlInitParams(ctypes.Structure):
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
 class TypeTraitsCpu(ctypes.Structure):
     _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p), ("vec_dot_type", ctypes.c_int),
                 ("nrows", ctypes.c_int64)]
@@ -59,11 +68,22 @@ class Ggml:
         self.cpu = ctypes.CDLL(str(libdir / "libggml-cpu.so"), mode=ctypes.RTLD_GLOBAL)
         self.cpu.ggml_cpu_init()
         self.cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(TypeTraitsCpu)
+        self.base = ctypes.CDLL(str(libdir / "libggml-base.so"))
+        vp, i64 = ctypes.c_void_p, ctypes.c_int64
+        for name, res, args in (("ggml_init", vp, [GgmlInitParams]), ("ggml_free", None, [vp]),
+                                ("ggml_new_tensor_2d", vp, [vp, ctypes.c_int, i64, i64]),
+                                ("ggml_mul_mat", vp, [vp, vp, vp]), ("ggml_new_graph", vp, [vp]),
+                                ("ggml_build_forward_expand", None, [vp, vp]), ("ggml_get_data", vp, [vp])):
+            fn = getattr(self.base, name)
+            fn.restype, fn.argtypes = res, args
+        self.cpu.ggml_graph_compute_with_ctx.restype = ctypes.c_int
+        self.cpu.ggml_graph_compute_with_ctx.argtypes = [vp, vp, ctypes.c_int]
         tmp = Path(tempfile.mkdtemp())
         (tmp / "h.c").write_text(_HELPER)
         subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-fopenmp", str(tmp / "h.c"), "-o", str(tmp / "h.so")],
                        check=True)
         self.helper = ctypes.CDLL(str(tmp / "h.so"))
+        self._contexts: list[int] = []
         self.helper.matvec.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
 
@@ -80,6 +100,32 @@ class Ggml:
             ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(dtr.from_float)(
                 x.data_ptr(), buf.data_ptr(), x.shape[-1])
         return tr.vec_dot, buf
+
+    def mul_mat(self, w: QWeight, x: torch.Tensor):
+        """A callable computing ggml_mul_mat(W, x) (ggml quantizes x itself) in a context of its own."""
+        N, K = w.shape
+        M = x.shape[0]
+        nbytes = w.raw.numel()
+        ctx = self.base.ggml_init(GgmlInitParams(nbytes + 4 * M * (K + N) + (16 << 20), None, False))
+        wt = self.base.ggml_new_tensor_2d(ctx, int(w.qtype), K, N)
+        xt = self.base.ggml_new_tensor_2d(ctx, int(Q.F32), K, M)
+        ctypes.memmove(self.base.ggml_get_data(wt), w.raw.data_ptr(), nbytes)
+        ctypes.memmove(self.base.ggml_get_data(xt), x.contiguous().data_ptr(), 4 * M * K)
+        graph = self.base.ggml_new_graph(ctx)
+        self.base.ggml_build_forward_expand(graph, self.base.ggml_mul_mat(ctx, wt, xt))  # (M, N)
+        nt = torch.get_num_threads()
+
+        def run():
+            if self.cpu.ggml_graph_compute_with_ctx(ctx, graph, nt) != 0:
+                raise RuntimeError("ggml_graph_compute failed")
+
+        self._contexts.append(ctx)
+        return run
+
+    def free(self):
+        for ctx in self._contexts:
+            self.base.ggml_free(ctx)
+        self._contexts.clear()
 
     def matvec(self, vd, xbuf, w: QWeight, y: torch.Tensor):
         N, K = w.shape
@@ -138,7 +184,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None, help="torch / kernel threads (default: torch's)")
     ap.add_argument("--no-llama", action="store_true")
-    ap.add_argument("--prefill", action="store_true", help="also time M in {8..128}: fused vs tiled GEMM vs reference")
+    ap.add_argument("--prefill", action="store_true",
+                    help="also time M in {4..512}: fused vs int8 GEMM vs tiled f32 GEMM vs ggml's mul_mat")
     ap.add_argument("--moe", action="store_true", help="also time one decode token's routed experts (k=6, Flash)")
     args = ap.parse_args()
     if args.threads:
@@ -178,14 +225,30 @@ def main() -> None:
         if args.moe:
             moe_decode(qt, args.reps, rng)
         if args.prefill:
-            pool = weight_pool(qt, 2048, 4096, rng)[:4]
-            for M in (8, 16, 32, 64, 128):
-                x = torch.randn(M, 4096)
-                t_mv = best_time(cycling(lambda w: fast.matvec(x, w), pool), 3)
-                t_gm = best_time(cycling(lambda w: fast.tiled_gemm(x, w), pool), 3)
-                t_rf = best_time(cycling(lambda w: reference_linear(x, w), pool), 2)
-                print(f"  prefill {name} M={M:3}: fused {t_mv * 1e3:7.2f} ms  tiled GEMM {t_gm * 1e3:7.2f} ms  "
-                      f"reference {t_rf * 1e3:7.2f} ms")
+            prefill(qt, ggml, rng)
+
+
+def prefill(qtype: Q, ggml: Ggml | None, rng: np.random.Generator) -> None:
+    """y = x·Wᵀ for M rows, Flash expert shape 2048×4096, GOP/s (ms): fused, int8 GEMM, tiled f32 GEMM, ggml."""
+    N, K = 2048, 4096
+    pool = weight_pool(qtype, N, K, rng)[:4]
+    int8 = fast.has_qgemm(pool[0])
+    print(f"  prefill {qtype.name} {N}x{K}, GOP/s (ms): {'fused':>16} {'int8 GEMM':>16} {'tiled f32 GEMM':>16} "
+          f"{'ggml mul_mat':>16}")
+    for M in (4, 8, 16, 32, 64, 128, 512):
+        x = torch.randn(M, K)
+        reps = 5 if M <= 128 else 3
+        t_mv = best_time(cycling(lambda w: fast.matvec(x, w), pool), reps)
+        t_q = best_time(cycling(lambda w: fast.qgemm(x, w), pool), reps) if int8 else float("nan")
+        t_gm = best_time(cycling(lambda w: fast.tiled_gemm(x, w), pool), reps)
+        t_ll = float("nan")
+        if ggml is not None:
+            runs = [ggml.mul_mat(w, x) for w in pool]
+            t_ll = best_time(cycling(lambda run: run(), runs), reps)
+            ggml.free()
+        ops = 2 * M * N * K / 1e9
+        cols = "".join(f" {ops / t:8.1f} ({t * 1e3:5.1f})" for t in (t_mv, t_q, t_gm, t_ll))
+        print(f"  prefill {qtype.name:5} M={M:3}{'':16}{cols}", flush=True)
 
 
 def moe_decode(qtype: Q, reps: int, rng: np.random.Generator) -> None:

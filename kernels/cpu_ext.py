@@ -102,6 +102,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.v4_gemm.argtypes = [i32, ptr, i64, i64, ptr, i64, ptr, i32]
     lib.v4_dequant.restype = i32
     lib.v4_dequant.argtypes = [i32, ptr, i64, i64, ptr, i32]
+    lib.v4_matmul_batch.restype = i32
+    lib.v4_matmul_batch.argtypes = [i32, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, i32]
     lib.v4_moe.restype = i32
     lib.v4_moe.argtypes = [ptr, i64, i64, ptr, ptr, i64, i32, ptr, i32, ptr, i32, ptr, i64, i64, f32, ptr, i32]
     return lib

@@ -5,25 +5,31 @@ Importing this module builds or loads the library and registers `cpu_linear` for
 registers nothing, so everything keeps the torch reference.
 
 Accuracy: integer types quantize activations to int8 per 32 values (scale = absmax/127), as llama.cpp does on
-CPU; expect ~0.5 % relative error against the f32 reference. BF16/F16 use f32 activations (summation order only).
+CPU; expect ~0.5 % relative error against the f32 reference. The fused row kernels (few rows) and the int8 GEMM
+(many rows) quantize identically and differ only in f32 summation order (~1e-7 relative). BF16/F16 use f32
+activations (summation order only), as does the tiled dequantize + f32 GEMM they fall back to for many rows.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 
 import torch
 from gguf import GGMLQuantizationType as Q
 
 from kernels import cpu_ext
-from kernels.linear import QWeight, reference_linear, register, register_moe
+from kernels.linear import QWeight, reference_linear, register, register_batch, register_moe
 from v4cli.errors import BadInput
 
 log = logging.getLogger(__name__)
 
 TYPES: tuple[Q, ...] = (Q.Q8_0, Q.Q4_K, Q.Q2_K, Q.MXFP4, Q.BF16, Q.Q3_K, Q.Q5_K, Q.Q6_K, Q.F16)
-# From this many activation rows on, dequantize weight tiles and use torch's GEMM (measured crossover; see
-# benchmarks/kernel_bench.py --prefill).
+# From this many activation rows on, the int8 GEMM (v4_gemm) beats the fused row kernels for every type it covers
+# (Zen 4, 2048×4096, one thread: a tie at 4 rows, the GEMM 1.4-2x faster at 6; see kernel_bench.py --prefill).
+QGEMM_MIN_ROWS = 6
+# From this many rows on, types the int8 GEMM does not cover (BF16, F16) dequantize weight tiles and use torch's
+# f32 GEMM (measured crossover).
 GEMM_MIN_ROWS = 32
 # Weight rows per dequantized tile: 256 × 4096 f32 = 4 MB, which stays in L2/L3 for the GEMM that follows.
 TILE_ROWS = 256
@@ -44,6 +50,22 @@ def matvec(x2: torch.Tensor, w: QWeight) -> torch.Tensor:
     if rc != 0:
         raise RuntimeError(f"v4_matmul failed for {w.qtype.name} {w.shape}")  # _ready() checked the type
     return y
+
+
+def qgemm(x2: torch.Tensor, w: QWeight) -> torch.Tensor:
+    """x2 [M, K] f32 contiguous · Wᵀ → [M, N] with the int8 GEMM: the activations quantized as in `matvec`, each
+    weight tile decoded once and swept over all M rows (best for many rows; types with `has_qgemm`)."""
+    M, (N, K) = x2.shape[0], w.shape
+    y = torch.empty(M, N, dtype=torch.float32)
+    rc = _lib.v4_gemm(int(w.qtype), w.raw.data_ptr(), N, K, x2.data_ptr(), M, y.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"v4_gemm failed for {w.qtype.name} {w.shape}")  # has_qgemm() checked the type
+    return y
+
+
+def has_qgemm(w: QWeight) -> bool:
+    """Whether the int8 GEMM covers w's type and row length (the integer types; not BF16/F16)."""
+    return _lib.v4_gemm_supported(int(w.qtype), w.shape[1]) == 1
 
 
 def dequantize(w: QWeight) -> torch.Tensor:
@@ -70,13 +92,46 @@ def tiled_gemm(x2: torch.Tensor, w: QWeight) -> torch.Tensor:
 
 
 def cpu_linear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
-    """`linear` for CPU tensors: fused kernels for few rows, tiled dequantize + GEMM for many."""
+    """`linear` for CPU tensors: fused kernels for few rows, the int8 GEMM (or, for float types, tiled dequantize +
+    f32 GEMM) for many."""
     if not _ready(x, w):
         return reference_linear(x, w)
     N, K = w.shape
     x2 = x.reshape(-1, K).contiguous()  # (M, K)
-    y = matvec(x2, w) if x2.shape[0] < GEMM_MIN_ROWS else tiled_gemm(x2, w)
+    M = x2.shape[0]
+    if has_qgemm(w):
+        y = matvec(x2, w) if M < QGEMM_MIN_ROWS else qgemm(x2, w)
+    else:
+        y = matvec(x2, w) if M < GEMM_MIN_ROWS else tiled_gemm(x2, w)
     return y.view(*x.shape[:-1], N)
+
+
+def cpu_linear_many(pairs) -> list[torch.Tensor] | None:
+    """`linear_many` on CPU: one v4_matmul_batch call (inputs shared by several weights quantized once, one thread
+    split over all the rows). Declines (None) where each product is better off alone: GEMM-sized inputs."""
+    xs, ys, M = [], [], None
+    for x, w in pairs:
+        if not _ready(x, w):
+            return None
+        N, K = w.shape
+        x2 = x.reshape(-1, K)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        M = x2.shape[0] if M is None else M
+        if x2.shape[0] != M or M >= QGEMM_MIN_ROWS:
+            return None
+        xs.append(x2)
+        ys.append(torch.empty(M, N, dtype=torch.float32))
+    n = len(pairs)
+    i64s = lambda vals: (ctypes.c_int64 * n)(*vals)  # noqa: E731
+    ptrs = lambda vals: (ctypes.c_void_p * n)(*vals)  # noqa: E731
+    rc = _lib.v4_matmul_batch(
+        n, (ctypes.c_int * n)(*(int(w.qtype) for _, w in pairs)), ptrs(w.raw.data_ptr() for _, w in pairs),
+        i64s(w.shape[0] for _, w in pairs), i64s(w.shape[1] for _, w in pairs), ptrs(x.data_ptr() for x in xs),
+        i64s(x.stride(0) for x in xs), M, ptrs(y.data_ptr() for y in ys), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"v4_matmul_batch failed ({rc})")  # _ready() checked every type
+    return [y.view(*x.shape[:-1], w.shape[0]) for y, (x, w) in zip(ys, pairs)]
 
 
 def cpu_routed_experts(x: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, w1: QWeight, w3: QWeight,
@@ -118,6 +173,7 @@ def _install() -> bool:
     for t in TYPES:
         register(t, "cpu")(cpu_linear)
     register_moe("cpu")(cpu_routed_experts)
+    register_batch("cpu")(cpu_linear_many)
     return True
 
 

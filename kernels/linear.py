@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +146,32 @@ def linear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
     """x [..., in] f32 → [..., out] f32 through the best registered kernel for w."""
     fn = _KERNELS.get((w.qtype, x.device.type), reference_linear) if use_fast() else reference_linear
     return fn(x, w)
+
+
+BatchKernel = Callable[[Sequence[tuple[torch.Tensor, QWeight]]], "list[torch.Tensor] | None"]
+_BATCH_KERNELS: dict[str, BatchKernel] = {}
+
+
+def register_batch(device_type: str) -> Callable[[BatchKernel], BatchKernel]:
+    """Decorator: a fast `linear_many` for one device type. It may return None to decline a call."""
+
+    def deco(fn: BatchKernel) -> BatchKernel:
+        _BATCH_KERNELS[device_type] = fn
+        return fn
+
+    return deco
+
+
+def linear_many(pairs: Sequence[tuple[torch.Tensor, QWeight]]) -> list[torch.Tensor]:
+    """[linear(x, w) for x, w in pairs], in one kernel call where one is registered: at decode a layer's small
+    projections cost more in per-call overhead than in arithmetic."""
+    if use_fast() and pairs:
+        fn = _BATCH_KERNELS.get(pairs[0][0].device.type)
+        if fn is not None:
+            ys = fn(pairs)
+            if ys is not None:
+                return ys
+    return [linear(x, w) for x, w in pairs]
 
 
 MoeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, QWeight, QWeight, QWeight, float], torch.Tensor]

@@ -69,7 +69,8 @@ class BenchSpec:
 def measure_bandwidth(nbytes: int = BANDWIDTH_BYTES, repeats: int = 5, threads: int | None = None) -> dict:
     """STREAM-style copy (a = b) and triad (a = b + s·c) in torch over f64 arrays of `nbytes` each; → median GB/s.
 
-    Bytes counted as STREAM does: copy 2 per element, triad 3 (write-allocate traffic not counted).
+    Bytes counted as STREAM does: copy 2 per element, triad 3 (write-allocate traffic not counted). Also a
+    read-only pass (Σ b), the access pattern of decode's weight streaming, shown beside the triad roofline.
     """
     import torch
 
@@ -78,8 +79,11 @@ def measure_bandwidth(nbytes: int = BANDWIDTH_BYTES, repeats: int = 5, threads: 
     n = max(nbytes // 8, 1)
     a, b, c = torch.empty(n, dtype=torch.float64), torch.rand(n, dtype=torch.float64), torch.rand(n, dtype=torch.float64)
     a.copy_(b)  # touch every page before timing
-    copy_s, triad_s = [], []
+    copy_s, triad_s, read_s = [], [], []
     for _ in range(repeats):
+        t0 = time.perf_counter()
+        b.sum()
+        read_s.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         a.copy_(b)
         copy_s.append(time.perf_counter() - t0)
@@ -88,7 +92,8 @@ def measure_bandwidth(nbytes: int = BANDWIDTH_BYTES, repeats: int = 5, threads: 
         triad_s.append(time.perf_counter() - t0)
     return {"array_bytes": n * 8, "repeats": repeats,
             "copy_gbs": 2 * n * 8 / statistics.median(copy_s) / 1e9,
-            "triad_gbs": 3 * n * 8 / statistics.median(triad_s) / 1e9}
+            "triad_gbs": 3 * n * 8 / statistics.median(triad_s) / 1e9,
+            "read_gbs": n * 8 / statistics.median(read_s) / 1e9}
 
 
 # -------------------------------------------------------------------------------------------- bytes per token

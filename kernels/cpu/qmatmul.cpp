@@ -11,6 +11,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -39,10 +40,33 @@ using QuantFn = void (*)(const float* x, int64_t K, int8_t* q, float* d, float* 
 // Activation rows per kernel call; more rows run in groups of MAX_M over the same (cached) weight rows.
 constexpr int MAX_M = 4;
 
+// M activation rows quantized once for the int8 GEMM (qgemm_isa.inc), row-major: q [M][K], d [M][K/32], and
+// per scale group of the weight type (ng = K/gs groups a row): s [M][ng] = d·Σq (mins), corr [M][ng] = −bias·Σq.
+struct GemmX {
+    const int8_t* q;
+    const float* d;
+    const float* s;
+    const int32_t* corr;
+    int64_t M, K;
+};
+
+// Packs weight rows n0..n0+valid into buf and writes y[:, n0..n0+valid] for all M rows.
+using GemmTileFn = void (*)(const uint8_t* W, int64_t rb, int64_t n0, int valid, const GemmX& x, float* y,
+                            int64_t ldy, uint8_t* buf);
+using GemmCorrFn = void (*)(const int8_t* q, int64_t K, int gs, int bias, int32_t* out);
+
+struct GemmKernel {
+    GemmTileFn tile;
+    int gs, bias;  // scale-group size (16 / 32) and the weight bias that GemmX::corr takes back out
+};
+
 struct Kernels {
     RowFn rows[T_COUNT][MAX_M];
     DeqFn deq[T_COUNT];
     QuantFn quant;
+    GemmKernel gemm[T_COUNT];
+    int gemm_rows;  // weight rows per GEMM tile
+    GemmCorrFn gemm_corr;
 };
 
 }  // namespace
@@ -52,6 +76,7 @@ struct Kernels {
 namespace avx2 {
 #define V4_VNNI 0
 #include "qmatmul_isa.inc"
+#include "qgemm_isa.inc"
 #undef V4_VNNI
 }  // namespace avx2
 #pragma GCC pop_options
@@ -61,6 +86,7 @@ namespace avx2 {
 namespace vnni {
 #define V4_VNNI 1
 #include "qmatmul_isa.inc"
+#include "qgemm_isa.inc"
 #undef V4_VNNI
 }  // namespace vnni
 #pragma GCC pop_options
@@ -70,20 +96,30 @@ namespace {
 int g_isa = -1;
 Kernels g_k;
 
-void init() {
-    if (g_isa >= 0) return;
-    memset(&g_k, 0, sizeof g_k);
+// The best ISA level this CPU runs: 2 (AVX-512 VNNI), 1 (AVX2), 0 (neither).
+int cpu_isa() {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw")) {
+        __builtin_cpu_supports("avx512bw"))
+        return 2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return 1;
+    return 0;
+}
+
+void install_isa(int level) {
+    memset(&g_k, 0, sizeof g_k);
+    if (level == 2) {
         vnni::install(&g_k);
-        g_isa = 2;
-    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+        vnni::install_gemm(&g_k);
+    } else if (level == 1) {
         avx2::install(&g_k);
-        g_isa = 1;
-    } else {
-        g_isa = 0;
+        avx2::install_gemm(&g_k);
     }
+    g_isa = level;
+}
+
+void init() {
+    if (g_isa < 0) install_isa(cpu_isa());
 }
 
 int block_size(int t) {
@@ -202,6 +238,19 @@ bool supported(int t, int64_t K) {
     return bs > 0 && K > 0 && K % bs == 0;
 }
 
+// The GEMM's quantized activations, shared by the threads of one call.
+struct GemmScratch {
+    std::vector<int8_t> q;
+    std::vector<float> d, s16, s32;
+    std::vector<int32_t> corr;
+};
+
+// One thread's packed-tile buffer: TR·K weight bytes, then a scale and a min per (row, group of ≥ 16).
+uint8_t* gemm_buffer(int64_t K) {
+    static thread_local std::vector<uint8_t> buf;
+    return (uint8_t*)XQuant::aligned(buf, 2 * g_k.gemm_rows * K);
+}
+
 }  // namespace
 
 extern "C" {
@@ -214,6 +263,14 @@ int v4_isa(void) {
 
 int v4_supported(int t, int64_t K) { return supported(t, K) ? 1 : 0; }
 
+// Tests: switch to the kernels of ISA `level` (1 runs the AVX2 build on an AVX-512 machine) and return the level
+// in effect; a level above what the CPU runs, or 0, is ignored. Not thread-safe against running kernels.
+int v4_set_isa(int level) {
+    init();
+    if (level >= 1 && level <= cpu_isa()) install_isa(level);
+    return g_isa;
+}
+
 // y[M, N] = x[M, K] · W[N, K]ᵀ. Returns 0, or -1 for an unsupported type / row length.
 int v4_matmul(int t, const uint8_t* W, int64_t N, int64_t K, const float* x, int64_t M, float* y, int nthreads) {
     if (!supported(t, K)) return -1;
@@ -225,6 +282,96 @@ int v4_matmul(int t, const uint8_t* W, int64_t N, int64_t K, const float* x, int
     for (int64_t i = 0; i < ntask; ++i) {
         const int64_t r0 = i * ROWS_PER_TASK, r1 = r0 + ROWS_PER_TASK < N ? r0 + ROWS_PER_TASK : N;
         run_rows(t, W, rb, K, xs, M, y, N, r0, r1);
+    }
+    return 0;
+}
+
+int v4_gemm_supported(int t, int64_t K) { return supported(t, K) && g_k.gemm[t].tile ? 1 : 0; }
+
+// y[M, N] = x[M, K] · W[N, K]ᵀ with the int8 GEMM (same quantized activations as v4_matmul). Returns 0, or -1
+// for a type / row length it does not cover.
+int v4_gemm(int t, const uint8_t* W, int64_t N, int64_t K, const float* x, int64_t M, float* y, int nthreads) {
+    if (!v4_gemm_supported(t, K)) return -1;
+    const GemmKernel& gk = g_k.gemm[t];
+    const int64_t nb = K / 32, ng = K / gk.gs, rb = row_bytes(t, K), tr = g_k.gemm_rows;
+    static thread_local GemmScratch xs;  // the calling thread's; the workers see it through these pointers
+    int8_t* q = XQuant::aligned(xs.q, M * K);
+    xs.d.resize(M * nb);
+    xs.s16.resize(M * nb * 2);
+    xs.s32.resize(M * nb);
+    xs.corr.resize(M * ng);
+    float *d = xs.d.data(), *s16 = xs.s16.data(), *s32 = xs.s32.data();
+    int32_t* corr = xs.corr.data();
+    const float* s = gk.gs == 16 ? s16 : s32;
+    const int64_t ntile = (N + tr - 1) / tr;
+    // Few tiles for the threads (small N): split the activation rows too, into parts of ≥ 32 rows; each part
+    // decodes its tile again.
+    const int64_t want = ntile >= 4 * nthreads ? 1 : (4 * nthreads + ntile - 1) / ntile;
+    const int64_t parts = std::max<int64_t>(1, std::min(want, M / 32));
+    const int64_t mper = (M + parts - 1) / parts;
+    // static contiguous tile ranges: each thread streams its own slice of W, so its prefetch stream stays intact
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; ++m) {
+            g_k.quant(x + m * K, K, q + m * K, d + m * nb, s16 + m * 2 * nb, s32 + m * nb);
+            if (gk.bias) g_k.gemm_corr(q + m * K, K, gk.gs, gk.bias, corr + m * ng);
+        }
+        uint8_t* buf = gemm_buffer(K);
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < ntile * parts; ++i) {
+            const int64_t n0 = i / parts * tr, m0 = i % parts * mper, mm = std::min(mper, M - m0);
+            if (mm <= 0) continue;
+            const GemmX part{q + m0 * K, d + m0 * nb, s + m0 * ng, corr + m0 * ng, mm, K};
+            gk.tile(W, rb, n0, (int)std::min(tr, N - n0), part, y + m0 * N, N, buf);
+        }
+    }
+    return 0;
+}
+
+// Several products in one call: y_j[M, N_j] = x_j[M, K_j] · W_j[N_j, K_j]ᵀ for j < n, x_j with row stride ldx_j.
+// At decode a layer's small projections (q_a and kv from one input, a compressor's kv and gate, the shared
+// expert's gate and up, the eight output groups) are each well under a millisecond, so separate calls pay the
+// per-call costs (activation quantization, waking the thread team) many times; here an input shared by several
+// weights is quantized once and all their rows go to the threads in one static split.
+// Returns 0, or -1 for an unsupported type / row length.
+int v4_matmul_batch(int n, const int* types, const uint8_t* const* Ws, const int64_t* Ns, const int64_t* Ks,
+                    const float* const* xs, const int64_t* ldx, int64_t M, float* const* ys, int nthreads) {
+    static thread_local std::vector<XQuant> quants;
+    if ((int64_t)quants.size() < n) quants.resize(n);
+    std::vector<int> qi(n);  // which quantized input each product reads
+    for (int j = 0; j < n; ++j) {
+        if (!supported(types[j], Ks[j])) return -1;
+        qi[j] = j;
+        for (int i = 0; i < j; ++i)
+            if (xs[i] == xs[j] && Ks[i] == Ks[j] && ldx[i] == ldx[j]) {
+                qi[j] = qi[i];
+                break;
+            }
+    }
+    for (int j = 0; j < n; ++j) {
+        if (qi[j] != j) continue;
+        bool float_only = true;  // the float kernels need only the reordered f32 copy
+        for (int i = j; i < n; ++i)
+            if (qi[i] == j) float_only = float_only && is_float(types[i]);
+        quants[j].quantize(xs[j], M, Ks[j], ldx[j], float_only);
+    }
+    std::vector<const XRow*> xr(n);  // taken here: `quants` is thread-local, the team's other threads see their own
+    for (int j = 0; j < n; ++j) xr[j] = quants[qi[j]].rows.data();
+    struct Task { int j; int64_t r0, r1; };
+    std::vector<Task> tasks;
+    int64_t work = 0;
+    for (int j = 0; j < n; ++j) {
+        for (int64_t r0 = 0; r0 < Ns[j]; r0 += ROWS_PER_TASK)
+            tasks.push_back({j, r0, r0 + ROWS_PER_TASK < Ns[j] ? r0 + ROWS_PER_TASK : Ns[j]});
+        work += Ns[j] * row_bytes(types[j], Ks[j]);
+    }
+    const int64_t ntask = (int64_t)tasks.size();
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && work * M > (1 << 16))
+    for (int64_t i = 0; i < ntask; ++i) {
+        const Task& tk = tasks[i];
+        const int j = tk.j;
+        run_rows(types[j], Ws[j], row_bytes(types[j], Ks[j]), Ks[j], xr[j], M, ys[j], Ns[j], tk.r0, tk.r1);
     }
     return 0;
 }

@@ -16,7 +16,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from kernels.linear import QWeight, embedding, linear, routed_experts
+from kernels.linear import QWeight, embedding, linear, linear_many, routed_experts
 from kernels.mhc import MixerParams, hc_collapse, hc_post, hc_pre
 from quant import names
 from quant.config import ModelArgs
@@ -118,7 +118,7 @@ class Compressor:
     def update(self, st: CompressorState, x: torch.Tensor) -> None:
         """Feed x [T, D]; every window it completes becomes one stored entry."""
         m, d = self.ratio, self.dim
-        kv, score = linear(x, self.wkv), linear(x, self.wgate)  # (T, width) each, width = 2d if overlap else d
+        kv, score = linear_many([(x, self.wkv), (x, self.wgate)])  # (T, width) each, width = 2d if overlap else d
         if st.buf_kv is not None:
             kv, score = torch.cat([st.buf_kv, kv]), torch.cat([st.buf_score, score])
         usable = kv.shape[0] // m * m
@@ -162,8 +162,9 @@ class Indexer:
         if N == 0:
             return (torch.zeros(T, 0, dtype=torch.long, device=x.device),
                     torch.zeros(T, 0, dtype=torch.bool, device=x.device))
-        q = self.rope.apply(linear(qr, self.wq_b).view(T, self.H, self.d), cs)  # (T, Hi, di)
-        w = linear(x, self.proj) * self.H ** -0.5  # (T, Hi)
+        q, w = linear_many([(qr, self.wq_b), (x, self.proj)])
+        q = self.rope.apply(q.view(T, self.H, self.d), cs)  # (T, Hi, di)
+        w = w * self.H ** -0.5  # (T, Hi)
         s = torch.relu(torch.einsum("thd,nd->thn", q, keys)) * self.d ** -0.5
         score = torch.einsum("thn,th->tn", s, w)
         visible = (pos + 1) // 4  # entries 0..visible-1 are complete for query t
@@ -198,10 +199,11 @@ class Attention:
         """x [T, D] at positions pos [T] (consecutive) → [T, D]; advances this layer's cache."""
         T, H, d = x.shape[0], self.H, self.d
         cs = self.rope.cos_sin(pos)
-        qr = rms_norm(linear(x, self.wq_a), self.q_norm, self.eps)
+        qa, kv = linear_many([(x, self.wq_a), (x, self.wkv)])
+        qr = rms_norm(qa, self.q_norm, self.eps)
         q = rms_norm(linear(qr, self.wq_b).view(T, H, d), None, self.eps)
         q = self.rope.apply(q, cs)  # (T, H, d)
-        kv = self.rope.apply(rms_norm(linear(x, self.wkv), self.kv_norm, self.eps), cs)  # (T, d)
+        kv = self.rope.apply(rms_norm(kv, self.kv_norm, self.eps), cs)  # (T, d)
 
         # window keys: the stored last W-1 rows, then this call's rows (read back through the storage format)
         prior = lc.window.get()
@@ -212,11 +214,9 @@ class Attention:
         kpos = torch.arange(-prior.shape[0], T, device=x.device)
         qpos = torch.arange(T, device=x.device)
         allowed = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - self.W)  # (T, K)
-        logits = torch.einsum("thd,kd->htk", q, keys) * d ** -0.5
-        logits = logits.masked_fill(~allowed, float("-inf"))
 
         if self.compressor is None:
-            out = self._softmax_out(logits, keys)
+            out = self._attend(q, keys, allowed)
         else:
             self.compressor.update(lc.compressor, x)
             entries = lc.compressor.entries
@@ -224,18 +224,18 @@ class Attention:
             if self.indexer is not None:
                 idx, valid = self.indexer.select(lc.indexer, x, qr, cs, pos)
                 if idx.shape[1] < N:
-                    out = self._gathered(q, logits, keys, entries, idx, valid)
+                    out = self._gathered(q, keys, allowed, entries, idx, valid)
                 else:  # every entry is a candidate: dense with a mask is the same sum and cheaper
                     seen = torch.zeros(T, N + 1, dtype=torch.bool, device=x.device)
                     seen.scatter_(1, torch.where(valid, idx, N), True)
-                    out = self._dense(q, logits, keys, entries.get(), seen[:, :N])
+                    out = self._attend(q, torch.cat([keys, entries.get()]), torch.cat([allowed, seen[:, :N]], 1))
             else:
                 seen = torch.arange(N, device=x.device)[None, :] < ((pos + 1) // self.ratio)[:, None]
-                out = self._dense(q, logits, keys, entries.get(), seen)
+                out = self._attend(q, torch.cat([keys, entries.get()]), torch.cat([allowed, seen], 1))
         out = self.rope.apply(out, cs, inverse=True)
 
         og = out.reshape(T, self.G, -1)  # (T, G, H/G·d)
-        y = torch.cat([linear(og[:, g], self.wo_a_groups[g]) for g in range(self.G)], dim=-1)
+        y = torch.cat(linear_many([(og[:, g], self.wo_a_groups[g]) for g in range(self.G)]), dim=-1)
         return linear(y, self.wo_b)
 
 
@@ -260,14 +260,23 @@ class Attention:
             out = out + torch.einsum("htk,tkd->thd", pe, extra[1])
         return out / den.permute(1, 0, 2)
 
-    def _dense(self, q, logits, keys, ent, seen) -> torch.Tensor:
-        """Window keys + all compressed entries, masked per query (HCA; CSA while entries ≤ top-k)."""
-        c_logits = torch.einsum("thd,nd->htn", q, ent) * self.d ** -0.5
-        logits = torch.cat([logits, c_logits.masked_fill(~seen, float("-inf"))], dim=-1)
-        return self._softmax_out(logits, torch.cat([keys, ent]))
+    def _attend(self, q: torch.Tensor, kv: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """q [T, H, d] over the shared key/value rows kv [K, d] where allowed [T, K] → (T, H, d), the sink in the
+        denominator only: it is one more key of value zero whose logit (the per-head sink) comes in as the additive
+        mask, so torch's fused attention does the whole softmax without materializing the probabilities."""
+        T, H, d = q.shape
+        K = kv.shape[0]
+        kv = torch.cat([kv, kv.new_zeros(1, d)])[None, None].expand(1, H, K + 1, d)
+        mask = q.new_empty(H, T, K + 1)
+        mask[:, :, :K] = torch.where(allowed, 0.0, float("-inf"))
+        mask[:, :, K] = self.sink[:, None]
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kv, kv, attn_mask=mask[None], scale=d ** -0.5)
+        return out[0].transpose(0, 1)
 
-    def _gathered(self, q, logits, keys, entries, idx, valid) -> torch.Tensor:
+    def _gathered(self, q, keys, allowed, entries, idx, valid) -> torch.Tensor:
         """Window keys + only each query's top-k entries, decoded from storage by index (CSA at length)."""
+        logits = torch.einsum("thd,kd->htk", q, keys) * self.d ** -0.5
+        logits = logits.masked_fill(~allowed, float("-inf"))
         T, k = idx.shape
         step = max(1, self.GATHER_ELEMS // max(1, k * self.d))
         outs = []
@@ -308,7 +317,7 @@ class MoE:
         wts = scores.gather(1, idx)
         wts = wts / (wts.sum(-1, keepdim=True) + 1e-20) * self.scale  # (T, k)
         routed = self._gathered(x, idx, wts) if idx.numel() <= self.GATHER_MAX else self._grouped(x, idx, wts)
-        shared = linear(swiglu(linear(x, self.s1), linear(x, self.s3), self.limit), self.s2)
+        shared = linear(swiglu(*linear_many([(x, self.s1), (x, self.s3)]), self.limit), self.s2)
         return routed + shared
 
     def _gathered(self, x, idx, wts):

@@ -42,25 +42,24 @@ def _ready(x: torch.Tensor, w: QWeight) -> bool:
             and _lib.v4_supported(int(w.qtype), w.shape[1]) == 1)
 
 
-def matvec(x2: torch.Tensor, w: QWeight) -> torch.Tensor:
-    """x2 [M, K] f32 contiguous · Wᵀ → [M, N] with the fused integer / float kernels (any M; best for small M)."""
+def _product(entry, x2: torch.Tensor, w: QWeight) -> torch.Tensor:
+    """y [M, N] = x2 [M, K] · Wᵀ through one of the library's (type, W, N, K, x, M, y, threads) entry points."""
     M, (N, K) = x2.shape[0], w.shape
     y = torch.empty(M, N, dtype=torch.float32)
-    rc = _lib.v4_matmul(int(w.qtype), w.raw.data_ptr(), N, K, x2.data_ptr(), M, y.data_ptr(), torch.get_num_threads())
-    if rc != 0:
-        raise RuntimeError(f"v4_matmul failed for {w.qtype.name} {w.shape}")  # _ready() checked the type
+    if entry(int(w.qtype), w.raw.data_ptr(), N, K, x2.data_ptr(), M, y.data_ptr(), torch.get_num_threads()) != 0:
+        raise RuntimeError(f"{entry.__name__} failed for {w.qtype.name} {w.shape}")  # callers checked the type
     return y
+
+
+def matvec(x2: torch.Tensor, w: QWeight) -> torch.Tensor:
+    """x2 [M, K] f32 contiguous · Wᵀ → [M, N] with the fused integer / float kernels (any M; best for small M)."""
+    return _product(_lib.v4_matmul, x2, w)
 
 
 def qgemm(x2: torch.Tensor, w: QWeight) -> torch.Tensor:
     """x2 [M, K] f32 contiguous · Wᵀ → [M, N] with the int8 GEMM: the activations quantized as in `matvec`, each
     weight tile decoded once and swept over all M rows (best for many rows; types with `has_qgemm`)."""
-    M, (N, K) = x2.shape[0], w.shape
-    y = torch.empty(M, N, dtype=torch.float32)
-    rc = _lib.v4_gemm(int(w.qtype), w.raw.data_ptr(), N, K, x2.data_ptr(), M, y.data_ptr(), torch.get_num_threads())
-    if rc != 0:
-        raise RuntimeError(f"v4_gemm failed for {w.qtype.name} {w.shape}")  # has_qgemm() checked the type
-    return y
+    return _product(_lib.v4_gemm, x2, w)
 
 
 def has_qgemm(w: QWeight) -> bool:

@@ -142,6 +142,12 @@ def use_fast() -> bool:
     return True
 
 
+def _try_fast(registry: dict, like: torch.Tensor, *args):
+    """The registered fast kernel for `like`'s device called on args, or None (none registered, or it declined)."""
+    fn = registry.get(like.device.type) if use_fast() else None
+    return fn(*args) if fn is not None else None
+
+
 def linear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
     """x [..., in] f32 → [..., out] f32 through the best registered kernel for w."""
     fn = _KERNELS.get((w.qtype, x.device.type), reference_linear) if use_fast() else reference_linear
@@ -165,13 +171,8 @@ def register_batch(device_type: str) -> Callable[[BatchKernel], BatchKernel]:
 def linear_many(pairs: Sequence[tuple[torch.Tensor, QWeight]]) -> list[torch.Tensor]:
     """[linear(x, w) for x, w in pairs], in one kernel call where one is registered: at decode a layer's small
     projections cost more in per-call overhead than in arithmetic."""
-    if use_fast() and pairs:
-        fn = _BATCH_KERNELS.get(pairs[0][0].device.type)
-        if fn is not None:
-            ys = fn(pairs)
-            if ys is not None:
-                return ys
-    return [linear(x, w) for x, w in pairs]
+    ys = _try_fast(_BATCH_KERNELS, pairs[0][0], pairs) if pairs else None
+    return ys if ys is not None else [linear(x, w) for x, w in pairs]
 
 
 MoeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, QWeight, QWeight, QWeight, float], torch.Tensor]
@@ -208,13 +209,8 @@ def routed_experts(x: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, w1: QW
     w1 / w3 (gate / up) are 3-D [E, I, D] and w2 (down) [E, D, I]. Meant for decode-sized batches; a fast kernel
     reads each selected expert's bytes once without building f32 copies.
     """
-    if use_fast():
-        fn = _MOE_KERNELS.get(x.device.type)
-        if fn is not None:
-            y = fn(x, idx, wts, w1, w3, w2, limit)
-            if y is not None:
-                return y
-    return reference_routed_experts(x, idx, wts, w1, w3, w2, limit)
+    y = _try_fast(_MOE_KERNELS, x, x, idx, wts, w1, w3, w2, limit)
+    return y if y is not None else reference_routed_experts(x, idx, wts, w1, w3, w2, limit)
 
 
 def embedding(ids: torch.Tensor, w: QWeight) -> torch.Tensor:

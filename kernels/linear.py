@@ -158,14 +158,21 @@ BatchKernel = Callable[[Sequence[tuple[torch.Tensor, QWeight]]], "list[torch.Ten
 _BATCH_KERNELS: dict[str, BatchKernel] = {}
 
 
-def register_batch(device_type: str) -> Callable[[BatchKernel], BatchKernel]:
-    """Decorator: a fast `linear_many` for one device type. It may return None to decline a call."""
+def _registrar(registry: dict) -> Callable[[str], Callable]:
+    """A `register_*(device_type)` decorator that files a fast kernel in `registry`."""
 
-    def deco(fn: BatchKernel) -> BatchKernel:
-        _BATCH_KERNELS[device_type] = fn
-        return fn
+    def register_for(device_type: str) -> Callable:
+        def deco(fn):
+            registry[device_type] = fn
+            return fn
 
-    return deco
+        return deco
+
+    return register_for
+
+
+# a fast `linear_many` for one device type; it may return None to decline a call
+register_batch = _registrar(_BATCH_KERNELS)
 
 
 def linear_many(pairs: Sequence[tuple[torch.Tensor, QWeight]]) -> list[torch.Tensor]:
@@ -179,14 +186,8 @@ MoeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, QWeight, QWeight
 _MOE_KERNELS: dict[str, MoeKernel] = {}
 
 
-def register_moe(device_type: str) -> Callable[[MoeKernel], MoeKernel]:
-    """Decorator: a fast `routed_experts` kernel for one device type. It may return None to decline a call."""
-
-    def deco(fn: MoeKernel) -> MoeKernel:
-        _MOE_KERNELS[device_type] = fn
-        return fn
-
-    return deco
+# a fast `routed_experts` kernel for one device type; it may return None to decline a call
+register_moe = _registrar(_MOE_KERNELS)
 
 
 def reference_routed_experts(x: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, w1: QWeight, w3: QWeight,

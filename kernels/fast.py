@@ -6,8 +6,10 @@ registers nothing, so everything keeps the torch reference.
 
 Accuracy: integer types quantize activations to int8 per 32 values (scale = absmax/127), as llama.cpp does on
 CPU; expect ~0.5 % relative error against the f32 reference. The fused row kernels (few rows) and the int8 GEMM
-(many rows) quantize identically and differ only in f32 summation order (~1e-7 relative). BF16/F16 use f32
-activations (summation order only), as does the tiled dequantize + f32 GEMM they fall back to for many rows.
+(many rows) quantize identically and differ only in f32 summation order (~1e-7 relative). BF16 rows on a CPU
+with AVX512-BF16 dot activations rounded to bf16 (~1.6e-3 relative, llama.cpp's choice; the BF16 output head
+then streams at the memory's rate); otherwise BF16/F16 use f32 activations (summation order only), as does the
+tiled dequantize + f32 GEMM they use for many rows.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Parity of the compiled CPU kernels (kernels/fast.py) with the torch references in kernels/linear.py.
 
 Tolerances: integer types quantize activations to int8 per 32 values (the fused kernels and, for many rows, the
-int8 GEMM), so they are held to relative RMS error ≤ 1e-2 against reference_linear (measured ~5e-3); BF16/F16 use
-f32 activations and, for many rows, the tiled GEMM over a bit-exact dequantization, so those are held to ≤ 1e-5
+int8 GEMM), so they are held to relative RMS error ≤ 1e-2 against reference_linear (measured ~5e-3). BF16 rows
+on a CPU with AVX512-BF16 dot activations rounded to bf16 (measured ~1.6e-3), held to ≤ 5e-3; everywhere else
+BF16/F16 use f32 activations and, for many rows, the tiled GEMM over a bit-exact dequantization, held to ≤ 1e-5
 (summation order only). The dequantizers are bit-exact.
 """
 
@@ -30,7 +31,14 @@ def fast_kernels(monkeypatch):
 
 INT_TYPES = (Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q2_K, Q.Q3_K, Q.Q6_K, Q.MXFP4)
 FLOAT_TYPES = (Q.BF16, Q.F16)
-INT_TOL, FLOAT_TOL = 1e-2, 1e-5
+INT_TOL, BF16_TOL, FLOAT_TOL = 1e-2, 5e-3, 1e-5
+
+
+def tol(qtype: Q, M: int = 1) -> float:
+    """The parity bound for the kernel `cpu_linear` picks for M rows of this type (see the module docstring)."""
+    if qtype not in FLOAT_TYPES:
+        return INT_TOL
+    return BF16_TOL if qtype == Q.BF16 and M < fast.GEMM_MIN_ROWS else FLOAT_TOL
 
 
 def _f16_bytes(n: int, rng: np.random.Generator, lo: float, hi: float) -> np.ndarray:
@@ -73,7 +81,7 @@ def test_linear_matches_reference(qtype, M):
     y = fast.cpu_linear(x, w)
     ref = reference_linear(x, w)
     assert y.shape == (M, 37)
-    assert rel_rms(y, ref) <= (FLOAT_TOL if qtype in FLOAT_TYPES else INT_TOL)
+    assert rel_rms(y, ref) <= tol(qtype, M)
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.MXFP4], ids=lambda t: t.name)
@@ -124,14 +132,27 @@ def test_row_lengths_off_the_unrolled_steps(qtype, K, M):
     # block count, a partial group of 8 and a second chunk (MXFP4), an odd 16 and a tail (BF16) take other paths
     w = make_weight(qtype, (5, K), seed=K)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(K))
-    assert rel_rms(fast.matvec(x, w), reference_linear(x, w)) <= (FLOAT_TOL if qtype in FLOAT_TYPES else INT_TOL)
+    assert rel_rms(fast.matvec(x, w), reference_linear(x, w)) <= tol(qtype, M)
 
 
 def test_float_row_tail():
     # BF16 rows need not be a multiple of the 16-wide vector step
     w = make_weight(Q.BF16, (7, 75))
     x = torch.randn(3, 75)
-    assert rel_rms(fast.cpu_linear(x, w), reference_linear(x, w)) <= FLOAT_TOL
+    assert rel_rms(fast.cpu_linear(x, w), reference_linear(x, w)) <= BF16_TOL
+
+
+@pytest.mark.parametrize("K", [75, 4096])
+def test_bf16_without_the_bf16_dot_is_exact(K):
+    # the AVX2 build's shift/mask decode multiplies f32 activations: summation order only
+    native = fast._lib.v4_isa()
+    assert fast._lib.v4_set_isa(1) == 1
+    try:
+        w = make_weight(Q.BF16, (9, K))
+        x = torch.randn(2, K)
+        assert rel_rms(fast.cpu_linear(x, w), reference_linear(x, w)) <= FLOAT_TOL
+    finally:
+        fast._lib.v4_set_isa(native)
 
 
 def test_failed_build_keeps_reference(monkeypatch):
@@ -170,9 +191,9 @@ def test_routed_experts_match_reference(case, T):
     wts = torch.rand(T, k, generator=g)
     ref = reference_routed_experts(x, idx, wts, w1, w3, w2, limit)
     y = fast.cpu_routed_experts(x, idx, wts, w1, w3, w2, limit)
-    tol = FLOAT_TOL * 10 if case == "bf16" else 2 * INT_TOL  # two quantized activations in a row
-    assert rel_rms(y, ref) <= tol
-    assert rel_rms(ref, reference_routed_experts(x, idx, wts, w1, w3, w2, 1e9)) > 2 * tol  # the clamps matter here
+    bound = 2 * (BF16_TOL if case == "bf16" else INT_TOL)  # two rounded activations in a row
+    assert rel_rms(y, ref) <= bound
+    assert rel_rms(ref, reference_routed_experts(x, idx, wts, w1, w3, w2, 1e9)) > 2 * bound  # the clamps matter
     assert torch.equal(routed_experts(x, idx, wts, w1, w3, w2, limit), y)
 
 

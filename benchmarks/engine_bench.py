@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--kv-format", default="bf16")
+    ap.add_argument("--device", default="cpu", help="torch device for our engine (cuda: GPU memory is reported too)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     a = ap.parse_args()
 
@@ -54,7 +55,7 @@ def main() -> None:
     gguf = model_file(a.work, a.layers, a.experts, a.recipe)
     spec = bench.BenchSpec(str(gguf), tuple(a.engines.split(",")), a.threads,
                            tuple(int(x) for x in a.prefill.split(",")), tuple(int(x) for x in a.contexts.split(",")),
-                           a.decode_tokens, a.repeats, a.kv_format)
+                           a.decode_tokens, a.repeats, a.kv_format, a.device)
     result = bench.run_bench(spec, progress=lambda msg: print(f"... {msg}", flush=True))
     result["recipe"], result["mini_flash"] = a.recipe, {"layers": a.layers, "experts": a.experts}
     render(result)

@@ -114,3 +114,18 @@ def test_eval_needs_exactly_one_input(tiny, capsys):
         main(["eval", str(tiny[1])])
     assert e.value.code == 2
     assert "--text" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_engine_matches_cpu(tiny, engine):
+    # the whole forward on the GPU (reference kernels, torch's SDPA), from an empty cache: chunked prefill over
+    # the compressors' windows, then token-by-token decode, against the CPU engine
+    gpu = Engine.load(tiny[1], kv_format="f32", device="cuda")
+    prompt = random_token_ids(40, seed=5)
+    want = engine.logits(prompt, chunk=16)
+    got = gpu.logits(prompt, chunk=16)
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-3)
+    toks, _ = run(engine, prompt, temperature=0, max_tokens=8, stop_on_eos=False)
+    assert run(gpu, prompt, temperature=0, max_tokens=8, stop_on_eos=False)[0] == toks

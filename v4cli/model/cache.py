@@ -133,8 +133,9 @@ def codecs(kv_format: str, rope: int) -> tuple[Codec, Codec]:
 class Rows:
     """A growable list of encoded rows (capacity doubles, so appends are amortized O(1) per row)."""
 
-    def __init__(self, codec: Codec, dim: int):
+    def __init__(self, codec: Codec, dim: int, device: torch.device | str = "cpu"):
         self.codec, self.dim = codec, dim
+        self.device = torch.device(device)  # where an empty store's rows live (the model's device)
         self.parts: dict[str, torch.Tensor] = {}
         self.n = 0
 
@@ -184,7 +185,7 @@ class Rows:
         return {k: (v[a:b] if v.dim() else v) for k, v in self.parts.items()}
 
     def _device(self):
-        return next(iter(self.parts.values())).device if self.parts else torch.device("cpu")
+        return next(iter(self.parts.values())).device if self.parts else self.device
 
     def state(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self._view(0, self.n).items()} | {"n": torch.tensor(self.n)}

@@ -377,13 +377,14 @@ class DeepseekV4:
         """Empty state for one sequence, storing kv in `kv_format` ("f32", "bf16" or "fp8")."""
         a = self.args
         kv_c, idx_c = codecs(kv_format, a.qk_rope_head_dim)
+        dev = self.embed.device
         layers = []
         for i in range(a.num_hidden_layers):
-            lc = LayerCache(Rows(kv_c, a.head_dim), a.sliding_window - 1)
+            lc = LayerCache(Rows(kv_c, a.head_dim, dev), a.sliding_window - 1)
             if a.compress_ratios[i]:
-                lc.compressor = CompressorState(Rows(kv_c, a.head_dim))
+                lc.compressor = CompressorState(Rows(kv_c, a.head_dim, dev))
             if a.is_csa(i):
-                lc.indexer = CompressorState(Rows(idx_c, a.index_head_dim))
+                lc.indexer = CompressorState(Rows(idx_c, a.index_head_dim, dev))
             layers.append(lc)
         return ModelCache(layers, kv_format)
 
@@ -438,7 +439,8 @@ class MTP:
     def make_cache(self, kv_format: str = "bf16") -> ModelCache:
         """Empty draft state: one sliding-window layer (the draft block attends over its own past inputs)."""
         kv_c, _ = codecs(kv_format, self.args.qk_rope_head_dim)
-        return ModelCache([LayerCache(Rows(kv_c, self.args.head_dim), self.args.sliding_window - 1)], kv_format)
+        rows = Rows(kv_c, self.args.head_dim, self.trunk.embed.device)
+        return ModelCache([LayerCache(rows, self.args.sliding_window - 1)], kv_format)
 
     def forward(self, prev: torch.Tensor, ids: torch.Tensor, cache: ModelCache) -> torch.Tensor:
         """prev [T, S, D] = trunk streams of the positions before ids [T] → draft logits [T, vocab]."""

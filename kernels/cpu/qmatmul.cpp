@@ -193,19 +193,22 @@ struct XQuant {
     std::vector<uint16_t> b16;
     std::vector<XRow> rows;
 
-    void quantize(const float* x, int64_t R, int64_t K, int64_t ldx, bool float_only) {
+    // `ints`: the int8 rows, sums and pair order the integer kernels read; `floats`: the reordered f32 and the bf16
+    // copies the float kernels read. Only what some kernel of the call reads is built.
+    void quantize(const float* x, int64_t R, int64_t K, int64_t ldx, bool ints, bool floats) {
         rows.resize(R);
-        float* fb = aligned(fp, R * K);
-        uint16_t* hb = aligned(b16, R * K);
-        for (int64_t r = 0; r < R; ++r) {
-            deinterleave(x + r * ldx, K, fb + r * K);
-            to_bf16(x + r * ldx, K, hb + r * K);
+        for (int64_t r = 0; r < R; ++r) rows[r] = XRow{nullptr, nullptr, nullptr, nullptr, nullptr, x + r * ldx, nullptr, nullptr};
+        if (floats) {
+            float* fb = aligned(fp, R * K);
+            uint16_t* hb = aligned(b16, R * K);
+            for (int64_t r = 0; r < R; ++r) {
+                deinterleave(x + r * ldx, K, fb + r * K);
+                to_bf16(x + r * ldx, K, hb + r * K);
+                rows[r].fp = fb + r * K;
+                rows[r].fb16 = hb + r * K;
+            }
         }
-        if (float_only) {
-            for (int64_t r = 0; r < R; ++r)
-                rows[r] = XRow{nullptr, nullptr, nullptr, nullptr, nullptr, x + r * ldx, fb + r * K, hb + r * K};
-            return;
-        }
+        if (!ints) return;
         const int64_t nb = K / 32;
         int8_t* qb = aligned(q, R * K);
         int8_t* qpb = aligned(qp, R * K);
@@ -216,8 +219,8 @@ struct XQuant {
             int8_t* qr = qb + r * K;
             g_k.quant(x + r * ldx, K, qr, d.data() + r * nb, s16.data() + r * nb * 2, s32.data() + r * nb);
             pair(qr, K, qpb + r * K);
-            rows[r] = XRow{qr, d.data() + r * nb, s16.data() + r * nb * 2, s32.data() + r * nb, qpb + r * K,
-                           x + r * ldx, fb + r * K, hb + r * K};
+            rows[r].q = qr, rows[r].d = d.data() + r * nb, rows[r].s16 = s16.data() + r * nb * 2;
+            rows[r].s32 = s32.data() + r * nb, rows[r].qp = qpb + r * K;
         }
     }
 
@@ -343,7 +346,7 @@ int v4_set_isa(int level) {
 int v4_matmul(int t, const uint8_t* W, int64_t N, int64_t K, const float* x, int64_t M, float* y, int nthreads) {
     if (!supported(t, K)) return -1;
     XQuant& xq = scratch(0);
-    xq.quantize(x, M, K, K, is_float(t));
+    xq.quantize(x, M, K, K, !is_float(t), is_float(t));
     const XRow* xs = xq.rows.data();
     const int64_t rb = row_bytes(t, K), ntask = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && N * rb * M > (1 << 16))
@@ -419,10 +422,10 @@ int v4_matmul_batch(int n, const int* types, const uint8_t* const* Ws, const int
     }
     for (int j = 0; j < n; ++j) {
         if (qi[j] != j) continue;
-        bool float_only = true;  // the float kernels need only the reordered f32 copy
+        bool ints = false, floats = false;  // what the products reading this input need of it
         for (int i = j; i < n; ++i)
-            if (qi[i] == j) float_only = float_only && is_float(types[i]);
-        quants[j].quantize(xs[j], M, Ks[j], ldx[j], float_only);
+            if (qi[i] == j) (is_float(types[i]) ? floats : ints) = true;
+        quants[j].quantize(xs[j], M, Ks[j], ldx[j], ints, floats);
     }
     std::vector<const XRow*> xr(n);  // taken here: `quants` is thread-local, the team's other threads see their own
     for (int j = 0; j < n; ++j) xr[j] = quants[qi[j]].rows.data();
@@ -467,7 +470,7 @@ int v4_moe(const float* x, int64_t T, int64_t D, const int64_t* idx, const float
         if (idx[p] < 0 || idx[p] >= E) return -2;
     const int64_t rb1 = row_bytes(t1, D), rb3 = row_bytes(t3, D), rb2 = row_bytes(t2, I);
     XQuant& xq = scratch(0);
-    xq.quantize(x, T, D, D, is_float(t1) && is_float(t3));
+    xq.quantize(x, T, D, D, !is_float(t1) || !is_float(t3), is_float(t1) || is_float(t3));
     std::vector<float> h(P * I);
 
     // gate and up for every pair, fused with the activation (tasks = pairs × row blocks)
@@ -491,7 +494,7 @@ int v4_moe(const float* x, int64_t T, int64_t D, const int64_t* idx, const float
     }
 
     XQuant& hq = scratch(1);
-    hq.quantize(h.data(), P, I, I, is_float(t2));
+    hq.quantize(h.data(), P, I, I, !is_float(t2), is_float(t2));
     // down projection: each task owns a block of output rows for every token, so no two tasks write one value
     const int64_t tasks2 = (D + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)

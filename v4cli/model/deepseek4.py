@@ -370,7 +370,7 @@ class DeepseekV4:
         self.embed = w.q(names.root("embed.weight"))
         self.head = w.q(names.root("head.weight"))
         self.norm = w.f32(names.root("norm.weight"))
-        self.hc_fn, self.hc_base, self.hc_scale = (w.f32(names.root(f"hc_head_{k}")) for k in ("fn", "base", "scale"))
+        self.head_mix = head_mixer(w, args)
         self.blocks = [Block(w, i, args, ropes) for i in range(args.num_hidden_layers)]
 
     def make_cache(self, kv_format: str = "bf16") -> ModelCache:
@@ -403,18 +403,22 @@ class DeepseekV4:
         """Final streams [T, S, D] → logits [T, vocab] (or [1, vocab]) in f32."""
         if last_only:
             X = X[-1:]
-        return linear(collapse(X, self.hc_fn, self.hc_base, self.hc_scale, self.norm, self.args), self.head)
+        return linear(collapse(X, self.head_mix, self.norm), self.head)
 
     def forward(self, ids: torch.Tensor, cache: ModelCache, last_only: bool = False) -> torch.Tensor:
         """ids [T] → logits [T, vocab] (or [1, vocab] with last_only) in f32."""
         return self.head_logits(self.streams(ids, cache), last_only)
 
 
-def collapse(X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm: torch.Tensor,
-             args: ModelArgs) -> torch.Tensor:
+def head_mixer(w: Weights, args: ModelArgs) -> MixerParams:
+    """The output head's mHC collapse weights (the trunk's, or the MTP draft file's own)."""
+    fn, base, scale = (w.f32(names.root(f"hc_head_{k}")) for k in ("fn", "base", "scale"))
+    return MixerParams(fn, scale, base, args.hc_mult, 0, args.hc_eps, args.rms_norm_eps)
+
+
+def collapse(X: torch.Tensor, p: MixerParams, norm: torch.Tensor) -> torch.Tensor:
     """The head's mHC collapse of the streams X [T, S, D] (sigmoid-weighted sum), then its RMSNorm → [T, D]."""
-    p = MixerParams(fn, scale, base, args.hc_mult, 0, args.hc_eps, args.rms_norm_eps)
-    return rms_norm(hc_collapse(X, p), norm, args.rms_norm_eps)
+    return rms_norm(hc_collapse(X, p), norm, p.norm_eps)
 
 
 class MTP:
@@ -433,7 +437,7 @@ class MTP:
         self.enorm, self.hnorm = w.f32(names.mtp_blk(L, "enorm.weight")), w.f32(names.mtp_blk(L, "hnorm.weight"))
         head_norm = names.mtp_blk(L, "norm.weight")
         self.norm = w.f32(head_norm) if w.has(head_norm) else trunk.norm  # llama.cpp treats it as optional
-        self.hc_fn, self.hc_base, self.hc_scale = (w.f32(names.root(f"hc_head_{k}")) for k in ("fn", "base", "scale"))
+        self.head_mix = head_mixer(w, args)
         self.block = Block(w, L, args, trunk.ropes)
 
     def make_cache(self, kv_format: str = "bf16") -> ModelCache:
@@ -452,4 +456,4 @@ class MTP:
         x = linear(torch.cat([e[:, None, :].expand(-1, S, -1), h], dim=-1).reshape(T * S, -1), self.eh_proj)
         X = self.block(x.view(T, S, -1), ids, pos, cache.layers[0])
         cache.pos += T
-        return linear(collapse(X, self.hc_fn, self.hc_base, self.hc_scale, self.norm, a), self.trunk.head)
+        return linear(collapse(X, self.head_mix, self.norm), self.trunk.head)

@@ -124,15 +124,36 @@ def test_non_contiguous_input():
 
 
 @pytest.mark.parametrize("qtype,K", [(Q.MXFP4, 32 * 13), (Q.MXFP4, 32 * 67), (Q.MXFP4, 32 * 130),
+                                     (Q.Q8_0, 32 * 5), (Q.Q8_0, 32 * 13),
                                      (Q.BF16, 48), (Q.BF16, 16 * 67 + 5)],
                          ids=lambda v: getattr(v, "name", str(v)))
 @pytest.mark.parametrize("M", [1, 3])
 def test_row_lengths_off_the_unrolled_steps(qtype, K, M):
-    # MXFP4 decodes block pairs in 64-block chunks with scales built 8 at a time, BF16 steps 32 elements: an odd
-    # block count, a partial group of 8 and a second chunk (MXFP4), an odd 16 and a tail (BF16) take other paths
+    # MXFP4 decodes block pairs in 64-block chunks with scales built 8 at a time, Q8_0 builds scales 8 blocks at a
+    # time, BF16 steps 32 elements: an odd block count, a partial group of 8 and a second chunk (MXFP4), fewer than
+    # 8 blocks or a tail after them (Q8_0), an odd 16 and a tail (BF16) take other paths
     w = make_weight(qtype, (5, K), seed=K)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(K))
     assert rel_rms(fast.matvec(x, w), reference_linear(x, w)) <= tol(qtype, M)
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
+def test_q8_0_agrees_on_both_isa_builds(M):
+    # VNNI dots w + 128 and takes 128·Σq back in integers, AVX2 dots |w| with x·sign(w): both give each block's
+    # exact integer dot (-128 included), spread differently over the 8 lanes, so only f32 summation order differs
+    native = fast._lib.v4_isa()
+    if native < 2:
+        pytest.skip("this CPU has only the AVX2 build")
+    w = make_weight(Q.Q8_0, (23, 32 * 21), seed=M)
+    w.raw.view(-1, 34)[::7, 2:5] = 0x80  # int8 -128, which |w| and w + 128 both have to get right
+    x = torch.randn(M, 32 * 21, generator=torch.Generator().manual_seed(M))
+    y = fast.matvec(x, w)
+    assert fast._lib.v4_set_isa(1) == 1
+    try:
+        assert rel_rms(fast.matvec(x, w), y) <= 1e-6
+    finally:
+        fast._lib.v4_set_isa(native)
+    assert rel_rms(y, reference_linear(x, w)) <= INT_TOL
 
 
 def test_float_row_tail():

@@ -200,6 +200,33 @@ def test_raw_is_a_zero_copy_view_that_outlives_close(tmp_path):
         _open(tmp_path, data).raw("x")
 
 
+def _mapped_kib(path: Path) -> int:
+    """Resident KiB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, ours = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's header line
+            ours = line.endswith(str(path))
+        elif ours and line.startswith("Rss:"):
+            total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_prefault_maps_every_page(tmp_path):
+    size = 32 << 20
+    data = raw_gguf([], [_tinfo("w", [size // 4], Q.F32, 0)], bytes(size))
+    f = _open(tmp_path, data)
+    path = f.path.resolve()
+    assert _mapped_kib(path) < size // 1024 // 2  # parsing the header touched its first pages only
+    assert not f.prefault(max_fraction_of_ram=1e-9)  # a file "larger than RAM" is left alone
+    assert f.prefault()
+    assert _mapped_kib(path) >= size // 1024
+    assert f.raw("w").sum().item() == 0
+    f.close()
+    assert not f.prefault()  # closed: nothing to map
+
+
 # ---------------------------------------------------------------------------------------------- deepseek4
 
 TINY = {

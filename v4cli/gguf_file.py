@@ -171,6 +171,18 @@ class _Cursor:
         return items, chain
 
 
+# `prefault` maps a file only up to this share of RAM
+PREFAULT_MAX_RAM_FRACTION = 0.8
+_MADV_POPULATE_READ = 22  # Linux 5.14; Python's mmap module has no name for it before 3.13
+
+
+def _ram_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 class GGUFFile:
     """A parsed, validated GGUF file over a read-only mmap. Use as a context manager or call `close()`.
 
@@ -317,6 +329,25 @@ class GGUFFile:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
             return torch.frombuffer(view, dtype=torch.uint8)
+
+    def prefault(self, max_fraction_of_ram: float = PREFAULT_MAX_RAM_FRACTION) -> bool:
+        """Map every page of the file into this process now, as llama.cpp's MAP_POPULATE does; → whether it ran.
+
+        Otherwise each first touch of a weight page costs a page fault (one per 4-64 KB), and a decode step
+        first touches whole experts: measured ~20 % off the MoE's bandwidth over the first tokens. Reads the file
+        if it is not cached yet. Skipped for a file larger than `max_fraction_of_ram` of RAM, whose pages could
+        not all stay resident; a kernel without MADV_POPULATE_READ (< 5.14) gets a read-ahead hint instead.
+        """
+        if self._mm is None or self.size > max_fraction_of_ram * _ram_bytes():
+            return False
+        try:
+            self._mm.madvise(getattr(mmap, "MADV_POPULATE_READ", _MADV_POPULATE_READ))
+        except (OSError, ValueError, AttributeError):
+            try:
+                self._mm.madvise(mmap.MADV_WILLNEED)
+            except (OSError, ValueError, AttributeError):
+                return False
+        return True
 
     @property
     def architecture(self) -> str | None:

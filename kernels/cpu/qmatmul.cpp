@@ -33,6 +33,7 @@ struct XRow {
     const float* f;
     const float* fp;  // f with each 16 reordered evens-then-odds (BF16's decode order), see XQuant::deinterleave
     const uint16_t* fb16;  // f rounded to bf16 (nearest even), for the AVX512-BF16 dot
+    const int32_t* c32;  // −128·Σq per 32-block: takes back the +128 the VNNI Q8_0 kernel adds to its weights
 };
 
 using RowFn = void (*)(const uint8_t* W, int64_t rb, int64_t K, const XRow* xs, float* const* y, int64_t r0, int64_t r1);
@@ -190,6 +191,7 @@ bool is_float(int t) { return t == T_BF16 || t == T_F16; }
 struct XQuant {
     std::vector<int8_t> q, qp;
     std::vector<float> d, s16, s32, fp;
+    std::vector<int32_t> c32;
     std::vector<uint16_t> b16;
     std::vector<XRow> rows;
 
@@ -197,7 +199,7 @@ struct XQuant {
     // copies the float kernels read. Only what some kernel of the call reads is built.
     void quantize(const float* x, int64_t R, int64_t K, int64_t ldx, bool ints, bool floats) {
         rows.resize(R);
-        for (int64_t r = 0; r < R; ++r) rows[r] = XRow{nullptr, nullptr, nullptr, nullptr, nullptr, x + r * ldx, nullptr, nullptr};
+        for (int64_t r = 0; r < R; ++r) rows[r] = XRow{nullptr, nullptr, nullptr, nullptr, nullptr, x + r * ldx, nullptr, nullptr, nullptr};
         if (floats) {
             float* fb = aligned(fp, R * K);
             uint16_t* hb = aligned(b16, R * K);
@@ -215,12 +217,20 @@ struct XQuant {
         d.resize(R * nb);
         s32.resize(R * nb);
         s16.resize(R * nb * 2);
+        c32.resize(R * nb);
         for (int64_t r = 0; r < R; ++r) {
             int8_t* qr = qb + r * K;
             g_k.quant(x + r * ldx, K, qr, d.data() + r * nb, s16.data() + r * nb * 2, s32.data() + r * nb);
             pair(qr, K, qpb + r * K);
             rows[r].q = qr, rows[r].d = d.data() + r * nb, rows[r].s16 = s16.data() + r * nb * 2;
             rows[r].s32 = s32.data() + r * nb, rows[r].qp = qpb + r * K;
+            int32_t* c = c32.data() + r * nb;
+            for (int64_t b = 0; b < nb; ++b) {
+                int32_t sum = 0;
+                for (int j = 0; j < 32; ++j) sum += qr[32 * b + j];
+                c[b] = -128 * sum;
+            }
+            rows[r].c32 = c;
         }
     }
 

@@ -483,35 +483,43 @@ int v4_moe(const float* x, int64_t T, int64_t D, const int64_t* idx, const float
     xq.quantize(x, T, D, D, !is_float(t1) || !is_float(t3), is_float(t1) || is_float(t3));
     std::vector<float> h(P * I);
 
-    // gate and up for every pair, fused with the activation (tasks = pairs × row blocks)
-    const int64_t tasks1 = P * ((I + ROWS_PER_TASK - 1) / ROWS_PER_TASK), per1 = tasks1 / P;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-    for (int64_t i = 0; i < tasks1; ++i) {
-        const int64_t p = i / per1, r0 = (i % per1) * ROWS_PER_TASK, r1 = r0 + ROWS_PER_TASK < I ? r0 + ROWS_PER_TASK : I;
-        const int64_t e = idx[p];
-        const XRow* xr = &xq.rows[p / k];
-        float g[ROWS_PER_TASK], u[ROWS_PER_TASK];
-        float* gp = g;
-        float* up = u;
-        g_k.rows[t1][0](W1 + (e * I + r0) * rb1, rb1, D, xr, &gp, 0, r1 - r0);
-        g_k.rows[t3][0](W3 + (e * I + r0) * rb3, rb3, D, xr, &up, 0, r1 - r0);
-        float* hp = h.data() + p * I + r0;
-        for (int64_t r = 0; r < r1 - r0; ++r) {
-            const float gv = g[r] < limit ? g[r] : limit;
-            const float uv = u[r] < -limit ? -limit : (u[r] > limit ? limit : u[r]);
-            hp[r] = gv / (1.0f + std::exp(-gv)) * uv;
+    // gate and up for every pair, fused with the activation. Each thread takes one contiguous share of the P·I
+    // (pair, row) range and reads it as long runs: a pair's W1 rows, then the same W3 rows (interleaving them in
+    // 16-row tasks measured ~20 % under a plain matvec's rate).
+    const int nt1 = nthreads > 1 ? nthreads : 1;
+#pragma omp parallel num_threads(nt1) if (nt1 > 1)
+    {
+        const int th = nt1 > 1 ? omp_get_thread_num() : 0;
+        const int64_t lo = P * I * th / nt1, hi = P * I * (th + 1) / nt1;
+        std::vector<float> g(I), u(I);
+        for (int64_t a = lo; a < hi;) {
+            const int64_t p = a / I, r0 = a % I, r1 = std::min(I, r0 + (hi - a));
+            const int64_t e = idx[p];
+            const XRow* xr = &xq.rows[p / k];
+            float* gp = g.data();
+            float* up = u.data();
+            g_k.rows[t1][0](W1 + (e * I + r0) * rb1, rb1, D, xr, &gp, 0, r1 - r0);
+            g_k.rows[t3][0](W3 + (e * I + r0) * rb3, rb3, D, xr, &up, 0, r1 - r0);
+            float* hp = h.data() + p * I + r0;
+            for (int64_t r = 0; r < r1 - r0; ++r) {
+                const float gv = g[r] < limit ? g[r] : limit;
+                const float uv = u[r] < -limit ? -limit : (u[r] > limit ? limit : u[r]);
+                hp[r] = gv / (1.0f + std::exp(-gv)) * uv;
+            }
+            a += r1 - r0;
         }
     }
 
     XQuant& hq = scratch(1);
     hq.quantize(h.data(), P, I, I, !is_float(t2), is_float(t2));
-    // down projection: each task owns a block of output rows for every token, so no two tasks write one value
-    const int64_t tasks2 = (D + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-    for (int64_t i = 0; i < tasks2; ++i) {
-        const int64_t r0 = i * ROWS_PER_TASK, r1 = r0 + ROWS_PER_TASK < D ? r0 + ROWS_PER_TASK : D;
-        float tmp[ROWS_PER_TASK];
-        float* tp = tmp;
+    // down projection: each thread owns a contiguous block of output rows for every token (so no two threads write
+    // one value) and reads each expert's rows of it as one run
+#pragma omp parallel num_threads(nt1) if (nt1 > 1)
+    {
+        const int th = nt1 > 1 ? omp_get_thread_num() : 0;
+        const int64_t r0 = D * th / nt1, r1 = D * (th + 1) / nt1;
+        std::vector<float> tmp(r1 - r0);
+        float* tp = tmp.data();
         for (int64_t t = 0; t < T; ++t) {
             float* o = out + t * D + r0;
             for (int64_t r = 0; r < r1 - r0; ++r) o[r] = 0.0f;

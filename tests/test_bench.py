@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from gguf import GGUFReader
@@ -18,6 +19,14 @@ PRESET = "tiny-128"  # llama.cpp loads this preset only
 @pytest.fixture(scope="module")
 def q8(tiny_gguf):
     return tiny_gguf("q8", PRESET)
+
+
+def test_bandwidth_samples_combine_as_medians():
+    mk = lambda t: {"array_bytes": 8, "repeats": 5, "copy_gbs": t / 2, "triad_gbs": t, "read_gbs": t / 3}  # noqa: E731
+    bw = bench.combine_bandwidth([mk(30.0), mk(50.0), mk(40.0)])
+    assert (bw["triad_gbs"], bw["copy_gbs"], bw["read_gbs"]) == (40.0, 20.0, 40.0 / 3)
+    assert bw["repeats"] == 15 and len(bw["samples"]) == 3
+    assert math.isnan(bench.combine_bandwidth([])["triad_gbs"])
 
 
 def test_bandwidth_is_positive():

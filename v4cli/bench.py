@@ -338,16 +338,25 @@ def run_bench(spec: BenchSpec, progress: Callable[[str], None] | None = None, me
     check_spec(spec, args)
     weights = weight_bytes_per_token(gf)
     gf.close()
-    say("measuring memory bandwidth")
-    bandwidth = measure_bandwidth(bandwidth_bytes, threads=spec.n_threads) if measure_bw else None
     passes: dict[str, list[dict]] = {e: [] for e in spec.engines}
+    samples: list[dict] = []
     for r in range(spec.repeats):
+        if measure_bw:  # once per repeat, beside its passes: a shared machine's bandwidth drifts during a run
+            say(f"repeat {r + 1}/{spec.repeats}: measuring memory bandwidth")
+            samples.append(measure_bandwidth(bandwidth_bytes, threads=spec.n_threads))
         for e in spec.engines:  # interleaved: both engines see the same machine state per repeat
             say(f"repeat {r + 1}/{spec.repeats}: {e}")
             passes[e].append(_run_worker(spec, e))
-    if bandwidth is None:
-        bandwidth = {"array_bytes": 0, "repeats": 0, "copy_gbs": math.nan, "triad_gbs": math.nan}
-    return summarize(spec, passes, weights, args, bandwidth)
+    return summarize(spec, passes, weights, args, combine_bandwidth(samples))
+
+
+def combine_bandwidth(samples: list[dict]) -> dict:
+    """The per-repeat bandwidth measurements as one: the median of each figure, the samples kept beside it."""
+    if not samples:
+        return {"array_bytes": 0, "repeats": 0, "copy_gbs": math.nan, "triad_gbs": math.nan, "samples": []}
+    out = {k: _median([s[k] for s in samples]) for k in ("copy_gbs", "triad_gbs", "read_gbs")}
+    return {"array_bytes": samples[0]["array_bytes"], "repeats": sum(s["repeats"] for s in samples), **out,
+            "samples": samples}
 
 
 def can_plot() -> bool:

@@ -68,8 +68,10 @@ def render(result: dict) -> None:
     engines = list(result["engines"])
     bw, w = result["bandwidth"], result["weights"]
     read = f", {bw['read_gbs']:.1f} GB/s read" if "read_gbs" in bw else ""  # results saved before it was measured
+    triads = [s["triad_gbs"] for s in bw.get("samples", [])]
+    spread = f" (median of {len(triads)}: triad {min(triads):.1f}-{max(triads):.1f})" if len(triads) > 1 else ""
     ui.console.print(f"[bold]{result['model']}[/]  threads {result['threads']}  "
-                     f"bandwidth {bw['triad_gbs']:.1f} GB/s triad, {bw['copy_gbs']:.1f} GB/s copy{read}  "
+                     f"bandwidth {bw['triad_gbs']:.1f} GB/s triad, {bw['copy_gbs']:.1f} GB/s copy{read}{spread}  "
                      f"weights/token {format_bytes(w['bytes_per_token'])} "
                      f"(experts {format_bytes(w['experts_active'])})")
     t = Table(title="prefill")

@@ -128,4 +128,5 @@ def isa() -> int:
 
 
 def threads() -> int:
+    """Threads for the compiled kernels: torch's intra-op count (`torch.set_num_threads`, `--threads`)."""
     return torch.get_num_threads()

@@ -48,7 +48,7 @@ def _product(entry, x2: torch.Tensor, w: QWeight) -> torch.Tensor:
     """y [M, N] = x2 [M, K] · Wᵀ through one of the library's (type, W, N, K, x, M, y, threads) entry points."""
     M, (N, K) = x2.shape[0], w.shape
     y = torch.empty(M, N, dtype=torch.float32)
-    if entry(int(w.qtype), w.raw.data_ptr(), N, K, x2.data_ptr(), M, y.data_ptr(), torch.get_num_threads()) != 0:
+    if entry(int(w.qtype), w.raw.data_ptr(), N, K, x2.data_ptr(), M, y.data_ptr(), cpu_ext.threads()) != 0:
         raise RuntimeError(f"{entry.__name__} failed for {w.qtype.name} {w.shape}")  # callers checked the type
     return y
 
@@ -73,7 +73,7 @@ def dequantize(w: QWeight) -> torch.Tensor:
     """A 2-D QWeight as f32 [N, K], bit-identical to kernels.dequant (multithreaded C++)."""
     N, K = w.shape
     out = torch.empty(N, K, dtype=torch.float32)
-    if _lib.v4_dequant(int(w.qtype), w.raw.data_ptr(), N, K, out.data_ptr(), torch.get_num_threads()) != 0:
+    if _lib.v4_dequant(int(w.qtype), w.raw.data_ptr(), N, K, out.data_ptr(), cpu_ext.threads()) != 0:
         raise RuntimeError(f"v4_dequant failed for {w.qtype.name} {w.shape}")
     return out
 
@@ -84,7 +84,7 @@ def tiled_gemm(x2: torch.Tensor, w: QWeight) -> torch.Tensor:
     rb = w.row_bytes
     yt = torch.empty(N, M, dtype=torch.float32)  # (N, M): each tile's result is a contiguous row block
     tile = torch.empty(min(TILE_ROWS, N), K, dtype=torch.float32)
-    base, nt = w.raw.data_ptr(), torch.get_num_threads()
+    base, nt = w.raw.data_ptr(), cpu_ext.threads()
     for n0 in range(0, N, TILE_ROWS):
         n = min(TILE_ROWS, N - n0)
         _lib.v4_dequant(int(w.qtype), base + n0 * rb, n, K, tile.data_ptr(), nt)
@@ -129,7 +129,7 @@ def cpu_linear_many(pairs) -> list[torch.Tensor] | None:
     rc = _lib.v4_matmul_batch(
         n, (ctypes.c_int * n)(*(int(w.qtype) for _, w in pairs)), ptrs(w.raw.data_ptr() for _, w in pairs),
         i64s(w.shape[0] for _, w in pairs), i64s(w.shape[1] for _, w in pairs), ptrs(x.data_ptr() for x in xs),
-        i64s(x.stride(0) for x in xs), M, ptrs(y.data_ptr() for y in ys), torch.get_num_threads())
+        i64s(x.stride(0) for x in xs), M, ptrs(y.data_ptr() for y in ys), cpu_ext.threads())
     if rc != 0:
         raise RuntimeError(f"v4_matmul_batch failed ({rc})")  # _ready() checked every type
     return [y.view(*x.shape[:-1], w.shape[0]) for y, (x, w) in zip(ys, pairs)]
@@ -152,7 +152,7 @@ def cpu_routed_experts(x: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, w1
     out = torch.empty(T, D, dtype=torch.float32)
     rc = _lib.v4_moe(x.data_ptr(), T, D, idx.data_ptr(), wts.data_ptr(), k,
                      int(w1.qtype), w1.raw.data_ptr(), int(w3.qtype), w3.raw.data_ptr(),
-                     int(w2.qtype), w2.raw.data_ptr(), E, I, float(limit), out.data_ptr(), torch.get_num_threads())
+                     int(w2.qtype), w2.raw.data_ptr(), E, I, float(limit), out.data_ptr(), cpu_ext.threads())
     if rc == -2:
         raise BadInput(f"expert id out of range 0..{E - 1}")
     if rc != 0:

@@ -37,7 +37,7 @@ class CpuMixers:
         post, comb = (torch.empty(T, S), torch.empty(T, S, S)) if full else (None, None)
         rc = self.lib.v4_hc_pre(X.data_ptr(), T, S, D, fn.data_ptr(), fn.shape[0], scale.data_ptr(), base.data_ptr(),
                                 p.iters, p.eps, p.norm_eps, out.data_ptr(), post.data_ptr() if full else None,
-                                comb.data_ptr() if full else None, torch.get_num_threads())
+                                comb.data_ptr() if full else None, cpu_ext.threads())
         if rc != 0:
             return None
         return (out, post, comb) if full else out
@@ -55,7 +55,7 @@ class CpuMixers:
         y, X, post, comb = (t.contiguous() for t in (y, X, post, comb))
         out = torch.empty(T, S, D)
         rc = self.lib.v4_hc_post(y.data_ptr(), X.data_ptr(), post.data_ptr(), comb.data_ptr(), T, S, D, out.data_ptr(),
-                                 torch.get_num_threads())
+                                 cpu_ext.threads())
         return out if rc == 0 else None
 
 

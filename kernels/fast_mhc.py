@@ -1,4 +1,4 @@
-"""Compiled CPU mHC mixers (kernels/cpu/mhc.cpp) registered with kernels.mhc.
+"""Compiled CPU mHC mixers and RMSNorm (kernels/cpu/mhc.cpp) registered with kernels.mhc and kernels.norm.
 
 One C call replaces the ~130 small torch ops of a block's pre-mix (the Sinkhorn rounds alone are 6 ops × 20), which
 at decode cost more than the arithmetic: ~0.6 ms per call, four calls per layer pair. Results match the references
@@ -12,7 +12,7 @@ import ctypes
 
 import torch
 
-from kernels import cpu_ext, mhc
+from kernels import cpu_ext, mhc, norm
 
 
 def _ok(*ts: torch.Tensor) -> bool:
@@ -26,6 +26,8 @@ class CpuMixers:
         lib.v4_hc_pre.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i32, f32, f32, ptr, ptr, ptr, i32]
         lib.v4_hc_post.restype = i32
         lib.v4_hc_post.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ptr, i32]
+        lib.v4_rms_norm.restype = i32
+        lib.v4_rms_norm.argtypes = [ptr, i64, i64, ptr, f32, ptr, i32]
         self.lib = lib
 
     def _run(self, X: torch.Tensor, p: mhc.MixerParams, full: bool):
@@ -59,6 +61,18 @@ class CpuMixers:
         return out if rc == 0 else None
 
 
+    def rms_norm(self, x, weight, eps):
+        D = x.shape[-1]
+        if not _ok(x) or (weight is not None and (not _ok(weight) or weight.shape != (D,))) or x.numel() == 0:
+            return None
+        x = x.contiguous()
+        w = weight.contiguous() if weight is not None else None
+        y = torch.empty_like(x)
+        rc = self.lib.v4_rms_norm(x.data_ptr(), x.numel() // D, D, w.data_ptr() if w is not None else None, eps,
+                                  y.data_ptr(), cpu_ext.threads())
+        return y if rc == 0 else None
+
+
 def _install() -> bool:
     try:
         lib = cpu_ext.load()
@@ -66,7 +80,9 @@ def _install() -> bool:
         return False  # kernels.fast logs the build failure once
     if lib.v4_isa() == 0:
         return False
-    mhc.register("cpu", CpuMixers(lib))
+    cpu = CpuMixers(lib)
+    mhc.register("cpu", cpu)
+    norm.register("cpu", cpu.rms_norm)
     return True
 
 

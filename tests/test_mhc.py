@@ -84,3 +84,32 @@ def test_dispatch_uses_the_kernel_and_env_forces_the_reference(monkeypatch):
     monkeypatch.setenv("V4_KERNELS", "reference")
     mhc.hc_pre(X, p)
     assert calls == [1]
+
+
+# ------------------------------------------------------------------------------------------------ RMSNorm
+@pytest.mark.parametrize("shape", [(1, 4096), (1, 64, 512), (3, 1024), (300, 16), (1, 4, 7, 32)])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_rms_norm_matches_reference(shape, weighted, monkeypatch):
+    from kernels import norm
+
+    monkeypatch.delenv("V4_KERNELS", raising=False)  # conftest defaults the suite to the reference kernels
+    g = torch.Generator().manual_seed(shape[-1])
+    x = torch.randn(*shape, generator=g) * 5
+    w = torch.randn(shape[-1], generator=g) if weighted else None
+    got = FAST.rms_norm(x, w, 1e-6)
+    assert got is not None and got.shape == x.shape
+    torch.testing.assert_close(got, norm.reference_rms_norm(x, w, 1e-6), rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(norm.rms_norm(x, w, 1e-6), got, rtol=0, atol=0)  # the dispatcher takes the kernel
+
+
+def test_rms_norm_declines_what_it_does_not_handle(monkeypatch):
+    from kernels import norm
+
+    monkeypatch.delenv("V4_KERNELS", raising=False)
+    x = torch.randn(2, 40)  # 40: not a multiple of 16
+    assert FAST.rms_norm(x, None, 1e-6) is None
+    assert FAST.rms_norm(torch.randn(2, 32, dtype=torch.float64), None, 1e-6) is None
+    assert FAST.rms_norm(torch.randn(2, 32), torch.randn(16), 1e-6) is None  # weight of another width
+    torch.testing.assert_close(norm.rms_norm(x, None, 1e-6), norm.reference_rms_norm(x, None, 1e-6), rtol=0, atol=0)
+    xt = torch.randn(32, 3).t()  # a transposed view is normalized as the contiguous rows it stands for
+    torch.testing.assert_close(FAST.rms_norm(xt, None, 1e-6), norm.reference_rms_norm(xt, None, 1e-6))

@@ -18,15 +18,11 @@ import torch.nn.functional as F
 
 from kernels.linear import QWeight, embedding, linear, linear_many, routed_experts
 from kernels.mhc import MixerParams, hc_collapse, hc_post, hc_pre
+from kernels.norm import rms_norm
 from quant import names
 from quant.config import ModelArgs
 from v4cli.errors import GGUFError
 from v4cli.model.cache import CompressorState, LayerCache, ModelCache, Rows, codecs
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """x · rsqrt(mean(x²) + eps) · weight over the last dim, as one fused op (a decode step runs ~6 per layer)."""
-    return F.rms_norm(x, x.shape[-1:], weight, eps)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:

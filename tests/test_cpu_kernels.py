@@ -138,14 +138,18 @@ def test_row_lengths_off_the_unrolled_steps(qtype, K, M):
 
 
 @pytest.mark.parametrize("M", [1, 2, 3, 4])
-def test_q8_0_agrees_on_both_isa_builds(M):
-    # VNNI dots w + 128 and takes 128·Σq back in integers, AVX2 dots |w| with x·sign(w): both give each block's
-    # exact integer dot (-128 included), spread differently over the 8 lanes, so only f32 summation order differs
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.MXFP4], ids=lambda t: t.name)
+def test_isa_builds_agree(qtype, M):
+    # Q8_0: VNNI dots w + 128 and takes 128·Σq back in integers, AVX2 dots |w| with x·sign(w): both give each
+    # block's exact integer dot (-128 included), spread differently over the 8 lanes, so only f32 summation order
+    # differs. MXFP4: vpdpbusd vs maddubs + madd over the same lanes. 21 blocks: two 8-block steps, then a tail
+    # of two pairs and an odd block.
     native = fast._lib.v4_isa()
     if native < 2:
         pytest.skip("this CPU has only the AVX2 build")
-    w = make_weight(Q.Q8_0, (23, 32 * 21), seed=M)
-    w.raw.view(-1, 34)[::7, 2:5] = 0x80  # int8 -128, which |w| and w + 128 both have to get right
+    w = make_weight(qtype, (23, 32 * 21), seed=M)
+    if qtype == Q.Q8_0:
+        w.raw.view(-1, 34)[::7, 2:5] = 0x80  # int8 -128, which |w| and w + 128 both have to get right
     x = torch.randn(M, 32 * 21, generator=torch.Generator().manual_seed(M))
     y = fast.matvec(x, w)
     assert fast._lib.v4_set_isa(1) == 1

@@ -226,7 +226,8 @@ def test_routed_experts_same_for_any_thread_count():
     # each thread takes a contiguous share of the (pair, row) range, which may start or end inside a pair: every
     # row's dot is the same wherever the split falls, so the result is bit-identical for any thread count
     E, D, I, k, T = 5, 256, 96, 3, 2
-    w1, w3, w2 = make_weight(Q.Q8_0, (E, I, D), 1), make_weight(Q.Q4_K, (E, I, D), 2), make_weight(Q.MXFP4, (E, D, I), 3)
+    w1, w3 = make_weight(Q.Q8_0, (E, I, D), 1), make_weight(Q.Q4_K, (E, I, D), 2)
+    w2 = make_weight(Q.MXFP4, (E, D, I), 3)
     x, wts = torch.randn(T, D) * 0.05, torch.rand(T, k)
     idx = torch.tensor([[0, 3, 4], [2, 3, 1]])
     before = torch.get_num_threads()

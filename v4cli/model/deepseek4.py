@@ -206,10 +206,14 @@ class Attention:
         kv = lc.window.append(kv)
         keys = torch.cat([prior, kv])  # (K, d)
         lc.window.keep_last(lc.window_len)
-        # key positions relative to the first query (host ints only: no device sync)
-        kpos = torch.arange(-prior.shape[0], T, device=x.device)
-        qpos = torch.arange(T, device=x.device)
-        allowed = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - self.W)  # (T, K)
+        # One query (decode) may see every key it is given: the window holds at most W − 1 earlier rows and every
+        # stored entry is complete at its position. Masks are built for chunks only (None: all allowed).
+        allowed = None
+        if T > 1:
+            # key positions relative to the first query (host ints only: no device sync)
+            kpos = torch.arange(-prior.shape[0], T, device=x.device)
+            qpos = torch.arange(T, device=x.device)
+            allowed = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - self.W)  # (T, K)
 
         if self.compressor is None:
             out = self._attend(q, keys, allowed)
@@ -221,13 +225,18 @@ class Attention:
                 idx, valid = self.indexer.select(lc.indexer, x, qr, cs, pos)
                 if idx.shape[1] < N:
                     out = self._gathered(q, keys, allowed, entries, idx, valid)
+                elif allowed is None:  # one query, every entry chosen
+                    out = self._attend(q, torch.cat([keys, entries.get()]), None)
                 else:  # every entry is a candidate: dense with a mask is the same sum and cheaper
                     seen = torch.zeros(T, N + 1, dtype=torch.bool, device=x.device)
                     seen.scatter_(1, torch.where(valid, idx, N), True)
                     out = self._attend(q, torch.cat([keys, entries.get()]), torch.cat([allowed, seen[:, :N]], 1))
             else:
-                seen = torch.arange(N, device=x.device)[None, :] < ((pos + 1) // self.ratio)[:, None]
-                out = self._attend(q, torch.cat([keys, entries.get()]), torch.cat([allowed, seen], 1))
+                seen = None
+                if allowed is not None:
+                    done = torch.arange(N, device=x.device)[None, :] < ((pos + 1) // self.ratio)[:, None]
+                    seen = torch.cat([allowed, done], 1)
+                out = self._attend(q, torch.cat([keys, entries.get()]), seen)
         out = self.rope.apply(out, cs, inverse=True)
 
         og = out.reshape(T, self.G, -1)  # (T, G, H/G·d)
@@ -256,16 +265,19 @@ class Attention:
             out = out + torch.einsum("htk,tkd->thd", pe, extra[1])
         return out / den.permute(1, 0, 2)
 
-    def _attend(self, q: torch.Tensor, kv: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """q [T, H, d] over the shared key/value rows kv [K, d] where allowed [T, K] → (T, H, d), the sink in the
-        denominator only: it is one more key of value zero whose logit (the per-head sink) comes in as the additive
-        mask, so torch's fused attention does the whole softmax without materializing the probabilities."""
+    def _attend(self, q: torch.Tensor, kv: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+        """q [T, H, d] over the shared key/value rows kv [K, d] where allowed [T, K] (None: all) → (T, H, d), the
+        sink in the denominator only: it is one more key of value zero whose logit (the per-head sink) comes in as
+        the additive mask, so torch's fused attention does the whole softmax without materializing the
+        probabilities."""
         T, H, d = q.shape
         K = kv.shape[0]
         if T == 1:
             # decode: two small matmuls over the shared rows; torch's fused kernel, built for long queries, took
             # 2-3x as long at one query (~0.4 vs ~0.17 ms for 64 heads over 129 rows, 2 threads)
-            logits = torch.mm(q[0], kv.t()).mul_(d ** -0.5).masked_fill_(~allowed, float("-inf"))  # (H, K)
+            logits = torch.mm(q[0], kv.t()).mul_(d ** -0.5)  # (H, K)
+            if allowed is not None:
+                logits.masked_fill_(~allowed, float("-inf"))
             p = torch.softmax(torch.cat([logits, self.sink[:, None]], 1), dim=-1)
             return torch.mm(p[:, :K], kv)[None]
         kv = torch.cat([kv, kv.new_zeros(1, d)])[None, None].expand(1, H, K + 1, d)
@@ -278,7 +290,8 @@ class Attention:
     def _gathered(self, q, keys, allowed, entries, idx, valid) -> torch.Tensor:
         """Window keys + only each query's top-k entries, decoded from storage by index (CSA at length)."""
         logits = torch.einsum("thd,kd->htk", q, keys) * self.d ** -0.5
-        logits = logits.masked_fill(~allowed, float("-inf"))
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
         T, k = idx.shape
         step = max(1, self.GATHER_ELEMS // max(1, k * self.d))
         outs = []

@@ -24,7 +24,7 @@ import torch
 from v4cli.errors import V4Error
 
 # every .cpp here is one translation unit of the library; the .inc files are included by them
-SOURCES = ("qmatmul.cpp", "qmatmul_isa.inc", "qgemm_isa.inc", "mhc.cpp")
+SOURCES = ("qmatmul.cpp", "qmatmul_isa.inc", "qgemm_isa.inc", "mhc.cpp", "attention.cpp")
 # -ffp-contract=off keeps the dequantizers' multiply-then-subtract bit-exact with kernels/dequant.py;
 # -fopenmp links libgomp.so.1, which resolves to the copy torch already loaded (one thread pool, torch's count).
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-fno-math-errno")
@@ -106,6 +106,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.v4_matmul_batch.argtypes = [i32, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, i32]
     lib.v4_moe.restype = i32
     lib.v4_moe.argtypes = [ptr, i64, i64, ptr, ptr, i64, i32, ptr, i32, ptr, i32, ptr, i64, i64, f32, ptr, i32]
+    lib.v4_index_scores.restype = i32
+    lib.v4_index_scores.argtypes = [ptr, ptr, ptr, i32, i64, i64, i64, f32, ptr, i32]
     return lib
 
 

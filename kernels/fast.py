@@ -20,7 +20,7 @@ import logging
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from kernels import cpu_ext
+from kernels import attention, cpu_ext
 from kernels.linear import QWeight, reference_linear, register, register_batch, register_moe
 from v4cli.errors import BadInput
 
@@ -160,6 +160,19 @@ def cpu_routed_experts(x: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, w1
     return out
 
 
+def cpu_index_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """`attention.index_scores` for one query (decode) over f32 or bf16 keys in one pass; None for anything else."""
+    T, H, d = q.shape
+    if (T != 1 or q.dtype != torch.float32 or w.dtype != torch.float32 or keys.dtype not in (torch.float32, torch.bfloat16)
+            or keys.dim() != 2 or keys.shape[1] != d or H % 8 or H > 64):
+        return None
+    q, w, keys = q.contiguous(), w.contiguous(), keys.contiguous()
+    out = torch.empty(1, keys.shape[0], dtype=torch.float32)
+    rc = _lib.v4_index_scores(q.data_ptr(), w.data_ptr(), keys.data_ptr(), int(keys.dtype == torch.bfloat16),
+                              keys.shape[0], d, H, float(scale), out.data_ptr(), cpu_ext.threads())
+    return out if rc == 0 else None
+
+
 def _install() -> bool:
     global _lib
     try:
@@ -175,6 +188,7 @@ def _install() -> bool:
         register(t, "cpu")(cpu_linear)
     register_moe("cpu")(cpu_routed_experts)
     register_batch("cpu")(cpu_linear_many)
+    attention.register("cpu", cpu_index_scores)
     return True
 
 

@@ -294,3 +294,31 @@ def test_linear_many_declines_gemm_sizes_and_mismatched_rows():
     assert fast.cpu_linear_many([(big[:1], w), (big[:2], w)]) is None
     ys = linear_many([(big, w), (big[:2], w)])  # the dispatcher falls back to one call each
     assert torch.equal(ys[0], fast.cpu_linear(big, w)) and torch.equal(ys[1], fast.cpu_linear(big[:2], w))
+
+
+# ------------------------------------------------------------------------------------------- indexer scores
+@pytest.mark.parametrize("H,d,N", [(64, 128, 3000), (8, 128, 1), (24, 36, 77), (64, 128, 0)])
+@pytest.mark.parametrize("key_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_index_scores_match_reference(H, d, N, key_dtype):
+    from kernels import attention
+
+    g = torch.Generator().manual_seed(H + d + N)
+    q, w = torch.randn(1, H, d, generator=g), torch.randn(1, H, generator=g)
+    keys = torch.randn(N, d, generator=g).to(key_dtype)
+    got = fast.cpu_index_scores(q, w, keys, d ** -0.5)
+    ref = attention.reference_index_scores(q, w, keys, d ** -0.5)
+    assert got is not None and got.shape == (1, N)
+    # the same f32 products (bf16 keys widened exactly); only the order of the sums differs
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * (ref.abs().max().item() if N else 1.0))
+    assert torch.equal(attention.index_scores(q, w, keys, d ** -0.5), got)  # the dispatcher takes the kernel
+
+
+def test_index_scores_decline_and_fall_back():
+    from kernels import attention
+
+    q, w, keys = torch.randn(2, 8, 32), torch.randn(2, 8), torch.randn(10, 32)
+    assert fast.cpu_index_scores(q, w, keys, 1.0) is None  # a chunk of queries: the reference's batched matmuls
+    assert fast.cpu_index_scores(torch.randn(1, 12, 32), torch.randn(1, 12), keys, 1.0) is None  # 12 heads
+    assert fast.cpu_index_scores(q[:1], w[:1], keys.double(), 1.0) is None
+    torch.testing.assert_close(attention.index_scores(q, w, keys, 0.5), attention.reference_index_scores(q, w, keys, 0.5),
+                               rtol=0, atol=0)

@@ -164,6 +164,12 @@ class Rows:
             return torch.zeros(0, self.dim, device=self._device())
         return self.codec.decode(self._view(0, self.n))
 
+    def stored(self) -> torch.Tensor:
+        """All rows as kept when the format is plain (f32 / bf16 [n, dim], no copy); decoded to f32 otherwise."""
+        if self.n and isinstance(self.codec, PlainCodec):
+            return self.parts["x"][: self.n]
+        return self.get()
+
     def take(self, idx: torch.Tensor) -> torch.Tensor:
         """Rows idx (any shape, values in [0, n)) decoded to f32 [*idx.shape, dim]; only those rows are decoded."""
         flat = idx.reshape(-1)

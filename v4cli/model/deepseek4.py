@@ -16,6 +16,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
+from kernels.attention import index_scores
 from kernels.linear import QWeight, embedding, linear, linear_many, routed_experts
 from kernels.mhc import MixerParams, hc_collapse, hc_post, hc_pre
 from kernels.norm import rms_norm
@@ -153,7 +154,7 @@ class Indexer:
     def select(self, st: CompressorState, x, qr, cs, pos) -> tuple[torch.Tensor, torch.Tensor]:
         """→ (indices [T, k], valid [T, k]) of the chosen entries; k = min(topk, entries)."""
         self.compressor.update(st, x)
-        keys = st.entries.get()  # (N, di)
+        keys = st.entries.stored()  # (N, di), f32 or bf16 as stored
         T, N = x.shape[0], keys.shape[0]
         if N == 0:
             return (torch.zeros(T, 0, dtype=torch.long, device=x.device),
@@ -161,8 +162,7 @@ class Indexer:
         q, w = linear_many([(qr, self.wq_b), (x, self.proj)])
         q = self.rope.apply(q.view(T, self.H, self.d), cs)  # (T, Hi, di)
         w = w * self.H ** -0.5  # (T, Hi)
-        s = torch.relu(torch.einsum("thd,nd->thn", q, keys)) * self.d ** -0.5
-        score = torch.einsum("thn,th->tn", s, w)
+        score = index_scores(q, w, keys, self.d ** -0.5)  # (T, N)
         visible = (pos + 1) // 4  # entries 0..visible-1 are complete for query t
         future = torch.arange(N, device=x.device)[None, :] >= visible[:, None]
         # a stable sort breaks score ties toward the older entry, so the choice never depends on chunking
@@ -223,10 +223,11 @@ class Attention:
             N = entries.n
             if self.indexer is not None:
                 idx, valid = self.indexer.select(lc.indexer, x, qr, cs, pos)
-                if idx.shape[1] < N:
+                if allowed is None:  # one query: its chosen entries (all complete) join the window's keys
+                    chosen = entries.take(idx[0]) if idx.shape[1] < N else entries.get()
+                    out = self._attend(q, torch.cat([keys, chosen]), None)
+                elif idx.shape[1] < N:
                     out = self._gathered(q, keys, allowed, entries, idx, valid)
-                elif allowed is None:  # one query, every entry chosen
-                    out = self._attend(q, torch.cat([keys, entries.get()]), None)
                 else:  # every entry is a candidate: dense with a mask is the same sum and cheaper
                     seen = torch.zeros(T, N + 1, dtype=torch.bool, device=x.device)
                     seen.scatter_(1, torch.where(valid, idx, N), True)

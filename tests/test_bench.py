@@ -125,3 +125,8 @@ def test_bench_runs_both_engines_and_writes_json(q8, tmp_path):
     row = res["decode"][1]
     assert row["ratio"] == pytest.approx(row["torch"]["tps"] / row["llama"]["tps"])
     assert res["decode"][1]["bytes_per_token"] > res["decode"][0]["bytes_per_token"]
+    # a longer context's decode also has a context-0 decode measured right after it, and their ratio
+    assert res["decode"][0]["torch"]["vs_ctx0"] is None
+    assert all(res["decode"][1][e]["vs_ctx0"] > 0 for e in ("torch", "llama"))
+    assert "decode at 64 ÷ decode at 0, measured back to back" in r.output
+    assert len(res["bandwidth"]["samples"]) == 1  # one measurement per repeat

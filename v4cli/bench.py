@@ -246,6 +246,10 @@ def run_pass(spec: BenchSpec, engine: str) -> dict:
         done = timed(c, spec.decode_tokens + 1)
         decode[str(c)] = {"tps": done.timings.decode_tps, "ttft_s": done.timings.ttft_s,
                           "kv_bytes": done.memory.kv_bytes}
+        if c > 0:
+            # decode at context 0 again, right after: the ratio of the two is taken seconds apart, not minutes
+            # (a long prefill sits between this and the context-0 run above, and a shared box drifts meanwhile)
+            decode[str(c)]["paired_ctx0_tps"] = timed(0, spec.decode_tokens + 1).timings.decode_tps
     gpu = torch.cuda.max_memory_allocated() if spec.device.startswith("cuda") else None
     return {"engine": engine, "load_s": load_s, "prefill": prefill, "decode": decode,
             "peak_rss_bytes": peak_rss_bytes(), "gpu_peak_bytes": gpu}
@@ -319,10 +323,13 @@ def summarize(spec: BenchSpec, passes: dict[str, list[dict]], weights: WeightByt
         total = decode_bytes(weights, args, spec.kv_format, c)
         row = {"context": c, "bytes_per_token": total, "roofline_tps": bw / total, "flash": {}}
         for e in engines:
-            tps = _median([ps["decode"][str(c)]["tps"] for ps in passes[e]])
+            runs = [ps["decode"][str(c)] for ps in passes[e]]
+            tps = _median([d["tps"] for d in runs])
             row[e] = {"tps": tps, "ttft_s": _median([ps["decode"][str(c)]["ttft_s"] for ps in passes[e]]),
                       "kv_bytes": _median([ps["decode"][str(c)]["kv_bytes"] for ps in passes[e]]),
-                      "roofline_pct": 100.0 * tps * total / bw}
+                      "roofline_pct": 100.0 * tps * total / bw,
+                      "vs_ctx0": _median([d["tps"] / d["paired_ctx0_tps"] for d in runs if d.get("paired_ctx0_tps")])
+                      or None}
             row["flash"][e] = extrapolate_flash(tps, weights, args, spec.kv_format, c, bw)
         row["ratio"] = ratio(row, "tps")
         result["decode"].append(row)

@@ -101,6 +101,10 @@ def render(result: dict) -> None:
             cells += [_fmt(row[e]["tps"]), _fmt(row[e]["roofline_pct"], ".0f"), _fmt(row["flash"][e]["tps"])]
         t.add_row(*cells, _fmt(row["ratio"]))
     ui.console.print(t)
+    for row in result["decode"]:
+        paired = [f"{e} {row[e]['vs_ctx0']:.2f}" for e in engines if row[e].get("vs_ctx0")]
+        if paired:
+            ui.console.print(f"decode at {row['context']} ÷ decode at 0, measured back to back: {', '.join(paired)}")
     for e, info in result["engines"].items():
         gpu = f", GPU peak {format_bytes(info['gpu_peak_bytes'])}" if info.get("gpu_peak_bytes") else ""
         ui.console.print(f"{e:6s} peak RSS {format_bytes(info['peak_rss_bytes'])}, load {info['load_s']:.2f} s{gpu}")

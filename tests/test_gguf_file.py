@@ -213,7 +213,10 @@ def _mapped_kib(path: Path) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
-def test_prefault_maps_every_page(tmp_path):
+def test_prefault_maps_every_page(tmp_path, monkeypatch):
+    from v4cli import gguf_file
+
+    monkeypatch.setattr(gguf_file, "PREFAULT_SLICE", 3 << 20)  # several slices, the last one short
     size = 32 << 20
     data = raw_gguf([], [_tinfo("w", [size // 4], Q.F32, 0)], bytes(size))
     f = _open(tmp_path, data)

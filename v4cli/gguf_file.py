@@ -173,6 +173,7 @@ class _Cursor:
 
 # `prefault` maps a file only up to this share of RAM
 PREFAULT_MAX_RAM_FRACTION = 0.8
+PREFAULT_SLICE = 256 << 20  # bytes per madvise call (a multiple of the page size)
 _MADV_POPULATE_READ = 22  # Linux 5.14; Python's mmap module has no name for it before 3.13
 
 
@@ -340,13 +341,18 @@ class GGUFFile:
         """
         if self._mm is None or self.size > max_fraction_of_ram * _ram_bytes():
             return False
-        try:
-            self._mm.madvise(getattr(mmap, "MADV_POPULATE_READ", _MADV_POPULATE_READ))
-        except (OSError, ValueError, AttributeError):
+        advice = getattr(mmap, "MADV_POPULATE_READ", _MADV_POPULATE_READ)
+        # in slices: madvise holds the GIL, and a cold 100 GB file takes a minute, so a spinner must get turns
+        for start in range(0, self.size, PREFAULT_SLICE):
+            length = min(PREFAULT_SLICE, self.size - start)
             try:
-                self._mm.madvise(mmap.MADV_WILLNEED)
+                self._mm.madvise(advice, start, length)
             except (OSError, ValueError, AttributeError):
-                return False
+                try:
+                    self._mm.madvise(mmap.MADV_WILLNEED)
+                except (OSError, ValueError, AttributeError):
+                    return False
+                return True
         return True
 
     @property

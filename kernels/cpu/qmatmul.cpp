@@ -489,8 +489,9 @@ int v4_moe(const float* x, int64_t T, int64_t D, const int64_t* idx, const float
     const int nt1 = nthreads > 1 ? nthreads : 1;
 #pragma omp parallel num_threads(nt1) if (nt1 > 1)
     {
-        const int th = nt1 > 1 ? omp_get_thread_num() : 0;
-        const int64_t lo = P * I * th / nt1, hi = P * I * (th + 1) / nt1;
+        // split by the team OpenMP actually gave (it may give fewer threads than asked), so no share is skipped
+        const int th = omp_get_thread_num(), nth = omp_get_num_threads();
+        const int64_t lo = P * I * th / nth, hi = P * I * (th + 1) / nth;
         std::vector<float> g(I), u(I);
         for (int64_t a = lo; a < hi;) {
             const int64_t p = a / I, r0 = a % I, r1 = std::min(I, r0 + (hi - a));
@@ -516,8 +517,8 @@ int v4_moe(const float* x, int64_t T, int64_t D, const int64_t* idx, const float
     // one value) and reads each expert's rows of it as one run
 #pragma omp parallel num_threads(nt1) if (nt1 > 1)
     {
-        const int th = nt1 > 1 ? omp_get_thread_num() : 0;
-        const int64_t r0 = D * th / nt1, r1 = D * (th + 1) / nt1;
+        const int th = omp_get_thread_num(), nth = omp_get_num_threads();
+        const int64_t r0 = D * th / nth, r1 = D * (th + 1) / nth;
         std::vector<float> tmp(r1 - r0);
         float* tp = tmp.data();
         for (int64_t t = 0; t < T; ++t) {

@@ -188,7 +188,7 @@ def _install() -> bool:
         register(t, "cpu")(cpu_linear)
     register_moe("cpu")(cpu_routed_experts)
     register_batch("cpu")(cpu_linear_many)
-    attention.register("cpu", cpu_index_scores)
+    attention.register("cpu")(cpu_index_scores)
     return True
 
 

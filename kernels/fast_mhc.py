@@ -60,7 +60,6 @@ class CpuMixers:
                                  cpu_ext.threads())
         return out if rc == 0 else None
 
-
     def rms_norm(self, x, weight, eps):
         D = x.shape[-1]
         if not _ok(x) or (weight is not None and (not _ok(weight) or weight.shape != (D,))) or x.numel() == 0:
@@ -82,7 +81,7 @@ def _install() -> bool:
         return False
     cpu = CpuMixers(lib)
     mhc.register("cpu", cpu)
-    norm.register("cpu", cpu.rms_norm)
+    norm.register("cpu")(cpu.rms_norm)
     return True
 
 

@@ -142,7 +142,7 @@ def use_fast() -> bool:
     return True
 
 
-def _try_fast(registry: dict, like: torch.Tensor, *args):
+def try_fast(registry: dict, like: torch.Tensor, *args):
     """The registered fast kernel for `like`'s device called on args, or None (none registered, or it declined)."""
     fn = registry.get(like.device.type) if use_fast() else None
     return fn(*args) if fn is not None else None
@@ -158,7 +158,7 @@ BatchKernel = Callable[[Sequence[tuple[torch.Tensor, QWeight]]], "list[torch.Ten
 _BATCH_KERNELS: dict[str, BatchKernel] = {}
 
 
-def _registrar(registry: dict) -> Callable[[str], Callable]:
+def registrar(registry: dict) -> Callable[[str], Callable]:
     """A `register_*(device_type)` decorator that files a fast kernel in `registry`."""
 
     def register_for(device_type: str) -> Callable:
@@ -172,13 +172,13 @@ def _registrar(registry: dict) -> Callable[[str], Callable]:
 
 
 # a fast `linear_many` for one device type; it may return None to decline a call
-register_batch = _registrar(_BATCH_KERNELS)
+register_batch = registrar(_BATCH_KERNELS)
 
 
 def linear_many(pairs: Sequence[tuple[torch.Tensor, QWeight]]) -> list[torch.Tensor]:
     """[linear(x, w) for x, w in pairs], in one kernel call where one is registered: at decode a layer's small
     projections cost more in per-call overhead than in arithmetic."""
-    ys = _try_fast(_BATCH_KERNELS, pairs[0][0], pairs) if pairs else None
+    ys = try_fast(_BATCH_KERNELS, pairs[0][0], pairs) if pairs else None
     return ys if ys is not None else [linear(x, w) for x, w in pairs]
 
 
@@ -187,7 +187,7 @@ _MOE_KERNELS: dict[str, MoeKernel] = {}
 
 
 # a fast `routed_experts` kernel for one device type; it may return None to decline a call
-register_moe = _registrar(_MOE_KERNELS)
+register_moe = registrar(_MOE_KERNELS)
 
 
 def reference_routed_experts(x: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, w1: QWeight, w3: QWeight,
@@ -210,7 +210,7 @@ def routed_experts(x: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, w1: QW
     w1 / w3 (gate / up) are 3-D [E, I, D] and w2 (down) [E, D, I]. Meant for decode-sized batches; a fast kernel
     reads each selected expert's bytes once without building f32 copies.
     """
-    y = _try_fast(_MOE_KERNELS, x, x, idx, wts, w1, w3, w2, limit)
+    y = try_fast(_MOE_KERNELS, x, x, idx, wts, w1, w3, w2, limit)
     return y if y is not None else reference_routed_experts(x, idx, wts, w1, w3, w2, limit)
 
 

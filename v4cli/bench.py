@@ -325,8 +325,8 @@ def summarize(spec: BenchSpec, passes: dict[str, list[dict]], weights: WeightByt
         for e in engines:
             runs = [ps["decode"][str(c)] for ps in passes[e]]
             tps = _median([d["tps"] for d in runs])
-            row[e] = {"tps": tps, "ttft_s": _median([ps["decode"][str(c)]["ttft_s"] for ps in passes[e]]),
-                      "kv_bytes": _median([ps["decode"][str(c)]["kv_bytes"] for ps in passes[e]]),
+            row[e] = {"tps": tps, "ttft_s": _median([d["ttft_s"] for d in runs]),
+                      "kv_bytes": _median([d["kv_bytes"] for d in runs]),
                       "roofline_pct": 100.0 * tps * total / bw,
                       "vs_ctx0": _median([d["tps"] / d["paired_ctx0_tps"] for d in runs if d.get("paired_ctx0_tps")])
                       or None}

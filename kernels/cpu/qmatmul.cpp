@@ -224,13 +224,8 @@ struct XQuant {
             pair(qr, K, qpb + r * K);
             rows[r].q = qr, rows[r].d = d.data() + r * nb, rows[r].s16 = s16.data() + r * nb * 2;
             rows[r].s32 = s32.data() + r * nb, rows[r].qp = qpb + r * K;
-            int32_t* c = c32.data() + r * nb;
-            for (int64_t b = 0; b < nb; ++b) {
-                int32_t sum = 0;
-                for (int j = 0; j < 32; ++j) sum += qr[32 * b + j];
-                c[b] = -128 * sum;
-            }
-            rows[r].c32 = c;
+            g_k.gemm_corr(qr, K, 32, 128, c32.data() + r * nb);  // the GEMM's −bias·Σq per group, here per 32
+            rows[r].c32 = c32.data() + r * nb;
         }
     }
 

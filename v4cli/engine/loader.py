@@ -20,17 +20,13 @@ _SHARED_DIMS = ("hidden_size", "vocab_size", "hc_mult", "num_hidden_layers", "nu
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[DeepseekV4, GGUFFile]:
     """(model, open GGUFFile). On CPU the weights are zero-copy views of the file's pages, mapped in up front;
     on another device they are copied there."""
-    gf = GGUFFile(path)
-    if torch.device(device).type == "cpu":
-        gf.prefault()
+    gf = _open(path, device)
     return DeepseekV4(gf.args, _tensors(gf, device)), gf
 
 
 def load_mtp(model: DeepseekV4, path: str | Path, device: str | torch.device = "cpu") -> tuple[MTP, GGUFFile]:
     """(draft head, open GGUFFile) from llama.cpp's separate MTP file (`v4 quantize --mtp`) for `model`."""
-    gf = GGUFFile(path)
-    if torch.device(device).type == "cpu":
-        gf.prefault()
+    gf = _open(path, device)
     args = gf.validate_deepseek4()
     if args.num_nextn_predict_layers < 1 or N.mtp_eh_proj(args.num_hidden_layers) not in gf.tensors:
         raise GGUFError(f"{path}: not an MTP draft file (no blk.{args.num_hidden_layers} draft block)",
@@ -41,6 +37,14 @@ def load_mtp(model: DeepseekV4, path: str | Path, device: str | torch.device = "
         raise GGUFError(f"{path}: the MTP draft is for another model ({'; '.join(diff)})",
                         hint="convert the draft from the same checkpoint as the model: v4 quantize --mtp")
     return MTP(model, _tensors(gf, device)), gf
+
+
+def _open(path: str | Path, device: str | torch.device) -> GGUFFile:
+    """The GGUF, its pages mapped in up front when the weights will be used in place (CPU)."""
+    gf = GGUFFile(path)
+    if torch.device(device).type == "cpu":
+        gf.prefault()
+    return gf
 
 
 def _tensors(gf: GGUFFile, device: str | torch.device) -> dict[str, QWeight]:

@@ -58,18 +58,29 @@ def _weights(X: torch.Tensor, p: MixerParams) -> torch.Tensor:
     return F.linear(_rms(X.flatten(1), p.norm_eps), p.fn)
 
 
-def reference_pre(X: torch.Tensor, p: MixerParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pre_parts(X: torch.Tensor, p: MixerParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`hc_pre` up to the Sinkhorn: (block input [T, D], post [T, S], comb logits [T, S, S])."""
     S = p.S
     m = _weights(X, p)
     pre = torch.sigmoid(m[:, :S] * p.scale[0] + p.base[:S]) + p.eps
     post = 2 * torch.sigmoid(m[:, S: 2 * S] * p.scale[1] + p.base[S: 2 * S])
-    comb = (m[:, 2 * S:] * p.scale[2] + p.base[2 * S:]).view(-1, S, S)
-    comb = torch.softmax(comb, dim=-1) + p.eps
+    logits = (m[:, 2 * S:] * p.scale[2] + p.base[2 * S:]).view(-1, S, S)
+    return (pre[..., None] * X).sum(1), post, logits
+
+
+def reference_sinkhorn(logits: torch.Tensor, p: MixerParams) -> torch.Tensor:
+    """comb [T, S, S]: row softmax, then `iters` rounds of column / row normalization (ending on columns)."""
+    comb = torch.softmax(logits, dim=-1) + p.eps
     comb = comb / (comb.sum(-2, keepdim=True) + p.eps)
     for _ in range(p.iters - 1):  # Sinkhorn: alternate row and column normalization
         comb = comb / (comb.sum(-1, keepdim=True) + p.eps)
         comb = comb / (comb.sum(-2, keepdim=True) + p.eps)
-    return (pre[..., None] * X).sum(1), post, comb
+    return comb
+
+
+def reference_pre(X: torch.Tensor, p: MixerParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x, post, logits = pre_parts(X, p)
+    return x, post, reference_sinkhorn(logits, p)
 
 
 def reference_collapse(X: torch.Tensor, p: MixerParams) -> torch.Tensor:

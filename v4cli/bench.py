@@ -66,30 +66,37 @@ class BenchSpec:
 
 
 # ---------------------------------------------------------------------------------------------- memory bandwidth
-def measure_bandwidth(nbytes: int = BANDWIDTH_BYTES, repeats: int = 5, threads: int | None = None) -> dict:
+def measure_bandwidth(nbytes: int = BANDWIDTH_BYTES, repeats: int = 5, threads: int | None = None,
+                      device: str = "cpu") -> dict:
     """STREAM-style copy (a = b) and triad (a = b + s·c) in torch over f64 arrays of `nbytes` each; → median GB/s.
 
     Bytes counted as STREAM does: copy 2 per element, triad 3 (write-allocate traffic not counted). Also a
     read-only pass (Σ b), the access pattern of decode's weight streaming, shown beside the triad roofline.
+    On a GPU (`device="cuda"`) the arrays live in its memory: the roofline of an engine that runs there.
     """
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     n = max(nbytes // 8, 1)
-    a, b, c = torch.empty(n, dtype=torch.float64), torch.rand(n, dtype=torch.float64), torch.rand(n, dtype=torch.float64)
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    a = torch.empty(n, dtype=torch.float64, device=dev)
+    b, c = torch.rand(n, dtype=torch.float64, device=dev), torch.rand(n, dtype=torch.float64, device=dev)
     a.copy_(b)  # touch every page before timing
     copy_s, triad_s, read_s = [], [], []
+
+    def timed(fn, into: list[float]) -> None:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        into.append(time.perf_counter() - t0)
+
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        b.sum()
-        read_s.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        a.copy_(b)
-        copy_s.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        torch.add(b, c, alpha=3.0, out=a)
-        triad_s.append(time.perf_counter() - t0)
+        timed(b.sum, read_s)
+        timed(lambda: a.copy_(b), copy_s)
+        timed(lambda: torch.add(b, c, alpha=3.0, out=a), triad_s)
     return {"array_bytes": n * 8, "repeats": repeats,
             "copy_gbs": 2 * n * 8 / statistics.median(copy_s) / 1e9,
             "triad_gbs": 3 * n * 8 / statistics.median(triad_s) / 1e9,
@@ -350,7 +357,7 @@ def run_bench(spec: BenchSpec, progress: Callable[[str], None] | None = None, me
     for r in range(spec.repeats):
         if measure_bw:  # once per repeat, beside its passes: a shared machine's bandwidth drifts during a run
             say(f"repeat {r + 1}/{spec.repeats}: measuring memory bandwidth")
-            samples.append(measure_bandwidth(bandwidth_bytes, threads=spec.n_threads))
+            samples.append(measure_bandwidth(bandwidth_bytes, threads=spec.n_threads, device=spec.device))
         for e in spec.engines:  # interleaved: both engines see the same machine state per repeat
             say(f"repeat {r + 1}/{spec.repeats}: {e}")
             passes[e].append(_run_worker(spec, e))

@@ -6,6 +6,7 @@ caches outlive a call and are updated in place by later ones.
 
 from __future__ import annotations
 
+import os
 import resource
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Iterator
 
 import torch
 
+from v4cli.engine import cuda_graphs
 from v4cli.engine.detok import Detokenizer, StopMatcher, tokenizer_from_metadata
 from v4cli.engine.loader import load_model, load_mtp
 from v4cli.engine.records import DoneRecord, Memory, Timings, TokenRecord
@@ -58,6 +60,8 @@ class Engine:
         if mtp is not None:
             draft, mgf = load_mtp(model, mtp, device)
             sources = (gf, mgf)
+        if torch.device(device).type == "cuda" and os.environ.get("V4_CUDA_GRAPHS", "1") != "0":
+            cuda_graphs.enable(model, draft)  # V4_CUDA_GRAPHS=0: every launch eager (debugging, profiling)
         return cls(model, tokenizer_from_metadata(gf.metadata), kv_format, device, source=sources, mtp=draft)
 
     @property

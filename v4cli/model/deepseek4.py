@@ -49,10 +49,14 @@ class Rope:
             extra = 1 - ramp
             inv = inv / yarn.rope_factor * (1 - extra) + inv * extra
         self.dim, self.inv_freq = dim, inv
+        self._inv_on: dict[torch.device, torch.Tensor] = {inv.device: inv}
 
     def cos_sin(self, pos: torch.Tensor) -> torch.Tensor:
         """The rotations at positions pos [T]: cos + i·sin per frequency, complex64 [T, dim/2]."""
-        f = pos.float()[:, None] * self.inv_freq.to(pos.device)  # (T, dim/2)
+        inv = self._inv_on.get(pos.device)
+        if inv is None:  # copied once per device: a CUDA graph may not capture a host-to-device copy
+            inv = self._inv_on[pos.device] = self.inv_freq.to(pos.device)
+        f = pos.float()[:, None] * inv  # (T, dim/2)
         return torch.polar(torch.ones_like(f), f)
 
     def apply(self, x: torch.Tensor, cs: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -193,6 +197,14 @@ class Attention:
 
     def __call__(self, x: torch.Tensor, pos: torch.Tensor, lc: LayerCache) -> torch.Tensor:
         """x [T, D] at positions pos [T] (consecutive) → [T, D]; advances this layer's cache."""
+        q, kv, qr, cs = self.project(x, pos)
+        return self.output(self.attend(x, q, kv, qr, cs, pos, lc), cs)
+
+    # The three phases: project and output touch no cache (their shapes are fixed for a given T, so the engine may
+    # replay them from CUDA graphs); attend reads and grows the cache.
+
+    def project(self, x: torch.Tensor, pos: torch.Tensor):
+        """→ (q [T, H, d], kv [T, d], the normed q latent qr [T, q_lora], rope cos/sin) for x [T, D] at pos."""
         T, H, d = x.shape[0], self.H, self.d
         cs = self.rope.cos_sin(pos)
         qa, kv = linear_many([(x, self.wq_a), (x, self.wkv)])
@@ -200,7 +212,19 @@ class Attention:
         q = rms_norm(linear(qr, self.wq_b).view(T, H, d), None, self.eps)
         q = self.rope.apply(q, cs)  # (T, H, d)
         kv = self.rope.apply(rms_norm(kv, self.kv_norm, self.eps), cs)  # (T, d)
+        return q, kv, qr, cs
 
+    def output(self, out: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
+        """Attention output [T, H, d] → [T, D]: inverse rope, grouped low-rank output projection."""
+        T = out.shape[0]
+        out = self.rope.apply(out, cs, inverse=True)
+        og = out.reshape(T, self.G, -1)  # (T, G, H/G·d)
+        y = torch.cat(linear_many([(og[:, g], self.wo_a_groups[g]) for g in range(self.G)]), dim=-1)
+        return linear(y, self.wo_b)
+
+    def attend(self, x, q, kv, qr, cs, pos, lc: LayerCache) -> torch.Tensor:
+        """Append this call's kv to the cache, update the compressors, attend → (T, H, d) before `output`."""
+        T = x.shape[0]
         # window keys: the stored last W-1 rows, then this call's rows (read back through the storage format)
         prior = lc.window.get()
         kv = lc.window.append(kv)
@@ -238,12 +262,7 @@ class Attention:
                     done = torch.arange(N, device=x.device)[None, :] < ((pos + 1) // self.ratio)[:, None]
                     seen = torch.cat([allowed, done], 1)
                 out = self._attend(q, torch.cat([keys, entries.get()]), seen)
-        out = self.rope.apply(out, cs, inverse=True)
-
-        og = out.reshape(T, self.G, -1)  # (T, G, H/G·d)
-        y = torch.cat(linear_many([(og[:, g], self.wo_a_groups[g]) for g in range(self.G)]), dim=-1)
-        return linear(y, self.wo_b)
-
+        return out
 
     # query rows per block when gathering top-k entries: bounds the [rows, k, d] gather to ~64 MB of f32
     GATHER_ELEMS = 1 << 24
@@ -369,8 +388,21 @@ class Block:
         self.attn, self.moe, self.eps = Attention(w, layer, args, ropes), MoE(w, layer, args), args.rms_norm_eps
 
     def __call__(self, X, ids, pos, lc: LayerCache):
+        x, q, kv, qr, cs, post, comb = self.pre(X, pos)
+        return self.post(self.attn.attend(x, q, kv, qr, cs, pos, lc), cs, X, post, comb, ids)
+
+    # `pre` and `post` are pure functions of their tensors (no cache), with shapes fixed for a given T: the engine
+    # may replace them with CUDA-graphed versions for decode (v4cli/engine/cuda_graphs.py).
+
+    def pre(self, X, pos):
+        """Streams X [T, S, D] → the attention input x, its projections (q, kv, qr, cs) and the mHC post / comb."""
         a, post, comb = self.attn_hc.pre(X)
-        X = HyperConnection.post(self.attn(rms_norm(a, self.attn_norm, self.eps), pos, lc), X, post, comb)
+        x = rms_norm(a, self.attn_norm, self.eps)
+        return (x, *self.attn.project(x, pos), post, comb)
+
+    def post(self, out, cs, X, post, comb, ids):
+        """Attention output → the streams after this block: output projection, mHC expand, then the FFN half."""
+        X = HyperConnection.post(self.attn.output(out, cs), X, post, comb)
         a, post, comb = self.ffn_hc.pre(X)
         return HyperConnection.post(self.moe(rms_norm(a, self.ffn_norm, self.eps), ids), X, post, comb)
 

@@ -81,8 +81,9 @@ if triton is not None:
         mn = tl.where(lowhalf, c & 63, (c >> 4) | ((a >> 6) << 4))
         return sc.to(tl.float32), mn.to(tl.float32)
 
-    # Each decoder below decodes one 256-element step of BN rows into (weights, k): a 4-D f32 tile of the weights
-    # and the column of each (a tile of the same shape less the row axis), in a layout fixed per type. The matvec
+    # Each decoder below decodes one 256-element step of BN rows (or one sub-step of it) into (weights, k): a 4-D
+    # f32 tile of the weights and the column of each (a tile of the same shape less the row axis), in a layout
+    # fixed per type. The matvec
     # multiplies by x[k] and adds tiles, reducing once at the end (the loop body is loads and FMAs, no
     # cross-thread reduction); the dequantizer stores the tile at [row, k]. Values match kernels/dequant.py bit
     # for bit when compiled without FMA contraction (its multiply-then-subtract order).
@@ -133,42 +134,39 @@ if triton is not None:
         return tl.join(wl, wh), tl.join(k, k + 32)
 
     @triton.jit
-    def _q2_k(w8, row, kk, K):
-        """Q2_K: 84 bytes (16 scale/min bytes, 64 bytes of 2-bit quants, d, dmin) → [BN, 4 (j), 4 (g), 16]."""
+    def _q2_k(w8, row, kk, K, j):
+        """Q2_K: 84 bytes (16 scale/min bytes, 64 bytes of 2-bit quants, d, dmin); bit pair j → [BN, 1, 4, 16]."""
         # element 128h + 32j + 16g' + i sits in byte 32h + 16g' + i at bits 2j; its sub-block is 8h + 2j + g'
         base = row + (kk // 256) * 84
-        d = _f16_at(w8, base + 80)[:, None, None]
-        dmin = _f16_at(w8, base + 82)[:, None, None]
+        d = _f16_at(w8, base + 80)[:, None]
+        dmin = _f16_at(w8, base + 82)[:, None]
         g = tl.arange(0, 4)  # g = 2h + g'
         i = tl.arange(0, 16)
-        j = tl.arange(0, 4)
         q = tl.load(w8 + base[:, None, None] + 16 + (16 * g)[None, :, None] + i[None, None, :]).to(tl.int32)
-        sub = 8 * (g // 2)[None, :] + 2 * j[:, None] + (g % 2)[None, :]  # [4 (j), 4 (g)]
-        sm = tl.load(w8 + base[:, None, None] + sub[None, :, :]).to(tl.int32)  # [BN, 4, 4]
-        qj = ((q[:, None, :, :] >> (2 * j)[None, :, None, None]) & 3).to(tl.float32)
-        w = (d * (sm & 0xF).to(tl.float32))[:, :, :, None] * qj - (dmin * (sm >> 4).to(tl.float32))[:, :, :, None]
-        k = kk + (128 * (g // 2) + 16 * (g % 2))[None, :, None] + (32 * j)[:, None, None] + i[None, None, :]
-        return w, k
+        sm = tl.load(w8 + base[:, None] + (8 * (g // 2) + 2 * j + (g % 2))[None, :]).to(tl.int32)  # [BN, 4]
+        wq = (d * (sm & 0xF).to(tl.float32))[:, :, None] * ((q >> (2 * j)) & 3).to(tl.float32)
+        w = wq - (dmin * (sm >> 4).to(tl.float32))[:, :, None]
+        k = kk + (128 * (g // 2) + 32 * j + 16 * (g % 2))[:, None] + i[None, :]
+        return w[:, None], k[None]
 
     @triton.jit
-    def _q3_k(w8, row, kk, K):
-        """Q3_K: 110 bytes (32 high-bit bytes, 64 bytes of low 2 bits, 12 scale bytes, d) → [BN, 4 (j), 4 (g), 16]."""
+    def _q3_k(w8, row, kk, K, j):
+        """Q3_K: 110 bytes (32 high-bit bytes, 64 bytes of low 2 bits, 12 scale bytes, d); bit pair j →
+        [BN, 1, 4, 16]."""
         base = row + (kk // 256) * 110
-        d = _f16_at(w8, base + 108)[:, None, None]
+        d = _f16_at(w8, base + 108)[:, None]
         g = tl.arange(0, 4)
         i = tl.arange(0, 16)
-        j = tl.arange(0, 4)
         q = tl.load(w8 + base[:, None, None] + 32 + (16 * g)[None, :, None] + i[None, None, :]).to(tl.int32)
         hm = tl.load(w8 + base[:, None, None] + (16 * (g % 2))[None, :, None] + i[None, None, :]).to(tl.int32)
-        sub = 8 * (g // 2)[None, :] + 2 * j[:, None] + (g % 2)[None, :]  # [4 (j), 4 (g)]
-        lo4 = (tl.load(w8 + base[:, None, None] + 96 + (sub % 8)[None]).to(tl.int32) >> (4 * (sub // 8))[None]) & 0xF
-        hi2 = (tl.load(w8 + base[:, None, None] + 104 + (sub % 4)[None]).to(tl.int32) >> (2 * (sub // 4))[None]) & 3
-        sc = d * ((lo4 | (hi2 << 4)) - 32).to(tl.float32)  # [BN, 4, 4]
-        shift = (2 * j)[None, :, None, None]
-        hbit = (hm[:, None, :, :] >> (4 * (g // 2)[None, :] + j[:, None])[None, :, :, None]) & 1
-        v = (((q[:, None, :, :] >> shift) & 3) - 4 * (1 - hbit)).to(tl.float32)
-        k = kk + (128 * (g // 2) + 16 * (g % 2))[None, :, None] + (32 * j)[:, None, None] + i[None, None, :]
-        return sc[:, :, :, None] * v, k
+        sub = 8 * (g // 2) + 2 * j + (g % 2)  # [4]
+        lo4 = (tl.load(w8 + base[:, None] + 96 + (sub % 8)[None, :]).to(tl.int32) >> (4 * (sub // 8))[None, :]) & 0xF
+        hi2 = (tl.load(w8 + base[:, None] + 104 + (sub % 4)[None, :]).to(tl.int32) >> (2 * (sub // 4))[None, :]) & 3
+        sc = d * ((lo4 | (hi2 << 4)) - 32).to(tl.float32)  # [BN, 4]
+        hbit = (hm >> (4 * (g // 2) + j)[None, :, None]) & 1
+        v = (((q >> (2 * j)) & 3) - 4 * (1 - hbit)).to(tl.float32)
+        k = kk + (128 * (g // 2) + 32 * j + 16 * (g % 2))[:, None] + i[None, :]
+        return (sc[:, :, None] * v)[:, None], k[None]
 
     @triton.jit
     def _zeros(QT: tl.constexpr, BN: tl.constexpr):
@@ -178,12 +176,14 @@ if triton is not None:
         elif QT == 2:
             z = tl.zeros([BN, 4, 32, 2], dtype=tl.float32)
         else:
-            z = tl.zeros([BN, 4, 4, 16], dtype=tl.float32)
+            z = tl.zeros([BN, 1, 4, 16], dtype=tl.float32)
         return z
 
     @triton.jit
-    def _decode(w8, row, kk, K, QT: tl.constexpr):
-        """(weights, k) of the 256 elements from kk for rows at byte offsets `row` [BN]: type QT's decoder."""
+    def _decode(w8, row, kk, K, j, QT: tl.constexpr):
+        """(weights, k) of sub-step j of the 256 elements from kk for rows at byte offsets `row` [BN]: type QT's
+        decoder. Q2_K / Q3_K take four sub-steps (one per 2-bit plane, each decoded on its own: one 4-D tile of all
+        four needed twice the registers and ran at half the speed); the others one."""
         if QT == 0:
             w, k = _q8_0(w8, row, kk, K)
         elif QT == 1:
@@ -191,21 +191,21 @@ if triton is not None:
         elif QT == 2:
             w, k = _q4_k(w8, row, kk, K)
         elif QT == 3:
-            w, k = _q2_k(w8, row, kk, K)
+            w, k = _q2_k(w8, row, kk, K, j)
         else:
-            w, k = _q3_k(w8, row, kk, K)
+            w, k = _q3_k(w8, row, kk, K, j)
         return w, k
 
     @triton.jit
-    def _step(w8, row, kk, K, xp, QT: tl.constexpr):
-        """W[row, k]·x[k] for the 256 elements from kk, elementwise (the caller sums)."""
-        w, k = _decode(w8, row, kk, K, QT)
+    def _step(w8, row, kk, K, xp, j, QT: tl.constexpr):
+        """W[row, k]·x[k] for sub-step j of the 256 elements from kk, elementwise (the caller sums)."""
+        w, k = _decode(w8, row, kk, K, j, QT)
         return w * tl.load(xp + k, mask=k < K, other=0.0)[None]
 
     @triton.jit
     def _rows_kernel(w_ptr, w2_ptr, x_ptr, y_ptr, e_ptr, N, K, k_chunk, row_bytes, expert_bytes, x_stride, x_div,
-                     limit, QT: tl.constexpr, GLU: tl.constexpr, FUSE: tl.constexpr, HAS_E: tl.constexpr,
-                     BN: tl.constexpr):
+                     limit, QT: tl.constexpr, NJ: tl.constexpr, GLU: tl.constexpr, FUSE: tl.constexpr,
+                     HAS_E: tl.constexpr, BN: tl.constexpr):
         """y[s, p, n] = Σ_{k in chunk s} W_e[n, k]·x[p // x_div, k] for output pair p (program axis 1), K-chunk s
         (axis 2), e = e_ptr[p] or 0. GLU: W is the gate and w2 the up weight; FUSE (one chunk): y = silu(min(g, L))
         ·clamp(u, ±L), DeepSeek-V4's SwiGLU; else the gate's partial sums go to y[s] and the up's to y[S + s]."""
@@ -221,9 +221,10 @@ if triton is not None:
         acc = _zeros(QT, BN)
         acc2 = _zeros(QT, BN)
         for kk in range(s * k_chunk, tl.minimum(K, (s + 1) * k_chunk), 256):
-            acc += _step(w_ptr, row, kk, K, xp, QT)
-            if GLU:
-                acc2 += _step(w2_ptr, row, kk, K, xp, QT)
+            for j in tl.static_range(NJ):
+                acc += _step(w_ptr, row, kk, K, xp, j, QT)
+                if GLU:
+                    acc2 += _step(w2_ptr, row, kk, K, xp, j, QT)
         y = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
         out = y_ptr + (s * P + p).to(tl.int64) * N + rows
         if GLU:
@@ -236,13 +237,14 @@ if triton is not None:
         tl.store(out, y, mask=rows < N)
 
     @triton.jit
-    def _dequant_kernel(w_ptr, y_ptr, N, K, row_bytes, QT: tl.constexpr, BN: tl.constexpr):
+    def _dequant_kernel(w_ptr, y_ptr, N, K, row_bytes, QT: tl.constexpr, NJ: tl.constexpr, BN: tl.constexpr):
         """W [N, K] → f32 y [N, K]: one 256-element step of BN rows per program (axis 0 rows, axis 1 steps)."""
         rows = tl.program_id(0) * BN + tl.arange(0, BN)
-        w, k = _decode(w_ptr, tl.minimum(rows, N - 1).to(tl.int64) * row_bytes, tl.program_id(1) * 256, K, QT)
-        at = y_ptr + rows.to(tl.int64)[:, None, None, None] * K + k[None]
-        tl.store(at, w, mask=(rows < N)[:, None, None, None] & (k < K)[None])
-
+        row = tl.minimum(rows, N - 1).to(tl.int64) * row_bytes
+        for j in tl.static_range(NJ):
+            w, k = _decode(w_ptr, row, tl.program_id(1) * 256, K, j, QT)
+            at = y_ptr + rows.to(tl.int64)[:, None, None, None] * K + k[None]
+            tl.store(at, w, mask=(rows < N)[:, None, None, None] & (k < K)[None])
 
     @triton.jit
     def _sinkhorn_kernel(c_ptr, out_ptr, iters, eps, S: tl.constexpr):
@@ -256,6 +258,10 @@ if triton is not None:
             x = x / (tl.sum(x, axis=1)[:, None] + eps)
             x = x / (tl.sum(x, axis=0)[None, :] + eps)
         tl.store(out_ptr + at, x)
+
+
+def _substeps(qtype: Q) -> int:
+    return 4 if qtype in (Q.Q2_K, Q.Q3_K) else 1
 
 
 def _split(N: int, pairs: int, K: int) -> int:
@@ -278,7 +284,8 @@ def _rows(w: QWeight, x2: torch.Tensor, pairs: int, *, w2: QWeight | None = None
     per_expert = w.raw.numel() // w.shape[0] if experts is not None else 0
     grid = (triton.cdiv(N, ROWS_PER_PROGRAM), pairs, split)
     _rows_kernel[grid](w.raw, (w2 or w).raw, x2, y, experts if experts is not None else y, N, K, k_chunk,
-                       w.row_bytes, per_expert, x2.stride(0), x_div, float(limit), QT=_CODES[w.qtype], GLU=glu,
+                       w.row_bytes, per_expert, x2.stride(0), x_div, float(limit), QT=_CODES[w.qtype],
+                       NJ=_substeps(w.qtype), GLU=glu,
                        FUSE=glu and split == 1, HAS_E=experts is not None, BN=ROWS_PER_PROGRAM, num_warps=WARPS)
     if split == 1:
         return y[0]
@@ -294,8 +301,8 @@ def dequantize(w: QWeight) -> torch.Tensor:
     y = torch.empty(N, K, dtype=torch.float32, device=w.device)
     grid = (triton.cdiv(N, DEQUANT_ROWS), triton.cdiv(K, 256))
     # no FMA contraction: the K-quants' scale·q − min must round twice, as the reference does
-    _dequant_kernel[grid](w.raw, y, N, K, w.row_bytes, QT=_CODES[w.qtype], BN=DEQUANT_ROWS, num_warps=4,
-                          enable_fp_fusion=False)
+    _dequant_kernel[grid](w.raw, y, N, K, w.row_bytes, QT=_CODES[w.qtype], NJ=_substeps(w.qtype),
+                          BN=DEQUANT_ROWS, num_warps=4, enable_fp_fusion=False)
     return y
 
 

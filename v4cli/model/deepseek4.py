@@ -195,13 +195,9 @@ class Attention:
         self.G, self.o_rank = args.o_groups, args.o_lora_rank
         self.wo_a_groups = [self.wo_a.row_slice(g * self.o_rank, (g + 1) * self.o_rank) for g in range(self.G)]
 
-    def __call__(self, x: torch.Tensor, pos: torch.Tensor, lc: LayerCache) -> torch.Tensor:
-        """x [T, D] at positions pos [T] (consecutive) → [T, D]; advances this layer's cache."""
-        q, kv, qr, cs = self.project(x, pos)
-        return self.output(self.attend(x, q, kv, qr, cs, pos, lc), cs)
-
-    # The three phases: project and output touch no cache (their shapes are fixed for a given T, so the engine may
-    # replay them from CUDA graphs); attend reads and grows the cache.
+    # Three phases for x [T, D] at positions pos [T] (consecutive) → [T, D]: output(attend(x, *project(x, pos), pos,
+    # cache), cs). project and output touch no cache (their shapes are fixed for a given T, so the engine may replay
+    # them from CUDA graphs); attend reads and grows the cache.
 
     def project(self, x: torch.Tensor, pos: torch.Tensor):
         """→ (q [T, H, d], kv [T, d], the normed q latent qr [T, q_lora], rope cos/sin) for x [T, D] at pos."""
@@ -388,23 +384,23 @@ class Block:
         self.attn, self.moe, self.eps = Attention(w, layer, args, ropes), MoE(w, layer, args), args.rms_norm_eps
 
     def __call__(self, X, ids, pos, lc: LayerCache):
-        x, q, kv, qr, cs, post, comb = self.pre(X, pos)
-        return self.post(self.attn.attend(x, q, kv, qr, cs, pos, lc), cs, X, post, comb, ids)
+        x, q, kv, qr, cs, post_w, comb = self.pre(X, pos)
+        return self.post(self.attn.attend(x, q, kv, qr, cs, pos, lc), cs, X, post_w, comb, ids)
 
     # `pre` and `post` are pure functions of their tensors (no cache), with shapes fixed for a given T: the engine
     # may replace them with CUDA-graphed versions for decode (v4cli/engine/cuda_graphs.py).
 
     def pre(self, X, pos):
         """Streams X [T, S, D] → the attention input x, its projections (q, kv, qr, cs) and the mHC post / comb."""
-        a, post, comb = self.attn_hc.pre(X)
+        a, post_w, comb = self.attn_hc.pre(X)
         x = rms_norm(a, self.attn_norm, self.eps)
-        return (x, *self.attn.project(x, pos), post, comb)
+        return (x, *self.attn.project(x, pos), post_w, comb)
 
-    def post(self, out, cs, X, post, comb, ids):
+    def post(self, out, cs, X, post_w, comb, ids):
         """Attention output → the streams after this block: output projection, mHC expand, then the FFN half."""
-        X = HyperConnection.post(self.attn.output(out, cs), X, post, comb)
-        a, post, comb = self.ffn_hc.pre(X)
-        return HyperConnection.post(self.moe(rms_norm(a, self.ffn_norm, self.eps), ids), X, post, comb)
+        X = HyperConnection.post(self.attn.output(out, cs), X, post_w, comb)
+        a, post_w, comb = self.ffn_hc.pre(X)
+        return HyperConnection.post(self.moe(rms_norm(a, self.ffn_norm, self.eps), ids), X, post_w, comb)
 
 
 class DeepseekV4:

@@ -15,8 +15,12 @@ import torch
 from quant.config import FLASH_CONFIG, ModelArgs
 from quant.convert import convert
 from quant.recipes import get_recipe
+from kernels.linear import QWeight
 from v4cli.engine import Engine
+from v4cli.errors import GGUFError
+from v4cli.gguf_file import GGUFFile
 from v4cli.model.cache import kv_bytes_per_token
+from v4cli.model.deepseek4 import DeepseekV4
 from v4cli.testing.golden import golden_logits, load_reference_model
 from v4cli.testing.tiny import build_tensors, random_token_ids, tiny_config, write_checkpoint
 
@@ -177,3 +181,16 @@ def test_long_prompt_matches_golden_whole_chunked_and_decode(tiny128):
     for chunk in (1, 7, 61, 300):
         assert rel_err(eng.logits(ids, chunk=chunk), ref) < TOL, chunk
     assert rel_err(decode_logits(eng, ids, 1000), ref) < TOL
+
+
+def test_hash_routing_outside_the_experts_is_a_clear_error(tiny):
+    # the expert kernels index expert bytes by these ids (on a GPU with no host check): a bad table must not load
+    gf = GGUFFile(tiny.gguf("f32"))
+    tensors = {n: QWeight(gf.raw(n), t.qtype, t.shape) for n, t in gf.tensors.items()}
+    name = next(n for n in tensors if n.endswith("ffn_gate_tid2eid.weight"))
+    bad = tensors[name].plain().clone()
+    bad[3, 0] = gf.args.n_routed_experts
+    tensors[name] = QWeight(bad.view(torch.uint8).reshape(-1), tensors[name].qtype, tensors[name].shape)
+    with pytest.raises(GGUFError, match="outside 0..") as e:
+        DeepseekV4(gf.args, tensors)
+    assert "convert it again" in e.value.hint

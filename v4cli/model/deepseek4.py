@@ -332,6 +332,11 @@ class MoE:
         self.hash = args.is_hash(layer)
         if self.hash:
             self.tid2eid = w.q(b("ffn.gate.tid2eid")).plain().long()
+            # checked once here: the expert kernels index expert bytes by these ids (the GPU's with no host check)
+            E, ids = args.n_routed_experts, self.tid2eid
+            if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < E):
+                raise GGUFError(f"{b('ffn.gate.tid2eid')}: hash routing names experts outside 0..{E - 1}",
+                                hint="the file is damaged or was written for another model; convert it again")
         else:
             self.bias = w.f32(b("ffn.gate.bias"))
         self.w1, self.w3, self.w2 = (w.q(names.experts(layer, k)) for k in ("w1", "w3", "w2"))

@@ -3,7 +3,8 @@
 `QWeight` keeps a tensor in its GGUF encoding (raw bytes + ggml type + torch-order shape); nothing is
 dequantized at load. `linear(x, w)` dispatches on (qtype, device type) to a registered kernel, falling back
 to the reference: dequantize, then matmul. Fast kernels plug in with `register(qtype, device_type)`;
-`kernels.fast` (the compiled CPU kernels) registers itself on the first call. `routed_experts` is the same
+`kernels.fast` (the compiled CPU kernels) and `kernels.gpu` (Triton, for CUDA) register themselves on the first
+call. `routed_experts` is the same
 arrangement for a decode-time MoE over a few (token, expert) pairs. `V4_KERNELS=reference` forces the references.
 """
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
 
 from kernels import mhc
-from kernels.linear import QWeight, reference_linear, register, register_moe
+from kernels.linear import QWeight, reference_linear, register, register_moe, swiglu
 from kernels.mhc import MixerParams
 
 try:
@@ -290,8 +290,7 @@ def _rows(w: QWeight, x2: torch.Tensor, pairs: int, *, w2: QWeight | None = None
     if split == 1:
         return y[0]
     if glu:
-        g, u = y.view(2, split, pairs, N).sum(1)
-        return F.silu(g.clamp(max=limit)) * u.clamp(-limit, limit)
+        return swiglu(*y.view(2, split, pairs, N).sum(1), limit)
     return y.sum(0)
 
 

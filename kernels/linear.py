@@ -4,8 +4,8 @@
 dequantized at load. `linear(x, w)` dispatches on (qtype, device type) to a registered kernel, falling back
 to the reference: dequantize, then matmul. Fast kernels plug in with `register(qtype, device_type)`;
 `kernels.fast` (the compiled CPU kernels) and `kernels.gpu` (Triton, for CUDA) register themselves on the first
-call. `routed_experts` is the same
-arrangement for a decode-time MoE over a few (token, expert) pairs. `V4_KERNELS=reference` forces the references.
+call. `routed_experts` is the same arrangement for a decode-time MoE over a few (token, expert) pairs.
+`V4_KERNELS=reference` forces the references.
 """
 
 from __future__ import annotations
@@ -192,6 +192,11 @@ _MOE_KERNELS: dict[str, MoeKernel] = {}
 register_moe = registrar(_MOE_KERNELS)
 
 
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    """DeepSeek-V4's clamped SwiGLU: silu(min(gate, L)) · clamp(up, −L, L)."""
+    return F.silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)
+
+
 def reference_routed_experts(x: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, w1: QWeight, w3: QWeight,
                              w2: QWeight, limit: float) -> torch.Tensor:
     """Σ_j wts[t,j]·W2[e](silu(min(W1[e] x_t, L))·clamp(W3[e] x_t, ±L)), e = idx[t,j]: gathers the experts' f32."""
@@ -200,7 +205,7 @@ def reference_routed_experts(x: torch.Tensor, idx: torch.Tensor, wts: torch.Tens
     xs = x.repeat_interleave(k, dim=0)[:, :, None]  # (T·k, D, 1)
     g = torch.bmm(w1.gather_experts(flat), xs)
     u = torch.bmm(w3.gather_experts(flat), xs)
-    h = F.silu(g.clamp(max=limit)) * u.clamp(-limit, limit)  # DeepSeek-V4's clamped SwiGLU
+    h = swiglu(g, u, limit)
     y = torch.bmm(w2.gather_experts(flat), h)[..., 0] * wts.reshape(-1, 1)  # (T·k, D)
     return y.view(T, k, -1).sum(1)
 

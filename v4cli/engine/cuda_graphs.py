@@ -18,17 +18,18 @@ from v4cli.model.deepseek4 import MTP, DeepseekV4
 
 
 class Graphed:
-    """`fn` replayed from a CUDA graph per argument signature where `when(*args)` holds, else called as is.
+    """`fn` replayed from a CUDA graph per argument signature at one token (its first argument has one row), else
+    called as is.
 
     Each replay copies the arguments into the graph's static inputs and returns copies of its static outputs, so
     callers may keep results across replays. Non-tensor arguments are part of the signature."""
 
-    def __init__(self, fn: Callable, pool, when: Callable[..., bool]):
-        self.fn, self.pool, self.when = fn, pool, when
+    def __init__(self, fn: Callable, pool):
+        self.fn, self.pool = fn, pool
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list, Any]] = {}
 
     def __call__(self, *args):
-        if not self.when(*args) or torch.cuda.is_current_stream_capturing():
+        if args[0].shape[0] != 1 or torch.cuda.is_current_stream_capturing():
             return self.fn(*args)
         key = tuple((a.shape, a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
         entry = self.graphs.get(key)
@@ -54,10 +55,6 @@ class Graphed:
         return graph, inputs, out
 
 
-def _one_token(X: torch.Tensor, *_rest) -> bool:
-    return X.shape[0] == 1
-
-
 def enable(model: DeepseekV4, mtp: MTP | None = None) -> None:
     """Replay every block's `pre` / `post` and the output head from CUDA graphs at one token (decode).
 
@@ -66,6 +63,6 @@ def enable(model: DeepseekV4, mtp: MTP | None = None) -> None:
     pool = torch.cuda.graph_pool_handle()
     blocks = list(model.blocks) + ([mtp.block] if mtp is not None else [])
     for blk in blocks:
-        blk.pre = Graphed(blk.pre, pool, _one_token)
-        blk.post = Graphed(blk.post, pool, lambda out, *_: out.shape[0] == 1)
-    model.head_logits = Graphed(model.head_logits, pool, _one_token)
+        blk.pre = Graphed(blk.pre, pool)
+        blk.post = Graphed(blk.post, pool)
+    model.head_logits = Graphed(model.head_logits, pool)

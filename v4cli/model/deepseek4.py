@@ -17,18 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from kernels.attention import index_scores
-from kernels.linear import QWeight, embedding, linear, linear_many, routed_experts
+from kernels.linear import QWeight, embedding, linear, linear_many, routed_experts, swiglu
 from kernels.mhc import MixerParams, hc_collapse, hc_post, hc_pre
 from kernels.norm import rms_norm
 from quant import names
 from quant.config import ModelArgs
 from v4cli.errors import GGUFError
 from v4cli.model.cache import CompressorState, LayerCache, ModelCache, Rows, codecs
-
-
-def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
-    """DeepSeek-V4's clamped SwiGLU: silu(min(gate, L)) · clamp(up, −L, L)."""
-    return F.silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)
 
 
 class Rope:
@@ -340,9 +335,10 @@ class MoE:
         else:
             self.bias = w.f32(b("ffn.gate.bias"))
         self.w1, self.w3, self.w2 = (w.q(names.experts(layer, k)) for k in ("w1", "w3", "w2"))
-        self.s1, self.s3, self.s2 = (w.q(b(f"ffn.shared_experts.{k}.weight")) for k in ("w1", "w3", "w2"))
-        # the shared expert as a stack of one expert (same bytes), for the fused expert kernels at decode
-        self.shared1 = tuple(QWeight(t.raw, t.qtype, (1, *t.shape)) for t in (self.s1, self.s3, self.s2))
+        # the shared expert as a stack of one expert (the file's bytes, viewed [1, out, in]): at decode it goes
+        # through the fused expert kernels, at prefill through `linear` on .expert(0)
+        self.shared = tuple(QWeight(t.raw, t.qtype, (1, *t.shape))
+                            for t in (w.q(b(f"ffn.shared_experts.{k}.weight")) for k in ("w1", "w3", "w2")))
         self.k, self.E, self.scale, self.limit = (args.num_experts_per_tok, args.n_routed_experts,
                                                   args.routed_scaling_factor, args.swiglu_limit)
 
@@ -356,7 +352,8 @@ class MoE:
         wts = wts / (wts.sum(-1, keepdim=True) + 1e-20) * self.scale  # (T, k)
         if idx.numel() <= self.GATHER_MAX:
             return self._gathered(x, idx, wts) + self._shared_one_call(x)
-        shared = linear(swiglu(*linear_many([(x, self.s1), (x, self.s3)]), self.limit), self.s2)
+        s1, s3, s2 = (t.expert(0) for t in self.shared)
+        shared = linear(swiglu(*linear_many([(x, s1), (x, s3)]), self.limit), s2)
         return self._grouped(x, idx, wts) + shared
 
     def _shared_one_call(self, x):
@@ -364,7 +361,7 @@ class MoE:
         and down in one call: 1.07 vs 1.31 ms a layer for three products and the torch SwiGLU, Flash shapes, CPU)."""
         T = x.shape[0]
         one = torch.zeros(T, 1, dtype=torch.long, device=x.device)
-        return routed_experts(x, one, torch.ones(T, 1, device=x.device), *self.shared1, self.limit)
+        return routed_experts(x, one, torch.ones(T, 1, device=x.device), *self.shared, self.limit)
 
     def _gathered(self, x, idx, wts):
         """Few (token, expert) pairs (decode): each selected expert's bytes read once, no host sync."""

@@ -160,6 +160,29 @@ def test_isa_builds_agree(qtype, M):
     assert rel_rms(y, reference_linear(x, w)) <= INT_TOL
 
 
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
+@pytest.mark.parametrize("K", [128 * 5, 4096])
+def test_mxfp4_512bit_rows_agree_with_the_256bit_build(K, M):
+    # Rows of whole 4-block groups take the AVX512-VBMI kernel (vpermt2b / vpermb decode, lane seeds −12·Σq,
+    # vscalefps exponents) where the CPU has it; the AVX2 build dots the same blocks pairwise. Exponent bytes 0
+    # and 1 (subnormal scales) and 2 (the first normal one) sit among ordinary ones; only the f32 summation
+    # order may differ.
+    native = fast._lib.v4_isa()
+    if native < 2:
+        pytest.skip("this CPU has only the AVX2 build")
+    w = make_weight(Q.MXFP4, (29, K), seed=K + M)
+    w.raw.view(-1, 17)[::5, 0] = torch.tensor([0, 1, 2], dtype=torch.uint8).repeat(29 * K // 32 // 5 // 3 + 1)[
+        : len(range(0, 29 * K // 32, 5))]
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
+    y = fast.matvec(x, w)
+    assert fast._lib.v4_set_isa(1) == 1
+    try:
+        assert rel_rms(fast.matvec(x, w), y) <= 1e-6
+    finally:
+        fast._lib.v4_set_isa(native)
+    assert rel_rms(y, reference_linear(x, w)) <= INT_TOL
+
+
 def test_float_row_tail():
     # BF16 rows need not be a multiple of the 16-wide vector step
     w = make_weight(Q.BF16, (7, 75))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from typing import NamedTuple
 
 import torch
 from gguf import GGMLQuantizationType as Q
@@ -37,11 +38,22 @@ GEMM_MIN_ROWS = 32
 TILE_ROWS = 256
 
 _lib = None
+# (type, row length) → whether the row kernels / the int8 GEMM cover it: asked of the library once each, since a
+# decode step makes ~100 kernel calls and each ctypes round trip costs about a microsecond
+_rows_ok: dict[tuple[int, int], bool] = {}
+_gemm_ok: dict[tuple[int, int], bool] = {}
+
+
+def _supported(qtype: int, K: int) -> bool:
+    ok = _rows_ok.get((qtype, K))
+    if ok is None:
+        ok = _rows_ok[(qtype, K)] = _lib.v4_supported(qtype, K) == 1
+    return ok
 
 
 def _ready(x: torch.Tensor, w: QWeight) -> bool:
     return (x.dtype == torch.float32 and len(w.shape) == 2 and w.raw.is_contiguous()
-            and _lib.v4_supported(int(w.qtype), w.shape[1]) == 1)
+            and _supported(int(w.qtype), w.shape[1]))
 
 
 def _product(entry, x2: torch.Tensor, w: QWeight) -> torch.Tensor:
@@ -66,7 +78,11 @@ def qgemm(x2: torch.Tensor, w: QWeight) -> torch.Tensor:
 
 def has_qgemm(w: QWeight) -> bool:
     """Whether the int8 GEMM covers w's type and row length (the integer types; not BF16/F16)."""
-    return _lib.v4_gemm_supported(int(w.qtype), w.shape[1]) == 1
+    key = (int(w.qtype), w.shape[1])
+    ok = _gemm_ok.get(key)
+    if ok is None:
+        ok = _gemm_ok[key] = _lib.v4_gemm_supported(*key) == 1
+    return ok
 
 
 def dequantize(w: QWeight) -> torch.Tensor:
@@ -107,31 +123,69 @@ def cpu_linear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
     return y.view(*x.shape[:-1], N)
 
 
+class _Weights(NamedTuple):
+    """One batch's weight side as ctypes arrays, and where each product's output starts in one shared buffer."""
+
+    types: ctypes.Array
+    ptrs: ctypes.Array
+    Ns: ctypes.Array
+    Ks: ctypes.Array
+    offsets: tuple[int, ...]
+    total: int
+
+
+# Keyed by each weight's (address, type, shape): the arrays depend on nothing else, so an entry stays right even if
+# a weight is freed and another lands at its address. A decode step makes the same few batches every layer.
+_batches: dict[tuple, _Weights | None] = {}
+
+
+def _batch_weights(pairs) -> _Weights | None:
+    key = tuple((w.raw.data_ptr(), w.qtype, w.shape) for _, w in pairs)
+    got = _batches.get(key, False)
+    if got is not False:
+        return got
+    ok = all(len(w.shape) == 2 and w.raw.is_contiguous() and _supported(int(w.qtype), w.shape[1]) for _, w in pairs)
+    got = None
+    if ok:
+        n, Ns = len(pairs), [w.shape[0] for _, w in pairs]
+        offsets = tuple(sum(Ns[:j]) for j in range(n))
+        got = _Weights((ctypes.c_int * n)(*(int(w.qtype) for _, w in pairs)),
+                       (ctypes.c_void_p * n)(*(w.raw.data_ptr() for _, w in pairs)),
+                       (ctypes.c_int64 * n)(*Ns), (ctypes.c_int64 * n)(*(w.shape[1] for _, w in pairs)), offsets, sum(Ns))
+    if len(_batches) > 4096:  # many models loaded one after another in one process: start over
+        _batches.clear()
+    _batches[key] = got
+    return got
+
+
 def cpu_linear_many(pairs) -> list[torch.Tensor] | None:
     """`linear_many` on CPU: one v4_matmul_batch call (inputs shared by several weights quantized once, one thread
     split over all the rows). Declines (None) where each product is better off alone: GEMM-sized inputs."""
-    xs, ys, M = [], [], None
+    meta = _batch_weights(pairs)
+    if meta is None:
+        return None
+    xs, M = [], None
     for x, w in pairs:
-        if not _ready(x, w):
+        if x.dtype != torch.float32:
             return None
-        N, K = w.shape
-        x2 = x.reshape(-1, K)
+        x2 = x.reshape(-1, w.shape[1])
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         M = x2.shape[0] if M is None else M
         if x2.shape[0] != M or M >= QGEMM_MIN_ROWS:
             return None
         xs.append(x2)
-        ys.append(torch.empty(M, N, dtype=torch.float32))
     n = len(pairs)
-    i64s = lambda vals: (ctypes.c_int64 * n)(*vals)  # noqa: E731
-    ptrs = lambda vals: (ctypes.c_void_p * n)(*vals)  # noqa: E731
-    rc = _lib.v4_matmul_batch(
-        n, (ctypes.c_int * n)(*(int(w.qtype) for _, w in pairs)), ptrs(w.raw.data_ptr() for _, w in pairs),
-        i64s(w.shape[0] for _, w in pairs), i64s(w.shape[1] for _, w in pairs), ptrs(x.data_ptr() for x in xs),
-        i64s(x.stride(0) for x in xs), M, ptrs(y.data_ptr() for y in ys), cpu_ext.threads())
+    if M == 1:  # one buffer, each product's output a contiguous view of it
+        out = torch.empty(meta.total, dtype=torch.float32)
+        ys = [out[o: o + w.shape[0]].view(1, -1) for o, (_, w) in zip(meta.offsets, pairs)]
+    else:
+        ys = [torch.empty(M, w.shape[0], dtype=torch.float32) for _, w in pairs]
+    rc = _lib.v4_matmul_batch(n, meta.types, meta.ptrs, meta.Ns, meta.Ks, (ctypes.c_void_p * n)(*(x.data_ptr() for x in xs)),
+                              (ctypes.c_int64 * n)(*(x.stride(0) for x in xs)), M,
+                              (ctypes.c_void_p * n)(*(y.data_ptr() for y in ys)), cpu_ext.threads())
     if rc != 0:
-        raise RuntimeError(f"v4_matmul_batch failed ({rc})")  # _ready() checked every type
+        raise RuntimeError(f"v4_matmul_batch failed ({rc})")  # _batch_weights() checked every type
     return [y.view(*x.shape[:-1], w.shape[0]) for y, (x, w) in zip(ys, pairs)]
 
 

@@ -118,13 +118,12 @@ void rows(const uint8_t* W, int64_t rb, int64_t K, const XRow* xs, float* const*
         for (int m = 0; m < M; ++m)
             for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
         int64_t k = 0;
-        for (; k + 16 * A <= K; k += 16 * A) {
+        for (; k + 16 * A <= K; k += 16 * A)
             for (int a = 0; a < A; ++a) {
                 const __m256bh v = (__m256bh)_mm256_loadu_si256((const __m256i*)(w + 2 * (k + 16 * a)));
                 for (int m = 0; m < M; ++m)
                     acc[m][a] = _mm256_dpbf16_ps(acc[m][a], v, (__m256bh)_mm256_loadu_si256((const __m256i*)(xs[m].fb16 + k + 16 * a)));
             }
-        }
         for (int m = 0; m < M; ++m) {
             __m256 t = acc[m][0];
             for (int a = 1; a < A; ++a) t = _mm256_add_ps(t, acc[m][a]);
@@ -294,8 +293,10 @@ struct XQuant {
     // kernel of the call reads is built.
     void quantize(const float* x, int64_t R, int64_t K, int64_t ldx, bool ints, bool floats, bool quads = false) {
         rows.resize(R);
-        for (int64_t r = 0; r < R; ++r) rows[r] = XRow{};
-        for (int64_t r = 0; r < R; ++r) rows[r].f = x + r * ldx;
+        for (int64_t r = 0; r < R; ++r) {
+            rows[r] = XRow{};
+            rows[r].f = x + r * ldx;
+        }
         if (floats) {
             float* fb = aligned(fp, R * K);
             uint16_t* hb = aligned(b16, R * K);

@@ -15,6 +15,7 @@ tiled dequantize + f32 GEMM they use for many rows.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 from typing import NamedTuple
 
@@ -38,17 +39,18 @@ GEMM_MIN_ROWS = 32
 TILE_ROWS = 256
 
 _lib = None
-# (type, row length) → whether the row kernels / the int8 GEMM cover it: asked of the library once each, since a
-# decode step makes ~100 kernel calls and each ctypes round trip costs about a microsecond
-_rows_ok: dict[tuple[int, int], bool] = {}
-_gemm_ok: dict[tuple[int, int], bool] = {}
 
 
+# Whether the row kernels / the int8 GEMM cover (type, row length), asked of the library once each: a decode step
+# makes ~100 kernel calls and each ctypes round trip costs about a microsecond.
+@functools.cache
 def _supported(qtype: int, K: int) -> bool:
-    ok = _rows_ok.get((qtype, K))
-    if ok is None:
-        ok = _rows_ok[(qtype, K)] = _lib.v4_supported(qtype, K) == 1
-    return ok
+    return _lib.v4_supported(qtype, K) == 1
+
+
+@functools.cache
+def _gemm_supported(qtype: int, K: int) -> bool:
+    return _lib.v4_gemm_supported(qtype, K) == 1
 
 
 def _ready(x: torch.Tensor, w: QWeight) -> bool:
@@ -78,11 +80,7 @@ def qgemm(x2: torch.Tensor, w: QWeight) -> torch.Tensor:
 
 def has_qgemm(w: QWeight) -> bool:
     """Whether the int8 GEMM covers w's type and row length (the integer types; not BF16/F16)."""
-    key = (int(w.qtype), w.shape[1])
-    ok = _gemm_ok.get(key)
-    if ok is None:
-        ok = _gemm_ok[key] = _lib.v4_gemm_supported(*key) == 1
-    return ok
+    return _gemm_supported(int(w.qtype), w.shape[1])
 
 
 def dequantize(w: QWeight) -> torch.Tensor:

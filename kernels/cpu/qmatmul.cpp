@@ -29,14 +29,15 @@ struct XRow {
     const float* d;
     const float* s16;
     const float* s32;
-    const int8_t* qp;  // q with block pairs interleaved by 16-halves (MXFP4's decode order), see XQuant::pair
+    const int8_t* qp;  // q with block pairs interleaved by 16-halves (the 256-bit MXFP4 order), see XQuant::pair
     const float* f;
     const float* fp;  // f with each 16 reordered evens-then-odds (BF16's decode order), see XQuant::deinterleave
     const uint16_t* fb16;  // f rounded to bf16 (nearest even), for the AVX512-BF16 dot
     const int32_t* c32;  // −128·Σq per 32-block: takes back the +128 the VNNI Q8_0 kernel adds to its weights
     // For the 512-bit MXFP4 kernel (zmm::rows_mxfp4), per group of 4 blocks: q4 the 128 values as the four blocks'
     // 0-15 halves then their 16-31 halves, d4 each block's scale 4 times (one per dot lane), c4 −12·Σq over each
-    // dot lane's 8 values. Built only where that kernel is installed (Kernels::quads).
+    // dot lane's 8 values. MXFP4 callers get these where that kernel runs (Kernels::quads, rows of whole groups),
+    // else qp.
     const int8_t* q4;
     const float* d4;
     const int32_t* c4;
@@ -168,18 +169,28 @@ namespace zmm {
 // DRAM, interleaved in one process. The same prefetch made the Q8_0 and BF16 kernels slower, so they have none.
 constexpr int PREFETCH = 4096;
 
+// Byte permutes of one step, over the 68 bytes of 4 blocks loaded as bytes 0-63 and 4-67.
+struct Perm {
+    alignas(64) uint8_t nib[64];  // block i/16's nibble byte i % 16 (past byte 63: from the second load)
+    alignas(64) uint8_t ex[64];   // block i/16's exponent byte, in each of its dot lanes (only the low byte is kept)
+};
+constexpr Perm make_perm() {
+    Perm p{};
+    for (int i = 0; i < 64; ++i) {
+        const int src = 17 * (i / 16) + 1 + i % 16;
+        p.nib[i] = (uint8_t)(src < 64 ? src : 64 + src - 4);
+        p.ex[i] = (uint8_t)(17 * (i / 16));
+    }
+    return p;
+}
+constexpr Perm PERM = make_perm();
+
 template <int M>
 void rows_mxfp4(const uint8_t* W, int64_t rb, int64_t K, const XRow* xs, float* const* y, int64_t r0, int64_t r1) {
     const int64_t ng = K / 128;
     if (K % 128) return vnni::rows_mxfp4<M>(W, rb, K, xs, y, r0, r1);
     constexpr int A = M == 1 ? 4 : 2;  // accumulators per activation row: cover the FMA latency
-    alignas(64) uint8_t nib[64], ex[64];
-    for (int i = 0; i < 64; ++i) {
-        const int k = i / 16, src = 17 * k + 1 + i % 16;  // block k's nibble byte i % 16
-        nib[i] = (uint8_t)(src < 64 ? src : 64 + src - 4);  // past byte 63: from the second load (at +4)
-        ex[i] = (uint8_t)(17 * (i / 16));  // lane i/4 of block i/16 gets that block's exponent (low byte kept)
-    }
-    const __m512i nib_idx = _mm512_load_si512(nib), ex_idx = _mm512_load_si512(ex);
+    const __m512i nib_idx = _mm512_load_si512(PERM.nib), ex_idx = _mm512_load_si512(PERM.ex);
     // vpermb reads 6 index bits: the table repeats 4 times, so the bits above a nibble need no mask
     const __m512i table = _mm512_broadcast_i32x4(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
     const __m512 bias = _mm512_set1_ps(128.0f);
@@ -274,9 +285,6 @@ int block_size(int t) {
 
 bool is_float(int t) { return t == T_BF16 || t == T_F16; }
 
-// Whether type t's row kernel reads XRow's quad order.
-bool quads(int t) { return t == T_MXFP4 && g_k.quads; }
-
 // Quantized activations for R rows of length K, kept in one reusable per-thread buffer.
 struct XQuant {
     std::vector<int8_t> q, qp;
@@ -288,10 +296,10 @@ struct XQuant {
     std::vector<int32_t> c4;
     std::vector<XRow> rows;
 
-    // `ints`: the int8 rows, sums and pair order the integer kernels read; `floats`: the reordered f32 and the bf16
-    // copies the float kernels read; `quads`: the 512-bit MXFP4 kernel's group order (see XRow). Only what some
-    // kernel of the call reads is built.
-    void quantize(const float* x, int64_t R, int64_t K, int64_t ldx, bool ints, bool floats, bool quads = false) {
+    // `ints`: the int8 rows and sums the integer kernels read; `floats`: the reordered f32 and the bf16 copies the
+    // float kernels read; `mxfp4`: also the order the MXFP4 kernel in use reads (quads or pairs, see XRow). Only
+    // what some kernel of the call reads is built.
+    void quantize(const float* x, int64_t R, int64_t K, int64_t ldx, bool ints, bool floats, bool mxfp4) {
         rows.resize(R);
         for (int64_t r = 0; r < R; ++r) {
             rows[r] = XRow{};
@@ -310,7 +318,6 @@ struct XQuant {
         if (!ints) return;
         const int64_t nb = K / 32;
         int8_t* qb = aligned(q, R * K);
-        int8_t* qpb = aligned(qp, R * K);
         d.resize(R * nb);
         s32.resize(R * nb);
         s16.resize(R * nb * 2);
@@ -318,13 +325,20 @@ struct XQuant {
         for (int64_t r = 0; r < R; ++r) {
             int8_t* qr = qb + r * K;
             g_k.quant(x + r * ldx, K, qr, d.data() + r * nb, s16.data() + r * nb * 2, s32.data() + r * nb);
-            pair(qr, K, qpb + r * K);
             rows[r].q = qr, rows[r].d = d.data() + r * nb, rows[r].s16 = s16.data() + r * nb * 2;
-            rows[r].s32 = s32.data() + r * nb, rows[r].qp = qpb + r * K;
+            rows[r].s32 = s32.data() + r * nb;
             g_k.gemm_corr(qr, K, 32, 128, c32.data() + r * nb);  // the GEMM's −bias·Σq per group, here per 32
             rows[r].c32 = c32.data() + r * nb;
         }
-        if (!quads || K % 128) return;
+        if (!mxfp4) return;
+        if (!g_k.quads || K % 128) {
+            int8_t* qpb = aligned(qp, R * K);
+            for (int64_t r = 0; r < R; ++r) {
+                pair(rows[r].q, K, qpb + r * K);
+                rows[r].qp = qpb + r * K;
+            }
+            return;
+        }
         int8_t* q4b = aligned(q4, R * K);
         float* d4b = aligned(d4, R * K / 8);
         int32_t* c4b = aligned(c4, R * K / 8);
@@ -473,7 +487,7 @@ int v4_set_isa(int level) {
 int v4_matmul(int t, const uint8_t* W, int64_t N, int64_t K, const float* x, int64_t M, float* y, int nthreads) {
     if (!supported(t, K)) return -1;
     XQuant& xq = scratch(0);
-    xq.quantize(x, M, K, K, !is_float(t), is_float(t), quads(t));
+    xq.quantize(x, M, K, K, !is_float(t), is_float(t), t == T_MXFP4);
     const XRow* xs = xq.rows.data();
     const int64_t rb = row_bytes(t, K), ntask = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && N * rb * M > (1 << 16))
@@ -549,10 +563,10 @@ int v4_matmul_batch(int n, const int* types, const uint8_t* const* Ws, const int
     }
     for (int j = 0; j < n; ++j) {
         if (qi[j] != j) continue;
-        bool ints = false, floats = false, quad = false;  // what the products reading this input need of it
+        bool ints = false, floats = false, mxfp4 = false;  // what the products reading this input need of it
         for (int i = j; i < n; ++i)
-            if (qi[i] == j) (is_float(types[i]) ? floats : ints) = true, quad |= quads(types[i]);
-        quants[j].quantize(xs[j], M, Ks[j], ldx[j], ints, floats, quad);
+            if (qi[i] == j) (is_float(types[i]) ? floats : ints) = true, mxfp4 |= types[i] == T_MXFP4;
+        quants[j].quantize(xs[j], M, Ks[j], ldx[j], ints, floats, mxfp4);
     }
     std::vector<const XRow*> xr(n);  // taken here: `quants` is thread-local, the team's other threads see their own
     for (int j = 0; j < n; ++j) xr[j] = quants[qi[j]].rows.data();
@@ -597,7 +611,8 @@ int v4_moe(const float* x, int64_t T, int64_t D, const int64_t* idx, const float
         if (idx[p] < 0 || idx[p] >= E) return -2;
     const int64_t rb1 = row_bytes(t1, D), rb3 = row_bytes(t3, D), rb2 = row_bytes(t2, I);
     XQuant& xq = scratch(0);
-    xq.quantize(x, T, D, D, !is_float(t1) || !is_float(t3), is_float(t1) || is_float(t3), quads(t1) || quads(t3));
+    xq.quantize(x, T, D, D, !is_float(t1) || !is_float(t3), is_float(t1) || is_float(t3),
+                t1 == T_MXFP4 || t3 == T_MXFP4);
     std::vector<float> h(P * I);
 
     // gate and up for every pair, fused with the activation. Each thread takes one contiguous share of the P·I
@@ -629,7 +644,7 @@ int v4_moe(const float* x, int64_t T, int64_t D, const int64_t* idx, const float
     }
 
     XQuant& hq = scratch(1);
-    hq.quantize(h.data(), P, I, I, !is_float(t2), is_float(t2), quads(t2));
+    hq.quantize(h.data(), P, I, I, !is_float(t2), is_float(t2), t2 == T_MXFP4);
     // down projection: each thread owns a contiguous block of output rows for every token (so no two threads write
     // one value) and reads each expert's rows of it as one run
 #pragma omp parallel num_threads(nt1) if (nt1 > 1)

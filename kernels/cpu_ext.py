@@ -24,7 +24,7 @@ import torch
 from v4cli.errors import V4Error
 
 # every .cpp here is one translation unit of the library; the .inc files are included by them
-SOURCES = ("qmatmul.cpp", "qmatmul_isa.inc", "qgemm_isa.inc", "mhc.cpp", "attention.cpp")
+SOURCES = ("qmatmul.cpp", "qmatmul_isa.inc", "qgemm_isa.inc", "mhc.cpp", "attention.cpp", "decode.cpp")
 # -ffp-contract=off keeps the dequantizers' multiply-then-subtract bit-exact with kernels/dequant.py;
 # -fopenmp links libgomp.so.1, which resolves to the copy torch already loaded (one thread pool, torch's count).
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-fno-math-errno")

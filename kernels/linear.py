@@ -140,6 +140,7 @@ def use_fast() -> bool:
         _fast_imported = True
         import kernels.fast  # noqa: F401  (registers kernels as a side effect; a failed build keeps the reference)
         import kernels.fast_mhc  # noqa: F401
+        import kernels.fast_decode  # noqa: F401
         import kernels.gpu  # noqa: F401  (Triton; registers only where CUDA and Triton are present)
     return True
 

@@ -16,6 +16,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
+from kernels import decode
 from kernels.attention import index_scores
 from kernels.linear import QWeight, embedding, linear, linear_many, routed_experts, swiglu
 from kernels.mhc import MixerParams, hc_collapse, hc_post, hc_pre
@@ -394,6 +395,13 @@ class Block:
         self.ffn_hc = HyperConnection(w.f32(b("hc_ffn_fn")), w.f32(b("hc_ffn_base")), w.f32(b("hc_ffn_scale")), args)
         self.attn_norm, self.ffn_norm = w.f32(b("attn_norm.weight")), w.f32(b("ffn_norm.weight"))
         self.attn, self.moe, self.eps = Attention(w, layer, args, ropes), MoE(w, layer, args), args.rms_norm_eps
+        at, moe = self.attn, self.moe
+        self.pre_weights = decode.PreWeights(self.attn_hc.p, self.attn_norm, at.wq_a, at.wkv, at.wq_b, at.q_norm,
+                                             at.kv_norm, at.H, at.d, at.rope.inv_freq, self.eps)
+        self.post_weights = decode.PostWeights(
+            at.wo_a, at.wo_b, at.G, at.H, at.d, at.rope.dim, self.ffn_hc.p, self.ffn_norm, moe.gate,
+            None if moe.hash else moe.bias, moe.tid2eid if moe.hash else None, moe.k, moe.scale,
+            (moe.w1, moe.w3, moe.w2), moe.shared, moe.limit, self.eps)
 
     def __call__(self, X, ids, pos, lc: LayerCache):
         x, q, kv, qr, cs, post_w, comb = self.pre(X, pos)
@@ -403,13 +411,21 @@ class Block:
     # may replace them with CUDA-graphed versions for decode (v4cli/engine/cuda_graphs.py).
 
     def pre(self, X, pos):
-        """Streams X [T, S, D] → the attention input x, its projections (q, kv, qr, cs) and the mHC post / comb."""
+        """Streams X [T, S, D] → the attention input x, its projections (q, kv, qr, cs) and the mHC post / comb.
+
+        At one token a fused kernel may run the whole of it in one call (kernels/decode.py); this is its reference."""
+        if X.shape[0] == 1 and (fused := decode.block_pre(self.pre_weights, X, pos)) is not None:
+            return fused
         a, post_w, comb = self.attn_hc.pre(X)
         x = rms_norm(a, self.attn_norm, self.eps)
         return (x, *self.attn.project(x, pos), post_w, comb)
 
     def post(self, out, cs, X, post_w, comb, ids):
-        """Attention output → the streams after this block: output projection, mHC expand, then the FFN half."""
+        """Attention output → the streams after this block: output projection, mHC expand, then the FFN half.
+
+        At one token a fused kernel may run the whole of it in one call (kernels/decode.py); this is its reference."""
+        if X.shape[0] == 1 and (fused := decode.block_post(self.post_weights, out, cs, X, post_w, comb, ids)) is not None:
+            return fused
         X = HyperConnection.post(self.attn.output(out, cs), X, post_w, comb)
         a, post_w, comb = self.ffn_hc.pre(X)
         return HyperConnection.post(self.moe(rms_norm(a, self.ffn_norm, self.eps), ids), X, post_w, comb)

@@ -121,16 +121,18 @@ class FusedDecode:
         if plan is None:
             return None
         S, D, H, d = plan.S, plan.D, plan.H, plan.d
-        # one allocation for all seven outputs: at decode every torch call costs tens of µs with cold caches
-        x, q, kv, qr, cs, post, comb = torch.empty(D + H * d + d + plan.wq_a.N + plan.rope_dim + S + S * S).split(
-            (D, H * d, d, plan.wq_a.N, plan.rope_dim, S, S * S))
+        # One allocation for all seven outputs, and every view made before the call: each weight stream flushes the
+        # caches torch's dispatcher runs from, so a torch call right after the kernel costs ~10x one right before it.
+        buf = torch.empty(D + H * d + d + plan.wq_a.N + plan.rope_dim + S + S * S)
+        x, q, kv, qr, cs, post, comb = buf.split((D, H * d, d, plan.wq_a.N, plan.rope_dim, S, S * S))
+        outs = (x.view(1, D), q.view(1, H, d), kv.view(1, d), qr.view(1, -1), torch.view_as_complex(cs.view(1, -1, 2)),
+                post.view(1, S), comb.view(1, S, S))
         rc = self.lib.v4_block_pre(ctypes.addressof(plan), X.data_ptr(), int(pos[0]), x.data_ptr(), q.data_ptr(),
                                    kv.data_ptr(), qr.data_ptr(), cs.data_ptr(), post.data_ptr(), comb.data_ptr(),
                                    cpu_ext.threads())
         if rc != 0:
             raise RuntimeError(f"v4_block_pre failed ({rc})")  # the plan checked every type and shape
-        return (x.view(1, D), q.view(1, H, d), kv.view(1, d), qr.view(1, -1),
-                torch.view_as_complex(cs.view(1, -1, 2)), post.view(1, S), comb.view(1, S, S))
+        return outs
 
     def post(self, w: decode.PostWeights, out, cs, X, post, comb, ids):
         if X.shape[0] != 1 or not _f32(X, post, comb) or out.dtype != torch.float32 or cs.dtype != torch.complex64:

@@ -194,3 +194,29 @@ def test_hash_routing_outside_the_experts_is_a_clear_error(tiny):
     with pytest.raises(GGUFError, match="outside 0..") as e:
         DeepseekV4(gf.args, tensors)
     assert "convert it again" in e.value.hint
+
+
+@pytest.mark.parametrize("fmt", ["f32", "bf16", "fp8"])
+def test_window_rows_drop_lazily_and_read_back_as_a_plain_list(fmt):
+    # The sliding window's keep_last only moves a start offset; the rows held must still read back exactly as a
+    # store that copied on every drop would (get, stored, take, snapshots), through buffer rebuilds, and a long
+    # chunk must not leave a buffer many windows long behind.
+    from v4cli.model.cache import Rows, codecs
+
+    kv_codec, _ = codecs(fmt, 64)
+    rows, k, held = Rows(kv_codec, 128), 7, []
+    g = torch.Generator().manual_seed(0)
+    for step, m in enumerate([1] * 40 + [50] + [1] * 20 + [3, 1, 2]):
+        x = torch.randn(m, 128, generator=g)
+        held.append(rows.append(x))
+        rows.keep_last(k)
+        want = torch.cat(held)[-k:]
+        held = [want]
+        assert rows.n == want.shape[0]
+        assert torch.equal(rows.get(), want)
+        assert torch.equal(rows.stored().float(), want)
+        assert torch.equal(rows.take(torch.tensor([0, rows.n - 1])), want[[0, -1]])
+        twin = Rows(kv_codec, 128)
+        twin.load(rows.state())
+        assert torch.equal(twin.get(), want)
+        assert max(v.shape[0] for v in rows.parts.values() if v.dim()) <= 4 * k + 64

@@ -137,24 +137,29 @@ class Rows:
         self.codec, self.dim = codec, dim
         self.device = torch.device(device)  # where an empty store's rows live (the model's device)
         self.parts: dict[str, torch.Tensor] = {}
-        self.n = 0
+        self.n = 0  # rows held: parts' rows start .. start + n
+        self.start = 0  # rows before it were dropped by keep_last and not yet compacted away
 
     def append(self, x: torch.Tensor) -> torch.Tensor:
         """Store rows x [m, dim]; returns them as they will read back (the storage rounding applied)."""
         enc = self.codec.encode(x)
         m = x.shape[0]
+        rows = [v for v in self.parts.values() if v.dim()]
+        if not rows or rows[0].shape[0] < self.start + self.n + m:  # out of room: the rows held move to a new buffer
+            cap = max(16, 2 * (self.n + m))
+            for k, v in enc.items():
+                if v.dim():
+                    grown = v.new_zeros((cap, *v.shape[1:]))
+                    if k in self.parts:
+                        grown[: self.n] = self.parts[k][self.start: self.start + self.n]
+                    self.parts[k] = grown
+            self.start = 0
+        end = self.start + self.n
         for k, v in enc.items():
             if v.dim() == 0:  # per-store constants (e.g. the unpadded dim)
                 self.parts[k] = v
-                continue
-            cur = self.parts.get(k)
-            if cur is None or cur.shape[0] < self.n + m:
-                cap = max(16, 2 * (self.n + m))
-                grown = v.new_zeros((cap, *v.shape[1:]))
-                if cur is not None:
-                    grown[: self.n] = cur[: self.n]
-                self.parts[k] = cur = grown
-            cur[self.n: self.n + m] = v
+            else:
+                self.parts[k][end: end + m] = v
         self.n += m
         return self.codec.decode(enc)
 
@@ -167,7 +172,7 @@ class Rows:
     def stored(self) -> torch.Tensor:
         """All rows as kept when the format is plain (f32 / bf16 [n, dim], no copy); decoded to f32 otherwise."""
         if self.n and isinstance(self.codec, PlainCodec):
-            return self.parts["x"][: self.n]
+            return self.parts["x"][self.start: self.start + self.n]
         return self.get()
 
     def take(self, idx: torch.Tensor) -> torch.Tensor:
@@ -180,15 +185,23 @@ class Rows:
         """Drop all but the last k rows (the sliding window)."""
         if self.n <= k:
             return
-        self.parts = {n: (v[self.n - k: self.n].clone() if v.dim() else v) for n, v in self.parts.items()}
+        # Only the start moves; the next append that runs out of room copies just the rows held into a buffer of
+        # twice their count. A decode step's window drop is then free instead of a copy of the whole window, and
+        # the buffer is rebuilt once every ~k steps.
+        self.start += self.n - k
         self.n = k
+        if next(v for v in self.parts.values() if v.dim()).shape[0] > 4 * k + 64:
+            # after a long chunk, a buffer many windows long is not kept around: the rows held are copied out now
+            self.parts = {n: (v[self.start: self.start + k].clone() if v.dim() else v) for n, v in self.parts.items()}
+            self.start = 0
 
     def nbytes(self) -> int:
         """Bytes of the rows held (not the spare capacity)."""
         return self.n * self.codec.row_bytes(self.dim)
 
     def _view(self, a, b):
-        return {k: (v[a:b] if v.dim() else v) for k, v in self.parts.items()}
+        """Parts of held rows a..b (counted from the first row held)."""
+        return {k: (v[self.start + a: self.start + b] if v.dim() else v) for k, v in self.parts.items()}
 
     def _device(self):
         return next(iter(self.parts.values())).device if self.parts else self.device
@@ -197,7 +210,7 @@ class Rows:
         return {k: v.clone() for k, v in self._view(0, self.n).items()} | {"n": torch.tensor(self.n)}
 
     def load(self, sd: dict[str, torch.Tensor]) -> None:
-        self.n = int(sd["n"])
+        self.n, self.start = int(sd["n"]), 0
         self.parts = {k: v.clone() for k, v in sd.items() if k != "n"}
 
 

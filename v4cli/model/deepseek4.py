@@ -119,10 +119,11 @@ class Compressor:
         if st.buf_kv is not None:
             kv, score = torch.cat([st.buf_kv, kv]), torch.cat([st.buf_score, score])
         usable = kv.shape[0] // m * m
+        if usable == 0:  # no window completes (most decode steps): these fresh rows are the buffer as they are
+            st.buf_kv, st.buf_score = kv, score
+            return
         st.buf_kv, st.buf_score = kv[usable:].clone(), score[usable:].clone()
         n = usable // m
-        if n == 0:
-            return
         ck = kv[:usable].view(n, m, -1)
         cs = score[:usable].view(n, m, -1) + self.ape
         if self.overlap:
@@ -237,7 +238,13 @@ class Attention:
             self.compressor.update(lc.compressor, x)
             entries = lc.compressor.entries
             N = entries.n
-            if self.indexer is not None:
+            if self.indexer is not None and allowed is None and N <= self.indexer.topk:
+                # One query with at most top-k entries, all complete at its position: the index scores would choose
+                # every one, so only the indexer's compressor advances; its two projections and the scoring are
+                # skipped (at Flash's top-512, every decode step before 2K tokens of context).
+                self.indexer.compressor.update(lc.indexer, x)
+                out = self._attend(q, torch.cat([keys, entries.get()]), None)
+            elif self.indexer is not None:
                 idx, valid = self.indexer.select(lc.indexer, x, qr, cs, pos)
                 if allowed is None:  # one query: its chosen entries (all complete) join the window's keys
                     chosen = entries.take(idx[0]) if idx.shape[1] < N else entries.get()

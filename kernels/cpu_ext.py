@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -24,7 +25,8 @@ import torch
 from v4cli.errors import V4Error
 
 # every .cpp here is one translation unit of the library; the .inc files are included by them
-SOURCES = ("qmatmul.cpp", "qmatmul_isa.inc", "qgemm_isa.inc", "mhc.cpp", "attention.cpp", "decode.cpp")
+SOURCES = ("qmatmul.cpp", "qmatmul_isa.inc", "qgemm_isa.inc", "mhc.cpp", "attention.cpp", "decode.cpp",
+           "hsum.inc")
 # -ffp-contract=off keeps the dequantizers' multiply-then-subtract bit-exact with kernels/dequant.py;
 # -fopenmp links libgomp.so.1, which resolves to the copy torch already loaded (one thread pool, torch's count).
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-fno-math-errno")
@@ -35,6 +37,7 @@ class KernelBuildError(V4Error):
     """The CPU kernels could not be compiled or loaded; the torch reference path still works."""
 
 
+log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 
@@ -122,6 +125,20 @@ def load() -> ctypes.CDLL:
             except OSError as e:
                 raise KernelBuildError(f"loading the CPU kernels failed: {e}") from e
         return _lib
+
+
+def usable() -> ctypes.CDLL | None:
+    """The loaded library if it built and this CPU runs its kernels (AVX2 + FMA or better), else None (callers keep
+    the torch references). Logs why not at debug level."""
+    try:
+        lib = load()
+    except KernelBuildError as e:
+        log.debug("CPU kernels unavailable, using the torch reference: %s", e)
+        return None
+    if lib.v4_isa() == 0:
+        log.debug("CPU kernels need AVX2; using the torch reference")
+        return None
+    return lib
 
 
 def isa() -> int:

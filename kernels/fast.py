@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 from typing import NamedTuple
 
 import torch
@@ -26,7 +25,6 @@ from kernels import attention, cpu_ext
 from kernels.linear import QWeight, reference_linear, register, register_batch, register_moe
 from v4cli.errors import BadInput
 
-log = logging.getLogger(__name__)
 
 TYPES: tuple[Q, ...] = (Q.Q8_0, Q.Q4_K, Q.Q2_K, Q.MXFP4, Q.BF16, Q.Q3_K, Q.Q5_K, Q.Q6_K, Q.F16)
 # From this many activation rows on, the int8 GEMM (v4_gemm) beats the fused row kernels for every type it covers
@@ -227,13 +225,8 @@ def cpu_index_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, scale
 
 def _install() -> bool:
     global _lib
-    try:
-        lib = cpu_ext.load()
-    except cpu_ext.KernelBuildError as e:
-        log.debug("CPU kernels unavailable, using the torch reference: %s", e)
-        return False
-    if lib.v4_isa() == 0:
-        log.debug("CPU kernels need AVX2; using the torch reference")
+    lib = cpu_ext.usable()
+    if lib is None:
         return False
     _lib = lib
     for t in TYPES:

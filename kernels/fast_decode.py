@@ -152,11 +152,8 @@ class FusedDecode:
 
 
 def _install() -> bool:
-    try:
-        lib = cpu_ext.load()
-    except cpu_ext.KernelBuildError:
-        return False  # kernels.fast logs the build failure once
-    if lib.v4_isa() == 0:
+    lib = cpu_ext.usable()
+    if lib is None:
         return False
     fused = FusedDecode(lib)
     decode.register_pre("cpu")(fused.pre)

@@ -21,12 +21,7 @@ namespace {
 constexpr int HG = 8;         // heads per accumulator vector
 constexpr int MAX_GROUPS = 8;  // up to 64 heads in registers
 
-inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
+#include "hsum.inc"
 
 // one key row k [d] (f32) against qt [d][G·8] (the heads transposed: channel-major) → the weighted relu sum
 template <int G>

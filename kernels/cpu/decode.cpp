@@ -81,12 +81,7 @@ struct V4Post {
 
 namespace {
 
-inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
+#include "hsum.inc"
 
 float dot(const float* a, const float* b, int64_t n) {  // n a multiple of 16
     __m256 u = _mm256_setzero_ps(), v = u;

@@ -16,12 +16,7 @@
 
 namespace {
 
-inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
+#include "hsum.inc"
 
 // dots[o] = fn[o] · x for rows o0..o1 (n a multiple of 8), four rows per pass so x is read a quarter as often
 void dot_rows(const float* fn, const float* x, int64_t n, int64_t o0, int64_t o1, float* dots) {

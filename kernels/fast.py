@@ -1,8 +1,8 @@
 """Compiled CPU kernels (kernels/cpu/qmatmul.cpp) registered with the `linear` dispatcher.
 
 Importing this module builds or loads the library and registers `cpu_linear` for the types below plus
-`cpu_routed_experts` for the MoE. If the build fails, or the CPU lacks AVX2, it logs once at debug level and
-registers nothing, so everything keeps the torch reference.
+`cpu_routed_experts` for the MoE. If the build fails, or the CPU lacks AVX2, it registers nothing (cpu_ext logs
+why at debug level), so everything keeps the torch reference.
 
 Accuracy: integer types quantize activations to int8 per 32 values (scale = absmax/127), as llama.cpp does on
 CPU; expect ~0.5 % relative error against the f32 reference. The fused row kernels (few rows) and the int8 GEMM

@@ -1,14 +1,15 @@
 """The compiled fused decode halves (kernels/cpu/decode.cpp) registered with kernels.decode.
 
 Each `PreWeights` / `PostWeights` is turned once into the C structs decode.cpp reads (pointers, types, shapes; the
-spec keeps the tensors alive), cached per spec. A call then costs a handful of output allocations and one ctypes
-call. Declines (None → the model's reference composition) when the library did not build, a weight type or row
+spec keeps the tensors alive), kept in the spec's `plans`. A call then costs one output allocation, a few views
+and one ctypes call. Declines (None → the model's reference composition) when the library did not build, a weight type or row
 length has no row kernel, or the inputs are not one float32 CPU token.
 """
 
 from __future__ import annotations
 
 import ctypes
+
 import torch
 
 from kernels import cpu_ext, decode

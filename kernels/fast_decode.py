@@ -2,8 +2,8 @@
 
 Each `PreWeights` / `PostWeights` is turned once into the C structs decode.cpp reads (pointers, types, shapes; the
 spec keeps the tensors alive), kept in the spec's `plans`. A call then costs one output allocation, a few views
-and one ctypes call. Declines (None → the model's reference composition) when the library did not build, a weight type or row
-length has no row kernel, or the inputs are not one float32 CPU token.
+and one ctypes call. Declines (None → the model's reference composition) when the library did not build, a weight
+type or row length has no row kernel, or the inputs are not one float32 CPU token.
 """
 
 from __future__ import annotations
@@ -103,7 +103,8 @@ class FusedDecode:
         D = w.norm.shape[0]
         E = w.gate.shape[0]
         hash_ids = w.tid2eid
-        ok = (_all(mix, *lins) and _f32(w.norm, w.gate, w.bias) and D % 16 == 0 and (w.bias is None) != (hash_ids is None)
+        ok = (_all(mix, *lins) and _f32(w.norm, w.gate, w.bias) and D % 16 == 0
+              and (w.bias is None) != (hash_ids is None)
               and w.wo_a.shape[0] % w.groups == 0 and w.wo_a.shape[1] * w.groups == w.heads * w.head_dim
               and w.experts[0].shape[0] == E and w.shared[0].shape[0] == 1)
         if hash_ids is not None:

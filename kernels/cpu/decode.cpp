@@ -4,16 +4,16 @@
 // in Python between them.
 //
 // Why: at one token each half is ~20-40 small torch ops and ctypes calls around a few weight streams. That glue
-// cost 1.7 ms a layer with every cache warm, and about twice that in the real loop, where each weight stream has
-// just flushed the caches the interpreter and torch's dispatcher live in. Here the same steps run as plain C++
-// calls into the library's own kernels (v4_matmul, v4_matmul_batch, v4_moe, v4_hc_pre/post, v4_rms_norm), so
+// cost 1.1 ms a layer with every cache warm (pre 0.34, post 0.75 ms: kernels replaced by no-ops, 4-layer
+// mini-Flash), and more in the real loop, where each weight stream has just flushed the caches the interpreter and
+// torch's dispatcher run from (a torch call there measured up to ~10x its warm time). Here the same steps run as
+// plain C++ calls into the library's own kernels (v4_matmul, v4_matmul_batch, v4_moe, v4_hc_pre/post, v4_rms_norm), so
 // the results equal the unfused fast path up to the router's and RoPE's f32 rounding (the dots' summation order,
 // libm's cos/sin); the model's Python composition (v4cli/model/deepseek4.py, Block.pre / Block.post) is the
 // reference and the parity test holds the two together. Called through ctypes (kernels/fast_decode.py).
 
 #include <immintrin.h>
 #include <stdint.h>
-#include <string.h>
 
 #include <cmath>
 #include <vector>

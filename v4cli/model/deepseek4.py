@@ -421,7 +421,8 @@ class Block:
         """Streams X [T, S, D] → the attention input x, its projections (q, kv, qr, cs) and the mHC post / comb.
 
         At one token a fused kernel may run the whole of it in one call (kernels/decode.py); this is its reference."""
-        if X.shape[0] == 1 and (fused := decode.block_pre(self.pre_weights, X, pos)) is not None:
+        fused = decode.block_pre(self.pre_weights, X, pos) if X.shape[0] == 1 else None
+        if fused is not None:
             return fused
         a, post_w, comb = self.attn_hc.pre(X)
         x = rms_norm(a, self.attn_norm, self.eps)
@@ -431,7 +432,8 @@ class Block:
         """Attention output → the streams after this block: output projection, mHC expand, then the FFN half.
 
         At one token a fused kernel may run the whole of it in one call (kernels/decode.py); this is its reference."""
-        if X.shape[0] == 1 and (fused := decode.block_post(self.post_weights, out, cs, X, post_w, comb, ids)) is not None:
+        fused = decode.block_post(self.post_weights, out, cs, X, post_w, comb, ids) if X.shape[0] == 1 else None
+        if fused is not None:
             return fused
         X = HyperConnection.post(self.attn.output(out, cs), X, post_w, comb)
         a, post_w, comb = self.ffn_hc.pre(X)

@@ -153,10 +153,10 @@ int route(const V4Post& p, const float* x, int64_t token, int64_t* idx, float* w
 
 extern "C" {
 
-// Streams X [S, D] at position pos → the attention input x [D], q [H, d] (normed per head, rotated), kv [d]
+// Streams X [S, D] at position *pos → the attention input x [D], q [H, d] (normed per head, rotated), kv [d]
 // (normed, rotated), the normed q latent qr [q_lora], the rotation cs [rope_dim/2][2], and the mHC post [S] and
 // comb [S, S]. Returns 0, or the first failing kernel's code (nothing is written that the caller keeps then).
-int v4_block_pre(const V4Pre* p, const float* X, int64_t pos, float* x, float* q, float* kv, float* qr, float* cs,
+int v4_block_pre(const V4Pre* p, const float* X, const int64_t* pos, float* x, float* q, float* kv, float* qr, float* cs,
                  float* post, float* comb, int nthreads) {
     const V4Pre& P = *p;
     std::vector<float> a(P.D), qa(P.wq_a.N);
@@ -175,17 +175,17 @@ int v4_block_pre(const V4Pre* p, const float* X, int64_t pos, float* x, float* q
     if (rc == 0) rc = v4_rms_norm(q, P.H, P.d, nullptr, P.eps, q, nthreads);
     if (rc == 0) rc = v4_rms_norm(kv, 1, P.d, P.kv_norm, P.eps, kv, nthreads);
     if (rc) return rc;
-    cos_sin(P.inv_freq, P.rope_dim / 2, pos, cs);
+    cos_sin(P.inv_freq, P.rope_dim / 2, *pos, cs);
     rope(q, P.H, P.d, P.rope_dim, cs, false);
     rope(kv, 1, P.d, P.rope_dim, cs, false);
     return 0;
 }
 
 // The attention output attn [H, d] (before the inverse rotation; not modified) and the block's input streams X
-// [S, D] with their mHC post / comb → the streams after the whole block, Xout [S, D]; token is the token id (hash
+// [S, D] with their mHC post / comb → the streams after the whole block, Xout [S, D]; *token is the token id (hash
 // routing). Returns 0, -2 for a token or expert id out of range, or the first failing kernel's code.
 int v4_block_post(const V4Post* p, const float* attn, const float* cs, const float* X, const float* post,
-                  const float* comb, int64_t token, float* Xout, int nthreads) {
+                  const float* comb, const int64_t* token, float* Xout, int nthreads) {
     const V4Post& P = *p;
     const int64_t HD = P.H * P.d, G = P.groups, R = P.wo_a.N / G;
     std::vector<float> o(attn, attn + HD), y(P.wo_a.N), h(P.D), X1(P.S * P.D), a(P.D), post2(P.S), comb2(P.S * P.S),
@@ -213,7 +213,7 @@ int v4_block_post(const V4Post* p, const float* attn, const float* cs, const flo
     if (rc) return rc;
     std::vector<int64_t> idx(P.k);
     std::vector<float> wts(P.k);
-    if ((rc = route(P, xm.data(), token, idx.data(), wts.data()))) return rc;
+    if ((rc = route(P, xm.data(), *token, idx.data(), wts.data()))) return rc;
     const int64_t I = P.w1.N / P.E, Is = P.s1.N, zero = 0;
     const float one = 1.0f;
     rc = v4_moe(xm.data(), 1, P.D, idx.data(), wts.data(), P.k, (int)P.w1.type, P.w1.w, (int)P.w3.type, P.w3.w,

@@ -144,8 +144,7 @@ class Rows:
         """Store rows x [m, dim]; returns them as they will read back (the storage rounding applied)."""
         enc = self.codec.encode(x)
         m = x.shape[0]
-        rows = [v for v in self.parts.values() if v.dim()]
-        if not rows or rows[0].shape[0] < self.start + self.n + m:  # out of room: the rows held move to a new buffer
+        if self._capacity() < self.start + self.n + m:  # out of room: the rows held move to a new buffer
             cap = max(16, 2 * (self.n + m))
             for k, v in enc.items():
                 if v.dim():
@@ -190,7 +189,7 @@ class Rows:
         # the buffer is rebuilt once every ~k steps.
         self.start += self.n - k
         self.n = k
-        if next(v for v in self.parts.values() if v.dim()).shape[0] > 4 * k + 64:
+        if self._capacity() > 4 * k + 64:
             # after a long chunk, a buffer many windows long is not kept around: the rows held are copied out now
             self.parts = {n: (v[self.start: self.start + k].clone() if v.dim() else v) for n, v in self.parts.items()}
             self.start = 0
@@ -198,6 +197,10 @@ class Rows:
     def nbytes(self) -> int:
         """Bytes of the rows held (not the spare capacity)."""
         return self.n * self.codec.row_bytes(self.dim)
+
+    def _capacity(self) -> int:
+        """Rows the buffers have room for (every part has the same length; 0 before the first append)."""
+        return next((v.shape[0] for v in self.parts.values() if v.dim()), 0)
 
     def _view(self, a, b):
         """Parts of held rows a..b (counted from the first row held)."""

@@ -13,6 +13,7 @@ from quant import keys as K
 from quant import names as N
 from quant.config import FLASH_CONFIG, ModelArgs
 from v4cli import kvsize
+from v4cli.engine.loader import _tensors, placement
 from v4cli.errors import DoesNotFit
 from v4cli.gguf_file import GGUFFile, deepseek4_tensor_shapes
 from v4cli.placement import (
@@ -65,10 +66,13 @@ def test_fake_24gb_gpu_with_128gb_ram(inv):
     assert all(by[c] == {GPU} for c in DENSE)  # the whole dense set and the head
     assert by["embedding"] == {CPU}  # only rows are gathered
     assert p.kv_device == GPU
-    # routed experts: resident layers first, then the rest paged from disk, contiguous by layer
+    # routed experts, contiguous by layer: on the GPU while what is left of it lasts, then resident in RAM, then
+    # paged from disk
     exp_dev = [p.where(N.experts(L, "w1")).device for L in range(43)]
-    k = exp_dev.index(MMAP)
-    assert exp_dev == [CPU] * k + [MMAP] * (43 - k) and 20 < k < 43
+    g, k = exp_dev.index(CPU), exp_dev.index(MMAP)
+    assert exp_dev == [GPU] * g + [CPU] * (k - g) + [MMAP] * (43 - k) and 1 <= g < 8 and 20 < k < 43
+    bigger = PlacementPlan.build(inv, FLASH, ctx=1 << 20, kv_format="fp8", gpu_mem=80 * G, cpu_mem=128 * G)
+    assert [bigger.where(N.experts(L, "w1")).device for L in range(43)].index(CPU) > g
     tot = p.totals()
     assert tot[GPU] <= 24 * G - GPU_RESERVE and tot[CPU] <= 128 * G - CPU_RESERVE
     assert sum(tot.values()) == sum(i.nbytes for i in inv) + p.kv_nbytes
@@ -77,7 +81,8 @@ def test_fake_24gb_gpu_with_128gb_ram(inv):
     rows = p.summary()
     assert [r.component for r in rows][:2] == ["head", "attention"] and rows[-1].component == "kv_cache"
     assert sum(r.nbytes for r in rows) == sum(tot.values())
-    assert [(r.where, r.form) for r in rows if r.component == "routed_experts"] == [(CPU, "stored"), (MMAP, "stored")]
+    assert [(r.where, r.form) for r in rows if r.component == "routed_experts"] == [
+        (GPU, "stored"), (CPU, "stored"), (MMAP, "stored")]
 
 
 def test_tiny_gpu_gets_a_prefix_of_layers(inv):
@@ -108,7 +113,8 @@ def test_dequantized_gpu_form(inv):
     assert (q_b.device, q_b.form, q_b.nbytes) == (GPU, "bf16", 32768 * 1024 * 2)
     norm = p.where(N.blk(0, "attn_norm.weight"))
     assert (norm.form, norm.nbytes) == ("stored", 4096 * 4)  # already plain F32
-    assert p.where(N.experts(0, "w1")).form == "stored"
+    e0, e42 = p.where(N.experts(0, "w1")), p.where(N.experts(42, "w1"))
+    assert (e0.device, e0.form, e42.device, e42.form) == (GPU, "bf16", CPU, "stored")  # bf16 only on the GPU
 
 
 def test_deterministic_and_kv_that_fits_nowhere(inv):
@@ -138,9 +144,24 @@ def test_plan_from_a_gguf_file(tmp_path):
     w.write_tensors_to_file()
     w.close()
     with GGUFFile(tmp_path / "t.gguf") as f:
-        p = PlacementPlan.for_gguf(f, ctx=256, kv_format="bf16", gpu_mem=GPU_RESERVE + 10**7, cpu_mem=CPU_RESERVE + 10**7)
+        # room for the dense set, the KV cache and layer 0's routed experts, not layer 1's
+        experts = {L: sum(f.tensors[N.experts(L, k)].nbytes for k in ("w1", "w2", "w3")) for L in (0, 1)}
+        dense = sum(t.nbytes for t in f.tensors.values() if N.role_of_gguf(t.name) not in (N.EXPS, N.EMBED))
+        gpu = GPU_RESERVE + dense + kvsize.kv_bytes(f.args, "bf16", 256) + experts[0] + experts[1] // 2
+        p = PlacementPlan.for_gguf(f, ctx=256, kv_format="bf16", gpu_mem=gpu, cpu_mem=CPU_RESERVE + 10**7)
         same = PlacementPlan.build(inventory_for(f.args, {"default": Q.F32}), f.args, ctx=256, kv_format="bf16",
-                                   gpu_mem=GPU_RESERVE + 10**7, cpu_mem=CPU_RESERVE + 10**7)
-    assert set(p.tensors) == set(same.tensors) and p.totals() == same.totals()
-    assert p.where(N.experts(1, "w2")).device == CPU and p.where(N.blk(1, "attn.wq_a.weight")).device == GPU
-    assert p.kv_device == GPU
+                                   gpu_mem=gpu, cpu_mem=CPU_RESERVE + 10**7)
+        assert set(p.tensors) == set(same.tensors) and p.totals() == same.totals()
+        assert p.where(N.blk(1, "attn.wq_a.weight")).device == GPU and p.kv_device == GPU
+        assert (p.where(N.experts(0, "w2")).device, p.where(N.experts(1, "w2")).device) == (GPU, CPU)
+
+        # the engine's loader realizes the plan ("meta" stands in for the GPU): GPU tensors are copied there,
+        # the rest stay zero-copy views of the file
+        place = placement(f, "meta", ctx=256, kv_format="bf16", gpu_mem=gpu)
+        ws = _tensors(f, place)
+        for name, w in ws.items():
+            want = "meta" if p.where(name).device == GPU else "cpu"
+            assert w.device.type == want, name
+            if want == "cpu":
+                assert w.raw.untyped_storage().data_ptr() == f.raw(name).untyped_storage().data_ptr(), name
+        assert ws[N.root("embed.weight")].device.type == "cpu"

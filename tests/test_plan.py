@@ -122,11 +122,16 @@ def test_flash_128g_plus_24g_gpu_1m():
     assert p.inventory.recipe == "q3k"  # the GPU holds the dense set and KV, so a bigger recipe fits
     assert p.paged == 0 and p.runs and p.ctx == 1_048_576
     assert p.used(GPU) <= m.vram - GPU_RESERVE and p.used(RAM) + OS_RESERVE <= m.ram
-    # every tensor a token reads in full lives on the GPU, and so does the KV cache; routed experts stream from RAM
+    # every tensor a token reads in full lives on the GPU, and so does the KV cache; the GPU's remaining room
+    # holds the first layers' routed experts, the rest stream from RAM
     assert all(p.where[w.name] == GPU for w in p.inventory.weights if dense(p, w))
     assert p.where[KV] == GPU
-    assert all(p.where[w.name] == RAM for w in p.inventory.weights if w.role in (N.EXPS, N.EMBED))
-    assert p.read(RAM) == sum(w.read for w in p.inventory.weights if w.role in (N.EXPS, N.EMBED))
+    exps = [w for w in p.inventory.weights if w.role == N.EXPS]
+    on_gpu = {w.layer for w in exps if p.where[w.name] == GPU}
+    assert on_gpu == set(range(len(on_gpu))) and 1 <= len(on_gpu) < 8
+    assert all(p.where[w.name] == RAM for w in p.inventory.weights
+               if w.role == N.EMBED or w.role == N.EXPS and w.layer not in on_gpu)
+    assert p.read(RAM) == sum(w.read for w in p.inventory.weights if p.where[w.name] == RAM)
     assert 15 < p.tokens_per_second < 40  # facts §8: ≈22–36 tok/s with experts streamed from RAM
 
 

@@ -232,10 +232,9 @@ def run_pass(spec: BenchSpec, engine: str) -> dict:
     from v4cli.testing.tiny import random_token_ids
 
     torch.set_num_threads(spec.n_threads)
-    opts = {"n_ctx": spec.positions_needed()} if engine == "llama" else {}
     t0 = time.perf_counter()
     eng = load_engine(spec.model, engine, kv_format=spec.kv_format, device=spec.device, threads=spec.n_threads,
-                      **opts)
+                      ctx=spec.positions_needed())
     load_s = time.perf_counter() - t0
     vocab = min(eng.args.vocab_size, 128000)
 

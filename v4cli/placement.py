@@ -4,10 +4,12 @@ Policy (decode is memory-bandwidth bound; facts §8):
 - GPU, in this order while the budget (minus an activation reserve) lasts: the model root (head, output norm,
   mHC head), then whole layers' dense sets (attention, norms, mHC, router, compressors, indexer, shared expert)
   from layer 0 up — a contiguous prefix, so an engine offloads layers, not scattered tensors — then the KV cache
-  (only when every layer's attention is on the GPU), then the MTP block's dense set.
+  (only when every layer's attention is on the GPU), then the MTP block's dense set, then whole layers' routed
+  experts from layer 0 up (within the dense prefix).
 - The token embedding never goes to the GPU: only its rows are gathered, on the CPU.
 - CPU RAM, in this order while its budget lasts: a CPU-side KV cache, dense layers that missed the GPU, the
-  embedding, routed experts layer by layer (read from the mmap: `cpu` means resident in the page cache).
+  embedding, the other routed experts layer by layer (read from the mmap: `cpu` means resident in the page
+  cache).
   What does not fit stays `mmap`: left on disk, paged in on use — the plan says decode will page from disk.
 - Form: `stored` (the file's ggml type) everywhere, or `bf16` for quantized tensors on the GPU when asked.
 Deterministic: the same inventory and budgets give the same plan.
@@ -168,6 +170,12 @@ class PlacementPlan:
         for L in mtp_layers:
             if not try_gpu(layer_dense[L]):
                 break
+        # then whole layers' routed experts, from layer 0 up, while the budget lasts (only layers whose dense set
+        # is there): a GPU-resident layer's experts are read at VRAM speed in decode and need no streaming in
+        # prefill; the engine runs the others from host memory (kernels/offload.py)
+        for L in sorted(L for L in layer_experts if L < gpu_layers):
+            if not try_gpu(layer_experts[L]):
+                break
 
         notes, problems = [], []
         cpu_left = cpu_budget
@@ -194,7 +202,7 @@ class PlacementPlan:
             to_cpu([it for it in layer_dense[L] if it.name not in where])
         to_cpu([it for it in items if comp[it.name] == "embedding"])
         paged: list[int] = []
-        for L in sorted(layer_experts):
+        for L in sorted(L for L in layer_experts if layer_experts[L][0].name not in where):
             if paged or not to_cpu(layer_experts[L]):
                 for it in layer_experts[L]:
                     where[it.name] = (MMAP, STORED, it.nbytes)

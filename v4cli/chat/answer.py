@@ -90,12 +90,10 @@ def plan_context(path: Path, ctx: int | str | None, kv_format: str) -> int:
 
 def load_engine(path: Path, engine: str = "torch", kv_format: str = "bf16", device: str = "cpu",
                 threads: int | None = None, ctx: int | None = None):
-    """Load the GGUF with the named engine (torch or llama, see v4cli.engine.select); llama.cpp sizes its
-    context up front, so it gets `ctx`."""
+    """Load the GGUF with the named engine (torch or llama, see v4cli.engine.select), with room for `ctx`."""
     from v4cli.engine.select import load_engine as select_engine
 
-    extra = {"n_ctx": ctx} if engine == "llama" and ctx else {}
-    return select_engine(path, engine=engine, kv_format=kv_format, device=device, threads=threads, **extra)
+    return select_engine(path, engine=engine, kv_format=kv_format, device=device, threads=threads, ctx=ctx)
 
 
 # ---------------------------------------------------------------------------------------------- one turn

@@ -4,7 +4,9 @@ A decode step is hundreds of small kernels; launched from Python each costs ~10-
 the GPU needs for its work, so an eager step runs at a few % of the memory-bandwidth bound. Each block's `pre`
 (mHC collapse, norm, attention projections) and `post` (output projection, mHC expand, the whole FFN half) and
 the output head are pure functions of their tensors with fixed shapes at T = 1, so each is captured once and
-replayed. Attention over the cache, whose key count grows every token, stays eager between them.
+replayed. Attention over the cache, whose key count grows every token, stays eager between them, and so do
+routed experts left in host memory (hybrid placement): there `post` is replaced by `mix` and `finish`, graphed on
+either side of the experts' round trip through the host.
 """
 
 from __future__ import annotations
@@ -63,6 +65,6 @@ def enable(model: DeepseekV4, mtp: MTP | None = None) -> None:
     pool = torch.cuda.graph_pool_handle()
     blocks = list(model.blocks) + ([mtp.block] if mtp is not None else [])
     for blk in blocks:
-        blk.pre = Graphed(blk.pre, pool)
-        blk.post = Graphed(blk.post, pool)
+        for part in ("pre", "post", "mix", "finish"):  # mix / finish: around experts in host memory (Block.split)
+            setattr(blk, part, Graphed(getattr(blk, part), pool))
     model.head_logits = Graphed(model.head_logits, pool)

@@ -53,16 +53,20 @@ class Engine:
 
     @classmethod
     def load(cls, gguf_path: str | Path, kv_format: str = "bf16", device: str = "cpu",
-             mtp: str | Path | None = None) -> "Engine":
-        """Load a GGUF; `mtp`: also llama.cpp's separate MTP draft file for it (`v4 quantize --mtp`)."""
-        model, gf = load_model(gguf_path, device)
+             mtp: str | Path | None = None, ctx: int | None = None, gpu_mem: int | None = None) -> "Engine":
+        """Load a GGUF; `mtp`: also llama.cpp's separate MTP draft file for it (`v4 quantize --mtp`). On a GPU the
+        placement plan for a `ctx`-token cache and `gpu_mem` bytes (None: what is free) decides what goes there;
+        the rest stays in host memory (v4cli/engine/loader.py)."""
+        model, gf = load_model(gguf_path, device, ctx=ctx, kv_format=kv_format, gpu_mem=gpu_mem)
         draft, sources = None, gf
         if mtp is not None:
-            draft, mgf = load_mtp(model, mtp, device)
+            draft, mgf = load_mtp(model, mtp)
             sources = (gf, mgf)
         if torch.device(device).type == "cuda" and os.environ.get("V4_CUDA_GRAPHS", "1") != "0":
             cuda_graphs.enable(model, draft)  # V4_CUDA_GRAPHS=0: every launch eager (debugging, profiling)
-        return cls(model, tokenizer_from_metadata(gf.metadata), kv_format, device, source=sources, mtp=draft)
+        # token ids and logits live with the head (placed first, so on the GPU whenever anything is)
+        return cls(model, tokenizer_from_metadata(gf.metadata), kv_format, model.head.device, source=sources,
+                   mtp=draft)
 
     @property
     def args(self):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -11,22 +13,53 @@ from quant import names as N
 from v4cli.errors import GGUFError
 from v4cli.gguf_file import GGUFFile
 from v4cli.model.deepseek4 import MTP, DeepseekV4
+from v4cli.placement import GPU, PlacementPlan
+from v4cli.plan import KV_FORMATS
+from v4cli.units import parse_size
+
+PLAN_CTX = 32768  # the KV cache's room in the placement plan when the caller names no context
 
 # what an MTP draft file must share with its trunk for the draft block to read the trunk's streams
 _SHARED_DIMS = ("hidden_size", "vocab_size", "hc_mult", "num_hidden_layers", "num_attention_heads", "head_dim",
                 "n_routed_experts", "moe_intermediate_size")
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[DeepseekV4, GGUFFile]:
-    """(model, open GGUFFile). On CPU the weights are zero-copy views of the file's pages, mapped in up front;
-    on another device they are copied there."""
-    gf = _open(path, device)
-    return DeepseekV4(gf.args, _tensors(gf, device)), gf
+def load_model(path: str | Path, device: str | torch.device = "cpu", *, ctx: int | None = None,
+               kv_format: str = "bf16", gpu_mem: int | None = None) -> tuple[DeepseekV4, GGUFFile]:
+    """(model, open GGUFFile). On CPU the weights are zero-copy views of the file's pages, mapped in up front.
+    On another device each tensor goes where the placement plan puts it for a `ctx`-token `kv_format` cache and
+    `gpu_mem` bytes of device memory (None: what is free): copied to the device, or left in host memory."""
+    gf = GGUFFile(path)
+    place = placement(gf, device, ctx=ctx, kv_format=kv_format, gpu_mem=gpu_mem)
+    return DeepseekV4(gf.args, _tensors(gf, place)), gf
 
 
-def load_mtp(model: DeepseekV4, path: str | Path, device: str | torch.device = "cpu") -> tuple[MTP, GGUFFile]:
-    """(draft head, open GGUFFile) from llama.cpp's separate MTP file (`v4 quantize --mtp`) for `model`."""
-    gf = _open(path, device)
+def placement(gf: GGUFFile, device: str | torch.device, *, ctx: int | None = None, kv_format: str = "bf16",
+              gpu_mem: int | None = None) -> Callable[[str], torch.device]:
+    """Tensor name → the torch device it is loaded to.
+
+    CPU: everything. An accelerator: what v4cli/placement.py's plan puts on the GPU (the head, dense layers from
+    layer 0 up, then whole layers' routed experts while its memory lasts); everything else stays in host memory,
+    read in place from the mmap by the CPU kernels. `gpu_mem` None: $V4_GPU_MEM (e.g. 20G, to leave room for
+    other programs), else what is free on the device."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return lambda name: device
+    if gpu_mem is None and os.environ.get("V4_GPU_MEM"):
+        gpu_mem = parse_size(os.environ["V4_GPU_MEM"])
+    fmt = kv_format if kv_format in KV_FORMATS else "bf16"  # f32 is a test format, planned as its nearest
+    plan = PlacementPlan.for_gguf(gf, ctx=ctx or PLAN_CTX, kv_format=fmt, gpu_mem=gpu_mem)
+    host = torch.device("cpu")
+    return lambda name: device if plan.where(name).device == GPU else host
+
+
+def load_mtp(model: DeepseekV4, path: str | Path) -> tuple[MTP, GGUFFile]:
+    """(draft head, open GGUFFile) from llama.cpp's separate MTP file (`v4 quantize --mtp`) for `model`.
+
+    The draft goes to the device of the trunk's head, its experts to host memory if any trunk layer's are there."""
+    gf = GGUFFile(path)
+    head, host = model.head.device, torch.device("cpu")
+    experts_home = host if any(b.moe.w1.device == host for b in model.blocks) else head
     args = gf.validate_deepseek4()
     if args.num_nextn_predict_layers < 1 or N.mtp_eh_proj(args.num_hidden_layers) not in gf.tensors:
         raise GGUFError(f"{path}: not an MTP draft file (no blk.{args.num_hidden_layers} draft block)",
@@ -36,21 +69,17 @@ def load_mtp(model: DeepseekV4, path: str | Path, device: str | torch.device = "
     if diff:
         raise GGUFError(f"{path}: the MTP draft is for another model ({'; '.join(diff)})",
                         hint="convert the draft from the same checkpoint as the model: v4 quantize --mtp")
-    return MTP(model, _tensors(gf, device)), gf
+    experts = {N.experts(args.num_hidden_layers, k) for k in ("w1", "w2", "w3")}
+    return MTP(model, _tensors(gf, lambda name: experts_home if name in experts else head)), gf
 
 
-def _open(path: str | Path, device: str | torch.device) -> GGUFFile:
-    """The GGUF, its pages mapped in up front when the weights will be used in place (CPU)."""
-    gf = GGUFFile(path)
-    if torch.device(device).type == "cpu":
+def _tensors(gf: GGUFFile, place: Callable[[str], torch.device]) -> dict[str, QWeight]:
+    """Every tensor of gf as a QWeight on place(name): host ones view the mmap (no copy), its pages mapped in up
+    front since they are used in place."""
+    if any(place(name).type == "cpu" for name in gf.tensors):
         gf.prefault()
-    return gf
-
-
-def _tensors(gf: GGUFFile, device: str | torch.device) -> dict[str, QWeight]:
-    device = torch.device(device)
     tensors = {}
     for name, info in gf.tensors.items():
-        w = QWeight(gf.raw(name), info.qtype, info.shape)
+        w, device = QWeight(gf.raw(name), info.qtype, info.shape), place(name)
         tensors[name] = w if device.type == "cpu" else w.to(device)
     return tensors

@@ -10,11 +10,13 @@ ENGINES = ("torch", "llama")
 
 
 def load_engine(path: str | Path, engine: str = "torch", kv_format: str = "bf16", device: str = "cpu",
-                threads: int | None = None, mtp: str | Path | None = None, **llama_options):
+                threads: int | None = None, mtp: str | Path | None = None, ctx: int | None = None,
+                **llama_options):
     """Load `path` with the named engine. `threads` also sets torch's intra-op threads for the torch engine;
-    `mtp` (torch engine) also loads an MTP draft file.
+    `mtp` (torch engine) also loads an MTP draft file; `ctx`: the context to make room for (llama.cpp sizes its
+    cache up front, the torch engine's placement plan reserves GPU memory for it).
 
-    `llama_options` (n_ctx, flash_attn, ...) go to `LlamaEngine.load` only.
+    `llama_options` (flash_attn, ...) go to `LlamaEngine.load` only.
     """
     if engine == "torch":
         import torch
@@ -23,7 +25,7 @@ def load_engine(path: str | Path, engine: str = "torch", kv_format: str = "bf16"
 
         if threads:
             torch.set_num_threads(threads)
-        return Engine.load(path, kv_format=kv_format, device=device, mtp=mtp)
+        return Engine.load(path, kv_format=kv_format, device=device, mtp=mtp, ctx=ctx)
     if engine == "llama":
         from v4cli.engine.llama import LlamaEngine
 
@@ -32,5 +34,7 @@ def load_engine(path: str | Path, engine: str = "torch", kv_format: str = "bf16"
         if device != "cpu":
             raise BadInput(f"the llama engine runs on its own backends, not torch device {device!r}",
                            hint="drop --device, or use --engine torch")
+        if ctx:
+            llama_options["n_ctx"] = ctx
         return LlamaEngine.load(path, kv_format=kv_format, n_threads=threads, **llama_options)
     raise BadInput(f"unknown engine {engine!r} (choices: {', '.join(ENGINES)})", hint="pass --engine torch or llama")

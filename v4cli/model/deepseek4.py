@@ -1,22 +1,25 @@
 """DeepSeek-V4 forward pass (facts §4), written against transformers' `deepseek_v4` as the executable spec.
 
-The model knows nothing of quantization or devices: weights are `QWeight`s looked up by GGUF name (through
-quant/names.py) and every projection goes through `kernels.linear.linear`. Small tensors (norms, mHC mixers,
-sinks, ape, router bias) are read once as f32. All state lives in the cache from `make_cache()`, so a prompt
-can be fed in chunks of any size and decoding continues exactly.
+The model knows nothing of quantization: weights are `QWeight`s looked up by GGUF name (through quant/names.py)
+and every projection goes through `kernels.linear.linear`. Of devices it knows only that each layer runs where the
+loader put its weights (the streams follow it) and that routed experts may be left in host memory under a GPU
+layer (kernels/offload.py runs those). Small tensors (norms, mHC mixers, sinks, ape, router bias) are read once
+as f32. All state lives in the cache from `make_cache()`, so a prompt can be fed in chunks of any size and
+decoding continues exactly.
 
 Shapes: T = tokens in this call, H = heads, d = head_dim, r = rope dims, N = compressed entries, S = hc streams.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 
-from kernels import decode
+from kernels import decode, offload
 from kernels.attention import index_scores
 from kernels.linear import QWeight, embedding, linear, linear_many, routed_experts, swiglu
 from kernels.mhc import MixerParams, hc_collapse, hc_post, hc_pre
@@ -324,7 +327,8 @@ class Attention:
 
 
 class MoE:
-    """Routed experts (sqrt-softplus scores, bias or hash selection) + one always-on shared expert."""
+    """Routed experts (sqrt-softplus scores, bias or hash selection) + one always-on shared expert: the FFN is
+    routed(x, *route(x, ids)) + shared_out(x) (Block.mix / Block.finish)."""
 
     # at or below this many (token, expert) pairs, gather the experts' weights in one shot (no host sync)
     GATHER_MAX = 16
@@ -350,19 +354,34 @@ class MoE:
         self.k, self.E, self.scale, self.limit = (args.num_experts_per_tok, args.n_routed_experts,
                                                   args.routed_scaling_factor, args.swiglu_limit)
 
-    def __call__(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def route(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] → each token's k experts idx [T, k] and their weights wts [T, k]."""
         scores = torch.sqrt(F.softplus(F.linear(x, self.gate)))  # (T, E)
         if self.hash:
             idx = self.tid2eid[ids]
         else:
             idx = torch.topk(scores + self.bias, self.k, dim=-1).indices
         wts = scores.gather(1, idx)
-        wts = wts / (wts.sum(-1, keepdim=True) + 1e-20) * self.scale  # (T, k)
-        if idx.numel() <= self.GATHER_MAX:
-            return self._gathered(x, idx, wts) + self._shared_one_call(x)
+        return idx, wts / (wts.sum(-1, keepdim=True) + 1e-20) * self.scale
+
+    def routed(self, x: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor) -> torch.Tensor:
+        """Σ_j wts[t, j] · expert idx[t, j](x_t) → [T, D] on x's device, wherever the experts live."""
+        home = self.w1.device
+        if home == x.device:
+            if idx.numel() <= self.GATHER_MAX:
+                return self._gathered(x, idx, wts)
+            return self._grouped(x, idx, wts)
+        # experts in host memory under a GPU layer (hybrid placement): the tokens go to them or they to the tokens
+        if offload.choose(idx.numel(), (self.w1, self.w3, self.w2)) == offload.HOST:
+            return self.routed(x.to(home), idx.to(home), wts.to(home)).to(x.device)
+        return self._grouped(x, idx, wts, streamed=True)
+
+    def shared_out(self, x: torch.Tensor) -> torch.Tensor:
+        """The always-on shared expert."""
+        if x.shape[0] * self.k <= self.GATHER_MAX:
+            return self._shared_one_call(x)
         s1, s3, s2 = (t.expert(0) for t in self.shared)
-        shared = linear(swiglu(*linear_many([(x, s1), (x, s3)]), self.limit), s2)
-        return self._grouped(x, idx, wts) + shared
+        return linear(swiglu(*linear_many([(x, s1), (x, s3)]), self.limit), s2)
 
     def _shared_one_call(self, x):
         """The shared expert at decode: one more expert of weight 1 through the fused expert kernel (gate, up, SwiGLU
@@ -375,23 +394,25 @@ class MoE:
         """Few (token, expert) pairs (decode): each selected expert's bytes read once, no host sync."""
         return routed_experts(x, idx, wts, self.w1, self.w3, self.w2, self.limit)
 
-    def _grouped(self, x, idx, wts):
-        """One matmul per active expert over the tokens routed to it (prefill)."""
+    def _grouped(self, x, idx, wts, streamed: bool = False):
+        """One matmul per active expert over the tokens routed to it (prefill). `streamed`: the experts are copied
+        to x's device batch by batch as the loop reaches them (kernels/offload.py) instead of read where they are."""
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
         tok = order // self.k
         counts = torch.bincount(flat, minlength=self.E).tolist()
+        starts = [0, *itertools.accumulate(counts)]
         wsorted = wts.reshape(-1)[order]
+        ws = (self.w1, self.w3, self.w2)
+        experts = (offload.stream_experts(counts, ws, x.device) if streamed else
+                   ((e, tuple(w.expert(e) for w in ws)) for e, c in enumerate(counts) if c))
         out = torch.zeros_like(x)
-        start = 0
-        for e, c in enumerate(counts):
-            if c == 0:
-                continue
-            t, sl = tok[start:start + c], slice(start, start + c)
+        for e, (w1, w3, w2) in experts:
+            sl = slice(starts[e], starts[e + 1])
+            t = tok[sl]
             xs = x[t]
-            h = swiglu(linear(xs, self.w1.expert(e)), linear(xs, self.w3.expert(e)), self.limit)
-            out.index_add_(0, t, linear(h, self.w2.expert(e)) * wsorted[sl, None])
-            start += c
+            h = swiglu(linear(xs, w1), linear(xs, w3), self.limit)
+            out.index_add_(0, t, linear(h, w2) * wsorted[sl, None])
         return out
 
 
@@ -409,13 +430,21 @@ class Block:
             at.wo_a, at.wo_b, at.G, at.H, at.d, at.rope.dim, self.ffn_hc.p, self.ffn_norm, moe.gate,
             None if moe.hash else moe.bias, moe.tid2eid if moe.hash else None, moe.k, moe.scale,
             (moe.w1, moe.w3, moe.w2), moe.shared, moe.limit, self.eps)
+        self.device = self.attn_norm.device
+        # experts left in host memory under a GPU layer (hybrid placement): the FFN half runs as its parts, so that
+        # the engine can graph `mix` and `finish` around the experts' round trip through the host
+        self.split = moe.w1.device != self.device
 
     def __call__(self, X, ids, pos, lc: LayerCache):
         x, q, kv, qr, cs, post_w, comb = self.pre(X, pos)
-        return self.post(self.attn.attend(x, q, kv, qr, cs, pos, lc), cs, X, post_w, comb, ids)
+        out = self.attn.attend(x, q, kv, qr, cs, pos, lc)
+        if not self.split:
+            return self.post(out, cs, X, post_w, comb, ids)
+        X, a, post_w, comb, idx, wts = self.mix(out, cs, X, post_w, comb, ids)
+        return self.finish(self.moe.routed(a, idx, wts), a, X, post_w, comb)
 
-    # `pre` and `post` are pure functions of their tensors (no cache), with shapes fixed for a given T: the engine
-    # may replace them with CUDA-graphed versions for decode (v4cli/engine/cuda_graphs.py).
+    # `pre`, `post`, `mix` and `finish` are pure functions of their tensors (no cache), with shapes fixed for a
+    # given T: the engine may replace them with CUDA-graphed versions for decode (v4cli/engine/cuda_graphs.py).
 
     def pre(self, X, pos):
         """Streams X [T, S, D] → the attention input x, its projections (q, kv, qr, cs) and the mHC post / comb.
@@ -435,9 +464,20 @@ class Block:
         fused = decode.block_post(self.post_weights, out, cs, X, post_w, comb, ids) if X.shape[0] == 1 else None
         if fused is not None:
             return fused
+        X, a, post_w, comb, idx, wts = self.mix(out, cs, X, post_w, comb, ids)
+        return self.finish(self.moe.routed(a, idx, wts), a, X, post_w, comb)
+
+    def mix(self, out, cs, X, post_w, comb, ids):
+        """`post` up to the routed experts: output projection, mHC expand, the FFN's mHC collapse and norm (→ a),
+        routing (→ idx, wts)."""
         X = HyperConnection.post(self.attn.output(out, cs), X, post_w, comb)
         a, post_w, comb = self.ffn_hc.pre(X)
-        return HyperConnection.post(self.moe(rms_norm(a, self.ffn_norm, self.eps), ids), X, post_w, comb)
+        a = rms_norm(a, self.ffn_norm, self.eps)
+        return (X, a, post_w, comb, *self.moe.route(a, ids))
+
+    def finish(self, routed, a, X, post_w, comb):
+        """`post` after the routed experts: add the shared expert's output, mHC expand."""
+        return HyperConnection.post(routed + self.moe.shared_out(a), X, post_w, comb)
 
 
 class DeepseekV4:
@@ -458,9 +498,9 @@ class DeepseekV4:
         """Empty state for one sequence, storing kv in `kv_format` ("f32", "bf16" or "fp8")."""
         a = self.args
         kv_c, idx_c = codecs(kv_format, a.qk_rope_head_dim)
-        dev = self.embed.device
         layers = []
-        for i in range(a.num_hidden_layers):
+        for i, blk in enumerate(self.blocks):  # each layer's state lives with the layer
+            dev = blk.device
             lc = LayerCache(Rows(kv_c, a.head_dim, dev), a.sliding_window - 1)
             if a.compress_ratios[i]:
                 lc.compressor = CompressorState(Rows(kv_c, a.head_dim, dev))
@@ -473,12 +513,19 @@ class DeepseekV4:
         """ids [T] → the final mHC streams [T, S, D] (before the head's collapse); advances the cache."""
         T = ids.shape[0]
         pos = torch.arange(cache.pos, cache.pos + T, device=ids.device)
-        x = embedding(ids, self.embed)  # (T, D)
+        x = self.embed_ids(ids, self.blocks[0].device)  # (T, D)
         X = x[:, None, :].expand(-1, self.args.hc_mult, -1).contiguous()  # (T, S, D)
         for blk, lc in zip(self.blocks, cache.layers):
+            if X.device != blk.device:  # a layer placed elsewhere (hybrid placement): the streams follow it
+                X, ids, pos = X.to(blk.device), ids.to(blk.device), pos.to(blk.device)
             X = blk(X, ids, pos, lc)
         cache.pos += T
-        return X
+        return X.to(self.head.device)
+
+    def embed_ids(self, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Token embeddings [T, D] on `device`: the rows are gathered where the table lives (host memory under a
+        GPU, where the placement plan keeps it)."""
+        return embedding(ids.to(self.embed.device), self.embed).to(device)
 
     def head_logits(self, X: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Final streams [T, S, D] → logits [T, vocab] (or [1, vocab]) in f32."""
@@ -524,7 +571,7 @@ class MTP:
     def make_cache(self, kv_format: str = "bf16") -> ModelCache:
         """Empty draft state: one sliding-window layer (the draft block attends over its own past inputs)."""
         kv_c, _ = codecs(kv_format, self.args.qk_rope_head_dim)
-        rows = Rows(kv_c, self.args.head_dim, self.trunk.embed.device)
+        rows = Rows(kv_c, self.args.head_dim, self.block.device)
         return ModelCache([LayerCache(rows, self.args.sliding_window - 1)], kv_format)
 
     def forward(self, prev: torch.Tensor, ids: torch.Tensor, cache: ModelCache) -> torch.Tensor:
@@ -532,7 +579,7 @@ class MTP:
         a, eps = self.args, self.args.rms_norm_eps
         T, S = prev.shape[0], a.hc_mult
         pos = torch.arange(cache.pos, cache.pos + T, device=ids.device)
-        e = rms_norm(embedding(ids, self.trunk.embed), self.enorm, eps)  # (T, D)
+        e = rms_norm(self.trunk.embed_ids(ids, self.enorm.device), self.enorm, eps)  # (T, D)
         h = rms_norm(prev, self.hnorm, eps)  # per stream: (T, S, D)
         x = linear(torch.cat([e[:, None, :].expand(-1, S, -1), h], dim=-1).reshape(T * S, -1), self.eh_proj)
         X = self.block(x.view(T, S, -1), ids, pos, cache.layers[0])

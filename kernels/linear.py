@@ -10,6 +10,7 @@ call. `routed_experts` is the same arrangement for a decode-time MoE over a few 
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -220,6 +221,30 @@ def routed_experts(x: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, w1: QW
     """
     y = try_fast(_MOE_KERNELS, x, x, idx, wts, w1, w3, w2, limit)
     return y if y is not None else reference_routed_experts(x, idx, wts, w1, w3, w2, limit)
+
+
+def grouped_experts(x: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, w1: QWeight, w3: QWeight, w2: QWeight,
+                    limit: float, stage: Callable | None = None) -> torch.Tensor:
+    """`routed_experts` for many tokens (prefill): one product per active expert over the tokens routed to it.
+
+    `stage(counts)`, if given, yields (e, (w1[e], w3[e], w2[e])) for each expert with a nonzero count, in id order,
+    from elsewhere (kernels/offload.py streams them to x's device); by default the experts are read in place."""
+    k, E = idx.shape[1], w1.shape[0]
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    tok = order // k
+    counts = torch.bincount(flat, minlength=E).tolist()
+    starts = [0, *itertools.accumulate(counts)]
+    wsorted = wts.reshape(-1)[order]
+    experts = (stage(counts) if stage is not None else
+               ((e, (w1.expert(e), w3.expert(e), w2.expert(e))) for e, c in enumerate(counts) if c))
+    out = torch.zeros_like(x)
+    for e, (g, u, d) in experts:
+        sl = slice(starts[e], starts[e + 1])
+        t = tok[sl]
+        xs = x[t]
+        out.index_add_(0, t, linear(swiglu(linear(xs, g), linear(xs, u), limit), d) * wsorted[sl, None])
+    return out
 
 
 def embedding(ids: torch.Tensor, w: QWeight) -> torch.Tensor:

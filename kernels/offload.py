@@ -13,8 +13,8 @@ them in place from the GGUF's mmap. Such a layer's experts run one of two ways p
   copy of batch b+1 into pinned memory, the PCIe transfer of batch b and the GPU's products of batch b−1 overlap.
 
 `choose` picks by a cost model: HOST costs T·k expert products at the CPU's rate, STREAM the active experts'
-bytes at the link's rate. Both rates are assumptions (below), not measurements; `V4_EXPERTS=host|stream` forces
-one way (benchmarks, debugging).
+bytes at the link's rate (the rates below; benchmarks/expert_stream_bench.py measures both on a machine).
+`V4_EXPERTS=host|stream` forces one way (benchmarks, debugging).
 """
 
 from __future__ import annotations
@@ -28,9 +28,12 @@ from kernels.linear import QWeight
 from v4cli.errors import BadInput
 
 HOST, STREAM = "host", "stream"
-# Assumed rates of the cost model. One core of a current desktop CPU runs the quantized expert products at about
-# 50 GFLOP/s (AVX-512 / AVX2 FMA kernels, kernels/cpu); pinned host-to-device copies reach ~20 GB/s on PCIe 4 x16.
-HOST_FLOPS_PER_THREAD = 50e9
+# Rates of the cost model. The CPU's grouped expert products (int8 GEMM, kernels/cpu) ran at 165-169 GFLOP/s per
+# thread for 512-2048-token chunks on a Zen 4 core with AVX-512 VNNI (benchmarks/expert_stream_bench.py; 58 at 64
+# tokens, where each expert has few rows); an AVX2 core does about half. Pinned host-to-device copies reach
+# ~20 GB/s on PCIe 4 x16 (assumed: no GPU was at hand to measure it). For Flash at 4.5 bits on 16 threads this
+# streams from ~1,500-token chunks up.
+HOST_FLOPS_PER_THREAD = 150e9
 LINK_BYTES_PER_S = 20e9
 # Bytes per staging buffer (two on the GPU, two pinned on the host; the plan's GPU reserve holds them): ~18 Flash
 # experts at 4.5 bits, enough that each copy is long and each batch's products fill the GPU.

@@ -419,7 +419,8 @@ def test_info_plan_cpu_only(ds4):
 def test_info_plan_gpu_budget_and_bad_size(ds4):
     lines = _info(str(ds4), "--plan", "--gpu-mem", "3G", "--cpu-mem", "5G", "--ctx", "4096")
     assert "kv_cache        301.06 KB  cuda:0    bf16" in lines
-    assert "routed_experts   52.22 KB     cpu  stored" in lines
+    assert "routed_experts   52.22 KB  cuda:0  stored" in lines  # room left after the dense set and the KV cache
+    assert "mtp_experts      13.06 KB     cpu  stored" in lines
     result = CliRunner().invoke(app, ["info", str(ds4), "--plan", "--gpu-mem", "lots"])
     assert result.exit_code != 0 and "cannot read 'lots' as a size" in str(result.exception)
 

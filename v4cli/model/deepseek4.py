@@ -12,7 +12,6 @@ Shapes: T = tokens in this call, H = heads, d = head_dim, r = rope dims, N = com
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Mapping
 
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 
 from kernels import decode, offload
 from kernels.attention import index_scores
-from kernels.linear import QWeight, embedding, linear, linear_many, routed_experts, swiglu
+from kernels.linear import QWeight, embedding, grouped_experts, linear, linear_many, routed_experts, swiglu
 from kernels.mhc import MixerParams, hc_collapse, hc_post, hc_pre
 from kernels.norm import rms_norm
 from quant import names
@@ -395,25 +394,11 @@ class MoE:
         return routed_experts(x, idx, wts, self.w1, self.w3, self.w2, self.limit)
 
     def _grouped(self, x, idx, wts, streamed: bool = False):
-        """One matmul per active expert over the tokens routed to it (prefill). `streamed`: the experts are copied
+        """One product per active expert over the tokens routed to it (prefill). `streamed`: the experts are copied
         to x's device batch by batch as the loop reaches them (kernels/offload.py) instead of read where they are."""
-        flat = idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        tok = order // self.k
-        counts = torch.bincount(flat, minlength=self.E).tolist()
-        starts = [0, *itertools.accumulate(counts)]
-        wsorted = wts.reshape(-1)[order]
         ws = (self.w1, self.w3, self.w2)
-        experts = (offload.stream_experts(counts, ws, x.device) if streamed else
-                   ((e, tuple(w.expert(e) for w in ws)) for e, c in enumerate(counts) if c))
-        out = torch.zeros_like(x)
-        for e, (w1, w3, w2) in experts:
-            sl = slice(starts[e], starts[e + 1])
-            t = tok[sl]
-            xs = x[t]
-            h = swiglu(linear(xs, w1), linear(xs, w3), self.limit)
-            out.index_add_(0, t, linear(h, w2) * wsorted[sl, None])
-        return out
+        stage = (lambda counts: offload.stream_experts(counts, ws, x.device)) if streamed else None
+        return grouped_experts(x, idx, wts, *ws, self.limit, stage)
 
 
 class Block:

@@ -77,6 +77,13 @@ def test_choose_by_cost_and_by_override(monkeypatch):
         offload.choose(6, big)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a CUDA GPU")
+def test_cuda_without_a_gpu_is_a_clear_error(tiny_gguf):
+    with pytest.raises(BadInput, match="no CUDA GPU") as e:
+        Engine.load(tiny_gguf("q8"), device="cuda")
+    assert "drop --device" in e.value.hint
+
+
 @pytest.mark.parametrize("recipe", ["lossless", "q8"])
 def test_streamed_grouped_experts_match_resident_ones(tiny_gguf, recipe, small_slots):
     # The prefill MoE over experts staged batch by batch is the same computation as over the resident experts:

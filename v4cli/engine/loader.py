@@ -10,7 +10,7 @@ import torch
 
 from kernels.linear import QWeight
 from quant import names as N
-from v4cli.errors import GGUFError
+from v4cli.errors import BadInput, GGUFError
 from v4cli.gguf_file import GGUFFile
 from v4cli.model.deepseek4 import MTP, DeepseekV4
 from v4cli.placement import GPU, PlacementPlan
@@ -45,6 +45,9 @@ def placement(gf: GGUFFile, device: str | torch.device, *, ctx: int | None = Non
     device = torch.device(device)
     if device.type == "cpu":
         return lambda name: device
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"--device {device}: torch sees no CUDA GPU on this machine",
+                       hint="drop --device to run on the CPU, or install a CUDA build of torch")
     if gpu_mem is None and os.environ.get("V4_GPU_MEM"):
         gpu_mem = parse_size(os.environ["V4_GPU_MEM"])
     fmt = kv_format if kv_format in KV_FORMATS else "bf16"  # f32 is a test format, planned as its nearest

@@ -43,9 +43,14 @@ STAGE_BYTES = 256 * 2**20
 ALIGN = 256
 
 
+def _one(w: QWeight) -> int:
+    """Bytes of one expert of a stacked [E, ...] tensor."""
+    return w.raw.numel() // w.shape[0]
+
+
 def expert_bytes(ws: Sequence[QWeight]) -> int:
     """Bytes of one expert across the stacked [E, ...] tensors `ws` (gate, up, down)."""
-    return sum(w.raw.numel() // w.shape[0] for w in ws)
+    return sum(_one(w) for w in ws)
 
 
 def _slot_bytes(ws: Sequence[QWeight]) -> int:
@@ -115,7 +120,7 @@ class Staging:
         at: dict[int, list[int]] = {}
         off = 0
         for w in ws:
-            per = w.raw.numel() // w.shape[0]
+            per = _one(w)
             src = w.raw.view(w.shape[0], per)
             for a, b in runs:
                 off = -(-off // ALIGN) * ALIGN
@@ -129,7 +134,7 @@ class Staging:
                 self.slots[slot][:off].copy_(buf[:off], non_blocking=True)
                 self.uploaded[slot].record(self.copy_stream)
         dev = self.slots[slot]
-        return {e: tuple(QWeight(dev[o: o + w.raw.numel() // w.shape[0]], w.qtype, tuple(w.shape[1:]))
+        return {e: tuple(QWeight(dev[o: o + _one(w)], w.qtype, tuple(w.shape[1:]))
                          for o, w in zip(offs, ws)) for e, offs in at.items()}
 
     def take(self, slot: int) -> None:
@@ -162,8 +167,9 @@ def stream_experts(counts: Sequence[int], ws: Sequence[QWeight], device: torch.d
 
     The caller enqueues an expert's products before asking for the next; batch b+1 is being copied while it does
     so for batch b. Views into a slot are valid until the caller asks for the expert after the next batch."""
-    st = staging(torch.device(device), _slot_bytes(ws))
-    plan = batches(counts, _slot_bytes(ws), st.capacity)
+    need = _slot_bytes(ws)
+    st = staging(torch.device(device), need)
+    plan = batches(counts, need, st.capacity)
     views = st.put(0, ws, plan[0]) if plan else {}
     for b, runs in enumerate(plan):
         ahead = st.put((b + 1) % 2, ws, plan[b + 1]) if b + 1 < len(plan) else {}

@@ -65,6 +65,8 @@ def enable(model: DeepseekV4, mtp: MTP | None = None) -> None:
     pool = torch.cuda.graph_pool_handle()
     blocks = list(model.blocks) + ([mtp.block] if mtp is not None else [])
     for blk in blocks:
-        for part in ("pre", "post", "mix", "finish"):  # mix / finish: around experts in host memory (Block.split)
+        # a split block (experts in host memory) never calls post, and post calls mix / finish itself: graphing both
+        # would capture mix / finish again while warming post up
+        for part in ("pre", "mix", "finish") if blk.split else ("pre", "post"):
             setattr(blk, part, Graphed(getattr(blk, part), pool))
     model.head_logits = Graphed(model.head_logits, pool)

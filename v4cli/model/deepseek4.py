@@ -423,10 +423,8 @@ class Block:
     def __call__(self, X, ids, pos, lc: LayerCache):
         x, q, kv, qr, cs, post_w, comb = self.pre(X, pos)
         out = self.attn.attend(x, q, kv, qr, cs, pos, lc)
-        if not self.split:
-            return self.post(out, cs, X, post_w, comb, ids)
-        X, a, post_w, comb, idx, wts = self.mix(out, cs, X, post_w, comb, ids)
-        return self.finish(self.moe.routed(a, idx, wts), a, X, post_w, comb)
+        half = self._parts if self.split else self.post
+        return half(out, cs, X, post_w, comb, ids)
 
     # `pre`, `post`, `mix` and `finish` are pure functions of their tensors (no cache), with shapes fixed for a
     # given T: the engine may replace them with CUDA-graphed versions for decode (v4cli/engine/cuda_graphs.py).
@@ -447,8 +445,10 @@ class Block:
 
         At one token a fused kernel may run the whole of it in one call (kernels/decode.py); this is its reference."""
         fused = decode.block_post(self.post_weights, out, cs, X, post_w, comb, ids) if X.shape[0] == 1 else None
-        if fused is not None:
-            return fused
+        return fused if fused is not None else self._parts(out, cs, X, post_w, comb, ids)
+
+    def _parts(self, out, cs, X, post_w, comb, ids):
+        """`post` as its parts: mix → routed experts → finish."""
         X, a, post_w, comb, idx, wts = self.mix(out, cs, X, post_w, comb, ids)
         return self.finish(self.moe.routed(a, idx, wts), a, X, post_w, comb)
 

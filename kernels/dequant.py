@@ -19,12 +19,20 @@ from v4cli.errors import BadInput, UnsupportedModel
 QK_K = 256
 
 
+def _grid(cls: type) -> torch.Tensor:
+    """gguf-py's lattice of a grid type as f32 [entries, 4 or 8] (gguf-py unpacks it from its packed table)."""
+    cls.init_grid()
+    return torch.from_numpy(np.array(cls.grid, dtype=np.float32).reshape(cls.grid_shape))
+
+
 def _build_tables() -> dict[str, torch.Tensor]:
-    gq.IQ2_XXS.init_grid()
-    gq.IQ3_XXS.init_grid()
     return {
-        "iq2xxs_grid": torch.from_numpy(np.array(gq.IQ2_XXS.grid, dtype=np.float32).reshape(256, 8)),
-        "iq3xxs_grid": torch.from_numpy(np.array(gq.IQ3_XXS.grid, dtype=np.float32).reshape(256, 4)),
+        "iq2xxs_grid": _grid(gq.IQ2_XXS),
+        "iq2xs_grid": _grid(gq.IQ2_XS),
+        "iq2s_grid": _grid(gq.IQ2_S),
+        "iq3xxs_grid": _grid(gq.IQ3_XXS),
+        "iq3s_grid": _grid(gq.IQ3_S),
+        "iq1s_grid": _grid(gq.IQ1_S),
         "ksigns": torch.from_numpy(np.frombuffer(gq.IQ2_XXS.ksigns, dtype=np.uint8).copy()).long(),
         "iq4nl": torch.tensor(gq.IQ4_NL.kvalues, dtype=torch.float32),
         "mxfp4": torch.tensor(gq.MXFP4.kvalues, dtype=torch.float32),
@@ -71,6 +79,44 @@ def _u32(b: torch.Tensor) -> torch.Tensor:
 def _q8_0(b: torch.Tensor) -> torch.Tensor:
     d = _f16(b[:, :2])
     return b[:, 2:].view(torch.int8).float() * d
+
+
+def _nibbles32(qs: torch.Tensor) -> torch.Tensor:
+    """(N, 16) bytes → (N, 32) values 0..15: byte j holds element j (low nibble) and element j+16 (high nibble)."""
+    n = qs.shape[0]
+    return ((qs.reshape(n, 1, 16) >> _shifts([0, 4], (1, 2, 1), qs.device)) & 0xF).reshape(n, 32)
+
+
+def _high_bits32(qh: torch.Tensor) -> torch.Tensor:
+    """(N, 4) bytes of a little-endian u32 → (N, 32) bits 0/1, element i from bit i."""
+    return ((_u32(qh).reshape(-1, 1) >> torch.arange(32, device=qh.device)) & 1).to(torch.uint8)
+
+
+def _q4_0(b: torch.Tensor) -> torch.Tensor:
+    d = _f16(b[:, 0:2])
+    return d * (_nibbles32(b[:, 2:]).to(torch.int8) - 8).float()
+
+
+def _q4_1(b: torch.Tensor) -> torch.Tensor:
+    d, m = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    return d * _nibbles32(b[:, 4:]).float() + m
+
+
+def _q5_0(b: torch.Tensor) -> torch.Tensor:
+    d = _f16(b[:, 0:2])
+    q = _nibbles32(b[:, 6:]) | (_high_bits32(b[:, 2:6]) << 4)
+    return d * (q.to(torch.int8) - 16).float()
+
+
+def _q5_1(b: torch.Tensor) -> torch.Tensor:
+    d, m = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    q = _nibbles32(b[:, 8:]) | (_high_bits32(b[:, 4:8]) << 4)
+    return d * q.float() + m
+
+
+def _iq4_nl(b: torch.Tensor) -> torch.Tensor:
+    d = _f16(b[:, 0:2])
+    return d * _tables(b.device)["iq4nl"][_nibbles32(b[:, 2:]).long()]
 
 
 def _q2_k(b: torch.Tensor) -> torch.Tensor:
@@ -186,6 +232,87 @@ def _iq3_xxs(b: torch.Tensor) -> torch.Tensor:
     return (db * grid * _signs(aux, t)).reshape(n, QK_K)
 
 
+def _bit_signs(signs: torch.Tensor) -> torch.Tensor:
+    """(N, S) sign bytes → (N, S, 8) ±1 f32, bit k of byte s for element 8s+k."""
+    bits = signs.reshape(*signs.shape, 1) >> torch.arange(8, device=signs.device, dtype=torch.uint8)
+    return torch.where((bits & 1) == 0, 1.0, -1.0).to(torch.float32)
+
+
+def _nibble_scales(s: torch.Tensor) -> torch.Tensor:
+    """(N, S) bytes → (N, 2S) 4-bit values, low nibble first."""
+    n = s.shape[0]
+    return ((s.reshape(n, -1, 1) >> _shifts([0, 4], (1, 1, 2), s.device)) & 0xF).reshape(n, -1)
+
+
+def _iq2_xs(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    t = _tables(b.device)
+    d = _f16(b[:, 0:2])
+    qs = b[:, 2:66].reshape(n, 32, 2).long()
+    qs = qs[..., 0] | (qs[..., 1] << 8)  # (N, 32) u16: 9-bit grid index, 7-bit ksigns index
+    db = (d * (0.5 + _nibble_scales(b[:, 66:74]).float()) * 0.25).reshape(n, 16, 1, 1)
+    signs = t["ksigns"][qs >> 9].reshape(n, 32, 1) >> torch.arange(8, device=b.device)
+    signs = torch.where((signs & 1) == 0, 1.0, -1.0).to(torch.float32).reshape(n, 16, 2, 8)
+    grid = t["iq2xs_grid"][qs & 511].reshape(n, 16, 2, 8)
+    return (db * grid * signs).reshape(n, QK_K)
+
+
+def _iq2_s(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    t = _tables(b.device)
+    d = _f16(b[:, 0:2])
+    qs, signs, qh, scales = b[:, 2:34], b[:, 34:66], b[:, 66:74], b[:, 74:82]
+    db = (d * (0.5 + _nibble_scales(scales).float()) * 0.25).reshape(n, 16, 1, 1)
+    hi = (qh.reshape(n, 8, 1) >> _shifts([0, 2, 4, 6], (1, 1, 4), b.device)) & 3  # (N, 8, 4)
+    idx = qs.long() | (hi.reshape(n, 32).long() << 8)
+    grid = t["iq2s_grid"][idx].reshape(n, 16, 2, 8)
+    return (db * grid * _bit_signs(signs).reshape(n, 16, 2, 8)).reshape(n, QK_K)
+
+
+def _iq3_s(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    t = _tables(b.device)
+    d = _f16(b[:, 0:2])
+    qs, qh, signs, scales = b[:, 2:66], b[:, 66:74], b[:, 74:106], b[:, 106:110]
+    db = (d * (1 + 2 * _nibble_scales(scales)).float()).reshape(n, 8, 1, 1)
+    hi = (qh.reshape(n, 8, 1) >> torch.arange(8, device=b.device, dtype=torch.uint8)) & 1  # (N, 8, 8)
+    idx = qs.long() | (hi.reshape(n, 64).long() << 8)
+    grid = t["iq3s_grid"][idx].reshape(n, 8, 4, 8)
+    return (db * grid * _bit_signs(signs).reshape(n, 8, 4, 8)).reshape(n, QK_K)
+
+
+def _iq1_s(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    t = _tables(b.device)
+    d = _f16(b[:, 0:2])
+    qs = b[:, 2:34]
+    qh = b[:, 34:50].reshape(n, 8, 2).long()
+    qh = qh[..., 0] | (qh[..., 1] << 8)  # (N, 8) u16 per 32 elements
+    dl = (d * (2 * ((qh >> 12) & 7) + 1).float()).reshape(n, 8, 1, 1)
+    delta = torch.where((qh & 0x8000) == 0, 0.125, -0.125).to(torch.float32).reshape(n, 8, 1, 1)
+    hi = (qh.reshape(n, 8, 1) >> torch.tensor([0, 3, 6, 9], device=b.device)) & 7
+    idx = qs.long() | (hi.reshape(n, 32) << 8)
+    grid = t["iq1s_grid"][idx].reshape(n, 8, 4, 8)
+    return (dl * (grid + delta)).reshape(n, QK_K)
+
+
+def _iq1_m(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    t = _tables(b.device)
+    qs, qh = b[:, 0:32], b[:, 32:48]
+    sc = b[:, 48:56].reshape(n, 4, 2).long()
+    sc = sc[..., 0] | (sc[..., 1] << 8)  # (N, 4) u16; their top nibbles hold the f16 super-scale
+    dbits = ((sc[:, 0] >> 12) | ((sc[:, 1] >> 8) & 0xF0) | ((sc[:, 2] >> 4) & 0xF00) | (sc[:, 3] & 0xF000))
+    d = dbits.to(torch.int16).view(torch.float16).float().reshape(n, 1)
+    s3 = (sc.reshape(n, 4, 1) >> torch.tensor([0, 3, 6, 9], device=b.device)) & 7  # (N, 16) per 16 elements
+    dl = (d * (2 * s3.reshape(n, 16) + 1).float()).reshape(n, 8, 2, 1, 1)
+    h = (qh.reshape(n, 16, 1) >> _shifts([0, 4], (1, 1, 2), b.device)).reshape(n, 32)  # one nibble per 8 elements
+    idx = qs.long() | ((h & 7).long() << 8)
+    delta = torch.where((h & 8) == 0, 0.125, -0.125).to(torch.float32).reshape(n, 8, 2, 2, 1)
+    grid = t["iq1s_grid"][idx].reshape(n, 8, 2, 2, 8)
+    return (dl * (grid + delta)).reshape(n, QK_K)
+
+
 def _iq4_xs(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     d = _f16(b[:, 0:2])
@@ -224,8 +351,19 @@ _KERNELS: dict[QType, Callable[[torch.Tensor], torch.Tensor]] = {
     QType.IQ2_XXS: _iq2_xxs,
     QType.IQ3_XXS: _iq3_xxs,
     QType.IQ4_XS: _iq4_xs,
+    QType.Q4_0: _q4_0,
+    QType.Q4_1: _q4_1,
+    QType.Q5_0: _q5_0,
+    QType.Q5_1: _q5_1,
+    QType.IQ4_NL: _iq4_nl,
+    QType.IQ2_XS: _iq2_xs,
+    QType.IQ2_S: _iq2_s,
+    QType.IQ3_S: _iq3_s,
+    QType.IQ1_S: _iq1_s,
+    QType.IQ1_M: _iq1_m,
 }
 
+# every type of the table but I32 (an integer table, read as itself)
 DEQUANTIZABLE: tuple[QType, ...] = tuple(_KERNELS)
 
 

@@ -16,32 +16,20 @@ from v4cli.errors import BadInput, UnsupportedModel
 
 QType = GGMLQuantizationType
 
-# The types the converter writes or the engine reads (DeepSeek-V4 official checkpoint and community quants).
-SUPPORTED: tuple[QType, ...] = (
-    QType.F32,
-    QType.F16,
-    QType.BF16,
-    QType.I32,
-    QType.Q8_0,
-    QType.Q4_K,
-    QType.Q5_K,
-    QType.Q6_K,
-    QType.Q3_K,
-    QType.Q2_K,
-    QType.MXFP4,
-    QType.IQ2_XXS,
-    QType.IQ3_XXS,
-    QType.IQ4_XS,
-)
-
 
 @dataclass(frozen=True)
 class TypeInfo:
-    """One ggml type: `block_size` elements are stored in `type_size` bytes."""
+    """One ggml type: `block_size` elements are stored in `type_size` bytes.
+
+    `imatrix_only`: llama.cpp's quantizer writes this type only with an importance matrix (without one the
+    result is too poor, so it refuses). `note` says where the type is met.
+    """
 
     qtype: QType
     block_size: int
     type_size: int
+    imatrix_only: bool = False
+    note: str = ""
 
     @property
     def name(self) -> str:
@@ -52,7 +40,40 @@ class TypeInfo:
         return 8.0 * self.type_size / self.block_size
 
 
-TYPES: dict[QType, TypeInfo] = {t: TypeInfo(t, *GGML_QUANT_SIZES[t]) for t in SUPPORTED}
+def _row(qtype: QType, note: str, imatrix_only: bool = False) -> tuple[QType, TypeInfo]:
+    return qtype, TypeInfo(qtype, *GGML_QUANT_SIZES[qtype], imatrix_only=imatrix_only, note=note)
+
+
+# The one table of ggml types this project reads: every type llama.cpp writes into a `deepseek4` file (its converter,
+# its quantizer's ftypes and their per-tensor fallbacks, community recipes). Sizes come from gguf-py's table;
+# each type's reference dequantizer is in kernels/dequant.py, its fast kernels (where there are any) in kernels/.
+TYPES: dict[QType, TypeInfo] = dict([
+    _row(QType.F32, "norms, mHC, sinks, biases, APE"),
+    _row(QType.F16, "community embeddings, routers, compressors"),
+    _row(QType.BF16, "converter output for BF16 sources"),
+    _row(QType.I32, "hash routing table (tid2eid)"),
+    _row(QType.Q8_0, "converter output for FP8 sources; attention and shared experts in community quants"),
+    _row(QType.Q4_0, "llama.cpp fallback for rows not a multiple of 256"),
+    _row(QType.Q4_1, "legacy ftype"),
+    _row(QType.Q5_0, "llama.cpp fallback for rows not a multiple of 256"),
+    _row(QType.Q5_1, "legacy ftype"),
+    _row(QType.Q2_K, "low-bit routed experts"),
+    _row(QType.Q3_K, "low-bit routed experts"),
+    _row(QType.Q4_K, "late layers' experts, attention in AProjQ4 mixes"),
+    _row(QType.Q5_K, "K-quant mixes"),
+    _row(QType.Q6_K, "K-quant mixes, output head"),
+    _row(QType.IQ1_S, "lowest-bit routed experts", imatrix_only=True),
+    _row(QType.IQ1_M, "lowest-bit routed experts", imatrix_only=True),
+    _row(QType.IQ2_XXS, "2-bit routed experts (ds4 q2, AD-IQ2_XXS)", imatrix_only=True),
+    _row(QType.IQ2_XS, "2-bit routed experts", imatrix_only=True),
+    _row(QType.IQ2_S, "2-bit routed experts", imatrix_only=True),
+    _row(QType.IQ3_XXS, "3-bit routed experts (AD-IQ3_XXS, UD-IQ3_XXS)", imatrix_only=True),
+    _row(QType.IQ3_S, "3-bit routed experts"),
+    _row(QType.IQ4_NL, "llama.cpp fallback for IQ4_XS rows not a multiple of 256"),
+    _row(QType.IQ4_XS, "4-bit mixes"),
+    _row(QType.MXFP4, "routed experts: the official FP4, repacked exactly"),
+])
+SUPPORTED: tuple[QType, ...] = tuple(TYPES)
 
 
 def type_info(qtype: QType | int | str) -> TypeInfo:

@@ -54,3 +54,49 @@ def tokenizer_kv(model_dir: Path, vocab_size: int, bos: int, eos: int) -> list[t
         (K.Tokenizer.ADD_EOS, False, B),
         (K.Tokenizer.HF_JSON, raw, S),
     ]
+
+
+# `tokenizer.ggml.pre` names under which GGUF tools file V4's pre-tokenizer: we write "deepseek-v3" (V4 splits text
+# exactly as V3 does); llama.cpp's converter hashes V4's tokenizer to "joyai-llm", which tokenizes the same.
+V4_PRE_TOKENIZERS = ("deepseek-v3", "joyai-llm")
+
+
+def tokenizer_json_from_kv(md: dict, template_json: str) -> str:
+    """A tokenizer.json built from a GGUF's standard `tokenizer.ggml.*` keys (what every GGUF tool writes).
+
+    The vocabulary, merges and special tokens come from the file; the pre-tokenizer, decoder and post-processor
+    come from `template_json` (the official V4 tokenizer.json), since a GGUF names its pre-tokenizer only by a
+    `pre` string. CONTROL tokens become special added tokens, USER_DEFINED ones plain added tokens (as llama.cpp
+    treats them); UNUSED padding entries are left out.
+    """
+    model, pre = md.get(K.Tokenizer.MODEL), md.get(K.Tokenizer.PRE)
+    if model != "gpt2":
+        raise CheckpointError(f"the model file's tokenizer is {model!r}, not DeepSeek-V4's byte-level BPE ('gpt2')")
+    if pre not in V4_PRE_TOKENIZERS:
+        raise CheckpointError(f"the model file's pre-tokenizer is {pre!r}, not DeepSeek-V4's "
+                              f"({' or '.join(V4_PRE_TOKENIZERS)})", hint="is this a DeepSeek-V4 GGUF?")
+    tokens, types, merges = md.get(K.Tokenizer.TOKENS), md.get(K.Tokenizer.TOKEN_TYPE), md.get(K.Tokenizer.MERGES)
+    if not isinstance(tokens, list) or not isinstance(merges, list) or not tokens:
+        raise CheckpointError("the model file has no tokenizer.ggml.tokens / merges",
+                              hint="convert it again with v4 quantize or llama.cpp's converter")
+    if not isinstance(types, list) or len(types) != len(tokens):
+        raise CheckpointError(f"the model file has {len(tokens)} tokens but "
+                              f"{len(types) if isinstance(types, list) else 'no'} token types")
+    if not all(isinstance(t, str) for t in tokens) or not all(isinstance(m, str) for m in merges):
+        raise CheckpointError("the model file's tokens and merges must be strings")
+    vocab: dict[str, int] = {}
+    added = []
+    for i, (tok, typ) in enumerate(zip(tokens, types)):
+        if typ == TokenType.UNUSED:
+            continue
+        if tok in vocab:
+            raise CheckpointError(f"the model file's vocabulary lists token {tok!r} twice (ids {vocab[tok]} and {i})")
+        vocab[tok] = i
+        if typ in (TokenType.CONTROL, TokenType.USER_DEFINED):
+            added.append({"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": typ == TokenType.CONTROL})
+    tj = json.loads(template_json)
+    tj["added_tokens"] = added
+    tj["model"]["vocab"] = vocab
+    tj["model"]["merges"] = merges
+    return json.dumps(tj, ensure_ascii=False)

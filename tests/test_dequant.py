@@ -8,7 +8,7 @@ import torch
 from gguf import quants as gq
 
 from kernels.dequant import DEQUANTIZABLE, dequantize, dequantize_rows
-from quant.ggml import QType, type_info
+from quant.ggml import SUPPORTED, QType, type_info
 from v4cli.errors import BadInput, UnsupportedModel
 
 # Byte offsets of the f16 scale fields in each block; random bytes there could be Inf/NaN, so they get real scales.
@@ -22,6 +22,17 @@ F16_FIELDS: dict[QType, tuple[int, ...]] = {
     QType.IQ2_XXS: (0,),
     QType.IQ3_XXS: (0,),
     QType.IQ4_XS: (0,),
+    QType.Q4_0: (0,),
+    QType.Q4_1: (0, 2),
+    QType.Q5_0: (0,),
+    QType.Q5_1: (0, 2),
+    QType.IQ4_NL: (0,),
+    QType.IQ2_XS: (0,),
+    QType.IQ2_S: (0,),
+    QType.IQ3_S: (0,),
+    QType.IQ1_S: (0,),
+    # IQ1_M keeps its f16 scale in the top nibbles of four u16 words: random bytes may make it Inf/NaN, which
+    # both implementations carry through the same way
 }
 
 
@@ -104,7 +115,12 @@ def test_errors() -> None:
     with pytest.raises(BadInput):
         dequantize(raw.view(torch.int8), QType.Q8_0, (32,))
     with pytest.raises(UnsupportedModel):
-        dequantize(raw, QType.Q4_0, (32,))
+        dequantize(raw, QType.Q8_1, (32,))  # a runtime-only ggml type no file carries
+
+
+def test_every_table_type_dequantizes() -> None:
+    # the one type table (quant.ggml.TYPES) and the reference kernels cover the same types; I32 is read as itself
+    assert set(DEQUANTIZABLE) == set(SUPPORTED) - {QType.I32}
 
 
 @pytest.mark.gpu

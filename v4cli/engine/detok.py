@@ -5,15 +5,33 @@ from __future__ import annotations
 from tokenizers import Tokenizer
 
 from quant import keys as K
-from v4cli.errors import GGUFError
+from quant.tokenizer import tokenizer_json_from_kv
+from v4cli.errors import CheckpointError, GGUFError
+from v4cli.prompt.encoding import BOS, BOS_ID, EOS, EOS_ID, SPECIAL_TOKENS, default_tokenizer_path
 
 
 def tokenizer_from_metadata(md: dict) -> Tokenizer:
-    """The tokenizer kept verbatim in the GGUF under `tokenizer.huggingface.json`."""
+    """The model file's tokenizer: the tokenizer.json we keep verbatim under `tokenizer.huggingface.json`, else
+    (files made by llama.cpp and community quants) one built from the standard `tokenizer.ggml.*` keys.
+
+    Either way the vocabulary must be V4's: the prompt format's special tokens must be single tokens at the ids
+    the encoder assumes, or the model would be fed a format it was never trained on."""
     raw = md.get(K.Tokenizer.HF_JSON)
-    if not raw:
-        raise GGUFError(f"the model file has no {K.Tokenizer.HF_JSON} key", hint="convert it again with v4 quantize")
-    return Tokenizer.from_str(raw)
+    try:
+        if not raw:
+            raw = tokenizer_json_from_kv(md, default_tokenizer_path().read_text(encoding="utf-8"))
+        tok = Tokenizer.from_str(raw)
+    except CheckpointError as e:
+        raise GGUFError(str(e), hint=e.hint) from None
+    except Exception as e:  # tokenizers raises a bare Exception on a malformed tokenizer
+        raise GGUFError(f"the model file's tokenizer does not load: {e}") from None
+    for text, want in ((BOS, BOS_ID), (EOS, EOS_ID), *((s, None) for s in SPECIAL_TOKENS)):
+        got = tok.token_to_id(text)
+        if got is None or (want is not None and got != want):
+            raise GGUFError(f"the model file's vocabulary is not DeepSeek-V4's: {text!r} is "
+                            + ("missing" if got is None else f"token {got}, not {want}"),
+                            hint="v4 runs DeepSeek-V4 GGUFs only")
+    return tok
 
 
 class Detokenizer:

@@ -31,7 +31,7 @@ THINK_END = "</think>"
 DSML = "｜DSML｜"
 LATEST_REMINDER = "<｜latest_reminder｜>"
 
-_SPECIAL = (BOS, EOS, USER, ASSISTANT, THINK_START, THINK_END, DSML, LATEST_REMINDER)
+SPECIAL_TOKENS = (BOS, EOS, USER, ASSISTANT, THINK_START, THINK_END, DSML, LATEST_REMINDER)
 
 TOOL_CALLS_OPEN = f"<{DSML}tool_calls>"
 TOOL_CALLS_CLOSE = f"</{DSML}tool_calls>"
@@ -359,7 +359,7 @@ def render_extension(
         shared = lo
     if shared < len(previous):
         # Never split a special token ("<" of "<think>" vs "</think>"): back off to its start.
-        for tok in _SPECIAL:
+        for tok in SPECIAL_TOKENS:
             for start in range(max(0, shared - len(tok) + 1), shared):
                 if text.startswith(tok, start) or previous.startswith(tok, start):
                     shared = min(shared, start)

@@ -84,5 +84,13 @@ class Provenance:
     CONFIG_JSON = "v4.source.config_json"  # the source config.json, verbatim
 
 
+class Split:
+    """llama.cpp's split sets (gguf-split): every part carries these; the first part also all the metadata."""
+
+    NO = "split.no"  # u16, 0-based
+    COUNT = "split.count"  # u16
+    TENSORS_COUNT = "split.tensors.count"  # i32, tensors of the whole set
+
+
 # expert_gating_func values, as llama.cpp numbers them
 GATING_SQRT_SOFTPLUS = 4

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from v4cli import hub
 from v4cli.cli import app, main
-from v4cli.errors import DiskSpaceError, DownloadError, NotFoundError
+from v4cli.errors import BadInput, DiskSpaceError, DownloadError, NotFoundError
 from v4cli.registry import CHECKPOINT_PATTERNS, REGISTRY, HubSpec
 from v4cli.store import MANIFEST, PARTIAL, Store, format_bytes
 
@@ -288,6 +288,39 @@ def test_gguf_pattern_pull_merges_and_resolves(env, monkeypatch):
         assert store.resolve("hf:someone/Foo-GGUF:*Q2_K*.gguf") == r.path / "Foo-Q2_K.gguf"
         with pytest.raises(NotFoundError, match="has no files matching \\*Q8_0\\*"):
             hub.pull("hf:someone/Foo-GGUF:*Q8_0*.gguf")
+
+
+def test_split_gguf_set_pulls_and_runs_as_one_model(env, monkeypatch, tiny_gguf):
+    from quant.split import split_gguf
+    from v4cli.chat.answer import resolve_model
+
+    src = env / "gguf-src"
+    parts = split_gguf(tiny_gguf("lossless"), src / "Q2_K" / "Foo-Q2_K", max_tensors=60)
+    (src / "Foo-Q8_0.gguf").write_bytes(b"GGUF" + bytes(range(256)))
+    (src / "README.md").write_text("x")
+    with FakeHub() as h:
+        h.add_repo("someone/Foo-GGUF", src)
+        monkeypatch.setenv("HF_ENDPOINT", h.endpoint)
+        r = hub.pull("hf:someone/Foo-GGUF:Q2_K/*.gguf")
+        assert r.files == 3
+        first = r.path / "Q2_K" / parts[0].name
+        # the repo's name alone (no pattern) finds its one model: the set, by its first part
+        assert Store().resolve("hf:someone/Foo-GGUF") == first
+        assert resolve_model("hf:someone/Foo-GGUF") == first == resolve_model(None)
+        res = CliRunner().invoke(app, ["info", "hf:someone/Foo-GGUF"])
+        assert res.exit_code == 0, (res.output, res.exception)
+        lines = res.output.splitlines()
+        assert lines[0] == f"file        {first}"
+        assert lines[1] == "parts       3: " + ", ".join(p.name for p in parts)
+        assert "check       ok: every tensor present with the shape the config implies" in lines
+        # a second model in the same repo: the user must name one, and the names offered work
+        hub.pull("hf:someone/Foo-GGUF:*Q8_0*.gguf")
+    res = CliRunner().invoke(app, ["info", "hf:someone/Foo-GGUF"])
+    assert isinstance(res.exception, BadInput)
+    assert str(res.exception) == ("hf:someone/Foo-GGUF holds 2 GGUF models: hf:someone/Foo-GGUF:Foo-Q8_0.gguf, "
+                                  "hf:someone/Foo-GGUF:Q2_K/Foo-Q2_K-*-of-00003.gguf")
+    assert Store().resolve("hf:someone/Foo-GGUF:Q2_K/Foo-Q2_K-*-of-00003.gguf") == first
+    assert Store().resolve("hf:someone/Foo-GGUF:Foo-Q8_0.gguf") == r.path / "Foo-Q8_0.gguf"
 
 
 def test_hf_hub_download_does_not_resume_across_runs(fake, env, monkeypatch):

@@ -28,7 +28,7 @@ from quant import names as N
 from quant.config import FLASH_CONFIG, ModelArgs
 from v4cli import kvsize
 from v4cli.errors import BadInput, V4Error
-from v4cli.gguf_file import GGUFFile
+from v4cli.gguf_file import GGUFModel, open_gguf
 
 DEFAULT_ENGINES = ("torch", "llama")
 DEFAULT_PREFILL = (512, 8192)
@@ -126,7 +126,7 @@ def _rows(shape: tuple[int, ...]) -> int:
     return shape[0] if shape else 1
 
 
-def weight_bytes_per_token(gf: GGUFFile) -> WeightBytes:
+def weight_bytes_per_token(gf: GGUFModel) -> WeightBytes:
     """Weight bytes read per decoded token, from the file's tensor sizes (draft/MTP blocks are not run)."""
     args = gf.args
     share = args.num_experts_per_tok / args.n_routed_experts
@@ -348,7 +348,7 @@ def run_bench(spec: BenchSpec, progress: Callable[[str], None] | None = None, me
               bandwidth_bytes: int = BANDWIDTH_BYTES) -> dict:
     """Benchmark every engine in `spec` on its model; → a JSON-ready result dict (see `summarize`)."""
     say = progress or (lambda _msg: None)
-    gf = GGUFFile(spec.model)
+    gf = open_gguf(spec.model)
     args = gf.validate_deepseek4()
     check_spec(spec, args)
     weights = weight_bytes_per_token(gf)

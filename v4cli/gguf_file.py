@@ -18,6 +18,7 @@ import mmap
 import os
 import struct
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
@@ -32,6 +33,7 @@ from quant import keys as K
 from quant import names as N
 from quant.config import ModelArgs
 from v4cli.errors import GGUFError, UnsupportedModel
+from v4cli.registry import find_gguf, parse_split_name, split_path
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -69,7 +71,7 @@ _FLOAT_TYPES = frozenset((GGUFValueType.FLOAT32, GGUFValueType.FLOAT64))
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """One tensor of a GGUF file. `shape` is in torch order (ggml dims reversed); `offset` is absolute."""
+    """One tensor of a GGUF file. `shape` is in torch order (ggml dims reversed); `offset` is absolute in its file."""
 
     name: str
     qtype: GGMLQuantizationType
@@ -184,7 +186,158 @@ def _ram_bytes() -> int:
         return 0
 
 
-class GGUFFile:
+class GGUFModel(ABC):
+    """A GGUF model as the engine reads it: one file (`GGUFFile`) or llama.cpp's split set (`SplitGGUF`).
+
+    `.path` the file or the set's first part; `.parts` its open files in order; `.metadata`/`.types` (a set's
+    first part carries them); `.tensors` name → TensorInfo (offsets are within the tensor's own part);
+    `.raw(name)` a zero-copy view; `.size` bytes of all parts. Open one with `open_gguf`; a context manager.
+    """
+
+    path: Path
+    size: int
+    version: int
+    metadata: dict[str, Any]
+    types: dict[str, tuple[GGUFValueType, ...]]
+    tensors: dict[str, TensorInfo]
+
+    @property
+    @abstractmethod
+    def parts(self) -> tuple[GGUFFile, ...]: ...
+
+    @abstractmethod
+    def raw(self, name: str) -> torch.Tensor: ...
+
+    @abstractmethod
+    def prefault(self, max_fraction_of_ram: float = PREFAULT_MAX_RAM_FRACTION) -> bool: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def architecture(self) -> str | None:
+        a = self.metadata.get(K.General.ARCHITECTURE)
+        return a if isinstance(a, str) else None
+
+    @cached_property
+    def args(self) -> ModelArgs:
+        """ModelArgs from the metadata; UnsupportedModel for other architectures, GGUFError for bad keys."""
+        self._require_deepseek4()
+        self._check_keys()
+        return ModelArgs.from_gguf(self.metadata)
+
+    def type_histogram(self) -> dict[GGMLQuantizationType, tuple[int, int]]:
+        """ggml type → (tensor count, bytes), in ggml type id order."""
+        hist: dict[GGMLQuantizationType, list[int]] = {}
+        for t in self.tensors.values():
+            h = hist.setdefault(t.qtype, [0, 0])
+            h[0] += 1
+            h[1] += t.nbytes
+        return {q: (c, b) for q, (c, b) in sorted(hist.items())}
+
+    # ---- deepseek4 validation ----
+    def _require_deepseek4(self) -> None:
+        if self.architecture != K.ARCH:
+            raise UnsupportedModel(
+                f"{self.path}: architecture is {self.architecture!r}, not {K.ARCH!r}",
+                hint="v4 runs DeepSeek-V4 GGUFs only (convert one with v4 quantize)",
+            )
+
+    def _check_keys(self) -> None:
+        problems = []
+        for key in _REQUIRED_KEYS:
+            if key not in self.metadata:
+                problems.append(f"missing key {key}")
+        for key, want in _KEY_TYPES.items():
+            if key not in self.metadata:
+                continue
+            got = self.types[key]
+            if want[0] == GGUFValueType.ARRAY:
+                item_ok = _INT_TYPES if key == K.Model.COMPRESS_RATIOS else (_INT_TYPES | _FLOAT_TYPES)
+                if key in (K.Model.SWIGLU_CLAMP_EXP, K.Model.SWIGLU_CLAMP_SHEXP) and got[0] in _FLOAT_TYPES:
+                    continue  # llama.cpp also accepts one value for all layers
+                if got[0] != GGUFValueType.ARRAY or len(got) != 2 or got[1] not in item_ok:
+                    problems.append(f"{key} must be an array of numbers, is {_type_name(got)}")
+                elif not self.metadata[key]:
+                    problems.append(f"{key} is empty")
+            elif got != want:
+                problems.append(f"{key} must be {_type_name(want)}, is {_type_name(got)}")
+        if not problems:
+            problems += self._check_key_values()
+        if problems:
+            raise GGUFError(
+                f"{self.path}: invalid {K.ARCH} metadata: " + "; ".join(problems[:6])
+                + (f"; and {len(problems) - 6} more" if len(problems) > 6 else ""),
+                hint="the file was written by an incompatible converter: convert it again with v4 quantize",
+            )
+
+    def _check_key_values(self) -> list[str]:
+        md, M, problems = self.metadata, K.Model, []
+        for key in _POSITIVE_KEYS:
+            if key in md and md[key] <= 0:
+                problems.append(f"{key} = {md[key]} must be positive")
+        n_blocks, n_nextn = md[M.BLOCK_COUNT], md.get(M.NEXTN_PREDICT_LAYERS, 0)
+        if n_nextn >= n_blocks:
+            problems.append(f"{M.NEXTN_PREDICT_LAYERS} = {n_nextn} leaves no main layers of {n_blocks} blocks")
+        ratios = md[M.COMPRESS_RATIOS]
+        if len(ratios) < n_blocks:
+            problems.append(f"{M.COMPRESS_RATIOS} has {len(ratios)} entries, need ≥ {n_blocks}")
+        bad = sorted({r for r in ratios if r < 0 or 0 < r < 4})
+        if bad:
+            problems.append(f"{M.COMPRESS_RATIOS} holds invalid ratios {bad} (0 = window only, 4 = CSA, >4 = HCA)")
+        if md.get(M.EXPERT_USED_COUNT, 0) > md.get(M.EXPERT_COUNT, 0):
+            problems.append(f"{M.EXPERT_USED_COUNT} exceeds {M.EXPERT_COUNT}")
+        h, d, g = md.get(M.HEAD_COUNT, 1), md.get(M.KEY_LENGTH, 1), md.get(M.OUTPUT_GROUP_COUNT, 1)
+        if g > 0 and (h * d) % g:
+            problems.append(f"{M.HEAD_COUNT}·{M.KEY_LENGTH} = {h * d} is not divisible by {M.OUTPUT_GROUP_COUNT} {g}")
+        if md.get(M.ROPE_DIMS, 0) > d:
+            problems.append(f"{M.ROPE_DIMS} exceeds {M.KEY_LENGTH}")
+        gating = md.get(M.EXPERT_GATING_FUNC, K.GATING_SQRT_SOFTPLUS)
+        if gating != K.GATING_SQRT_SOFTPLUS:
+            problems.append(f"{M.EXPERT_GATING_FUNC} = {gating}, DeepSeek-V4 uses {K.GATING_SQRT_SOFTPLUS}")
+        return problems
+
+    def validate_deepseek4(self) -> ModelArgs:
+        """Check keys and that every tensor the model needs exists with its shape and an allowed type.
+
+        A file with `nextn_predict_layers` must hold the MTP block; a file holding only the MTP block (llama.cpp's
+        separate draft file: no `blk.0.*`) is accepted without the trunk. Returns the ModelArgs.
+        """
+        args = self.args
+        mtp = args.num_nextn_predict_layers > 0
+        trunk = not (mtp and N.blk(0, "attn_norm.weight") not in self.tensors)
+        expected = deepseek4_tensor_shapes(args, trunk=trunk, mtp=mtp)
+        problems = []
+        for name, shape in expected.items():
+            t = self.tensors.get(name)
+            if t is None:
+                if not name.endswith(_OPTIONAL_MTP_SUFFIX):
+                    problems.append(f"missing tensor {name}")
+                continue
+            if t.shape != shape:
+                problems.append(f"tensor {name} has shape {list(t.shape)}, expected {list(shape)}")
+            elif len(shape) == 1 and t.qtype != GGMLQuantizationType.F32:
+                problems.append(f"1-D tensor {name} is {t.qtype.name}, must be F32")
+            elif N.role_of_gguf(name) == N.TID2EID and t.qtype != GGMLQuantizationType.I32:
+                problems.append(f"tensor {name} is {t.qtype.name}, must be I32")
+        extra = sorted(set(self.tensors) - set(expected))
+        problems += [f"unexpected tensor {name}" for name in extra]
+        if problems:
+            raise GGUFError(
+                f"{self.path}: does not match its {K.ARCH} config ({len(problems)} problems): "
+                + "; ".join(problems[:6]) + ("; …" if len(problems) > 6 else ""),
+                hint="the file is incomplete or from an incompatible converter: convert it again with v4 quantize",
+            )
+        return args
+
+
+class GGUFFile(GGUFModel):
     """A parsed, validated GGUF file over a read-only mmap. Use as a context manager or call `close()`.
 
     `.metadata` key → python value (arrays → lists); `.types` key → type chain; `.tensors` name → TensorInfo
@@ -313,6 +466,10 @@ class GGUFFile:
                 raise GGUFError(f"{self.path}: tensors {a.name!r} and {b.name!r} overlap", hint=_HINT_DAMAGED)
 
     # ---- access ----
+    @property
+    def parts(self) -> tuple[GGUFFile, ...]:
+        return (self,)
+
     def raw(self, name: str) -> torch.Tensor:
         """The stored bytes of tensor `name` as a 1-D uint8 tensor viewing the mmap (no copy).
 
@@ -355,27 +512,6 @@ class GGUFFile:
                 return True
         return True
 
-    @property
-    def architecture(self) -> str | None:
-        a = self.metadata.get(K.General.ARCHITECTURE)
-        return a if isinstance(a, str) else None
-
-    @cached_property
-    def args(self) -> ModelArgs:
-        """ModelArgs from the metadata; UnsupportedModel for other architectures, GGUFError for bad keys."""
-        self._require_deepseek4()
-        self._check_keys()
-        return ModelArgs.from_gguf(self.metadata)
-
-    def type_histogram(self) -> dict[GGMLQuantizationType, tuple[int, int]]:
-        """ggml type → (tensor count, bytes), in ggml type id order."""
-        hist: dict[GGMLQuantizationType, list[int]] = {}
-        for t in self.tensors.values():
-            h = hist.setdefault(t.qtype, [0, 0])
-            h[0] += 1
-            h[1] += t.nbytes
-        return {q: (c, b) for q, (c, b) in sorted(hist.items())}
-
     def close(self) -> None:
         """Release the mapping. Views from `raw()` that are still alive keep it mapped until they go."""
         mm, self._mm = self._mm, None
@@ -386,109 +522,128 @@ class GGUFFile:
                 # tensors from raw() still view it: the mapping is freed when the last of them is collected
                 pass
 
-    def __enter__(self) -> GGUFFile:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"GGUFFile({str(self.path)!r}, v{self.version}, {len(self.metadata)} keys, {len(self.tensors)} tensors)"
 
-    # ---- deepseek4 validation ----
-    def _require_deepseek4(self) -> None:
-        if self.architecture != K.ARCH:
-            raise UnsupportedModel(
-                f"{self.path}: architecture is {self.architecture!r}, not {K.ARCH!r}",
-                hint="v4 runs DeepSeek-V4 GGUFs only (convert one with v4 quantize)",
-            )
 
-    def _check_keys(self) -> None:
-        problems = []
-        for key in _REQUIRED_KEYS:
-            if key not in self.metadata:
-                problems.append(f"missing key {key}")
-        for key, want in _KEY_TYPES.items():
-            if key not in self.metadata:
+# ---- split sets -------------------------------------------------------------------------------------------------
+
+_HINT_SAME_SET = "all parts must come from the same set: download the parts of one set again"
+
+
+class SplitGGUF(GGUFModel):
+    """llama.cpp's split set (gguf-split) read as one model: `parts[0]` holds the metadata, every part a slice of
+    the tensors and the keys `split.no`, `split.count`, `split.tensors.count`. Made by `open_gguf`."""
+
+    def __init__(self, parts: list[GGUFFile]):
+        self._parts = tuple(parts)
+        first = parts[0]
+        self.path, self.version, self.metadata, self.types = first.path, first.version, first.metadata, first.types
+        self.size = sum(p.size for p in parts)
+        self.tensors: dict[str, TensorInfo] = {}
+        self._home: dict[str, GGUFFile] = {}
+        for part in parts:
+            for name, info in part.tensors.items():
+                if name in self._home:
+                    raise GGUFError(f"{part.path}: tensor {name!r} is also in {self._home[name].path.name}",
+                                    hint=_HINT_SAME_SET)
+                self.tensors[name], self._home[name] = info, part
+        want = _split_keys(first)[2]
+        if len(self.tensors) != want:
+            raise GGUFError(f"{first.path}: the {len(parts)} parts hold {len(self.tensors)} tensors, "
+                            f"{K.Split.TENSORS_COUNT} says {want}", hint=_HINT_SAME_SET)
+
+    @property
+    def parts(self) -> tuple[GGUFFile, ...]:
+        return self._parts
+
+    def raw(self, name: str) -> torch.Tensor:
+        """The stored bytes of tensor `name`, a zero-copy view of the mmap of the part that holds it."""
+        part = self._home.get(name)
+        if part is None:
+            raise GGUFError(f"{self.path}: no tensor named {name!r} in its {len(self._parts)} parts")
+        return part.raw(name)
+
+    def prefault(self, max_fraction_of_ram: float = PREFAULT_MAX_RAM_FRACTION) -> bool:
+        """`GGUFFile.prefault` over every part; skipped when the whole set exceeds the share of RAM."""
+        if self.size > max_fraction_of_ram * _ram_bytes():
+            return False
+        return all([p.prefault(max_fraction_of_ram=math.inf) for p in self._parts])
+
+    def close(self) -> None:
+        for p in self._parts:
+            p.close()
+
+    def __repr__(self) -> str:
+        return (f"SplitGGUF({str(self.path)!r}, {len(self._parts)} parts, v{self.version}, "
+                f"{len(self.metadata)} keys, {len(self.tensors)} tensors)")
+
+
+def _split_keys(gf: GGUFFile) -> tuple[int, int, int] | None:
+    """(split.no, split.count, split.tensors.count) of a part, None for a file that is not one."""
+    S = K.Split
+    if S.COUNT not in gf.metadata:
+        return None
+    values = []
+    for key in (S.NO, S.COUNT, S.TENSORS_COUNT):
+        if key not in gf.metadata:
+            raise GGUFError(f"{gf.path}: has {S.COUNT} but no {key}", hint=_HINT_DAMAGED)
+        if gf.types[key] not in {(t,) for t in _INT_TYPES}:
+            raise GGUFError(f"{gf.path}: {key} must be an integer, is {_type_name(gf.types[key])}", hint=_HINT_DAMAGED)
+        values.append(gf.metadata[key])
+    no, count, n_tensors = values
+    if not 0 <= no < count or n_tensors < 0:
+        raise GGUFError(f"{gf.path}: {S.NO} = {no}, {S.COUNT} = {count}, {S.TENSORS_COUNT} = {n_tensors} is impossible",
+                        hint=_HINT_DAMAGED)
+    return no, count, n_tensors
+
+
+def open_gguf(path: str | os.PathLike) -> GGUFModel:
+    """Open a GGUF model: a file as `GGUFFile` (exactly as before), a split set as `SplitGGUF` given any part or
+    the folder that holds it (the parts are found by llama.cpp's naming, `NAME-00001-of-00003.gguf`)."""
+    path = Path(path)
+    if path.is_dir():
+        path = find_gguf(path)
+    gf = GGUFFile(path)
+    try:
+        keys = _split_keys(gf)
+        if keys is None or keys[1] == 1:
+            return gf
+        no, count, n_tensors = keys
+        named = parse_split_name(path)
+        if named is None or named[1:] != (no, count):
+            want = split_path(named[0] if named else path.with_suffix(""), no, count).name
+            raise GGUFError(f"{path}: part {no + 1} of {count} of a split set must be named like {want}",
+                            hint="rename the parts back to their published names, which is how the others are found")
+    except BaseException:
+        gf.close()
+        raise
+    parts: list[GGUFFile] = []
+    try:
+        for i in range(count):
+            if i == no:
+                part = gf
+            else:
+                part_path = split_path(named[0], i, count)
+                if not part_path.is_file():
+                    raise GGUFError(f"{part_path}: part {i + 1} of {count} of {path.name}'s set is missing",
+                                    hint=f"download {part_path.name} again (v4 pull with a pattern that matches "
+                                         f"every part, e.g. '*{named[0].name}-*-of-{count:05d}.gguf')")
+                part = GGUFFile(part_path)
+            parts.append(part)
+            if part is gf:
                 continue
-            got = self.types[key]
-            if want[0] == GGUFValueType.ARRAY:
-                item_ok = _INT_TYPES if key == K.Model.COMPRESS_RATIOS else (_INT_TYPES | _FLOAT_TYPES)
-                if key in (K.Model.SWIGLU_CLAMP_EXP, K.Model.SWIGLU_CLAMP_SHEXP) and got[0] in _FLOAT_TYPES:
-                    continue  # llama.cpp also accepts one value for all layers
-                if got[0] != GGUFValueType.ARRAY or len(got) != 2 or got[1] not in item_ok:
-                    problems.append(f"{key} must be an array of numbers, is {_type_name(got)}")
-                elif not self.metadata[key]:
-                    problems.append(f"{key} is empty")
-            elif got != want:
-                problems.append(f"{key} must be {_type_name(want)}, is {_type_name(got)}")
-        if not problems:
-            problems += self._check_key_values()
-        if problems:
-            raise GGUFError(
-                f"{self.path}: invalid {K.ARCH} metadata: " + "; ".join(problems[:6])
-                + (f"; and {len(problems) - 6} more" if len(problems) > 6 else ""),
-                hint="the file was written by an incompatible converter: convert it again with v4 quantize",
-            )
-
-    def _check_key_values(self) -> list[str]:
-        md, M, problems = self.metadata, K.Model, []
-        for key in _POSITIVE_KEYS:
-            if key in md and md[key] <= 0:
-                problems.append(f"{key} = {md[key]} must be positive")
-        n_blocks, n_nextn = md[M.BLOCK_COUNT], md.get(M.NEXTN_PREDICT_LAYERS, 0)
-        if n_nextn >= n_blocks:
-            problems.append(f"{M.NEXTN_PREDICT_LAYERS} = {n_nextn} leaves no main layers of {n_blocks} blocks")
-        ratios = md[M.COMPRESS_RATIOS]
-        if len(ratios) < n_blocks:
-            problems.append(f"{M.COMPRESS_RATIOS} has {len(ratios)} entries, need ≥ {n_blocks}")
-        bad = sorted({r for r in ratios if r < 0 or 0 < r < 4})
-        if bad:
-            problems.append(f"{M.COMPRESS_RATIOS} holds invalid ratios {bad} (0 = window only, 4 = CSA, >4 = HCA)")
-        if md.get(M.EXPERT_USED_COUNT, 0) > md.get(M.EXPERT_COUNT, 0):
-            problems.append(f"{M.EXPERT_USED_COUNT} exceeds {M.EXPERT_COUNT}")
-        h, d, g = md.get(M.HEAD_COUNT, 1), md.get(M.KEY_LENGTH, 1), md.get(M.OUTPUT_GROUP_COUNT, 1)
-        if g > 0 and (h * d) % g:
-            problems.append(f"{M.HEAD_COUNT}·{M.KEY_LENGTH} = {h * d} is not divisible by {M.OUTPUT_GROUP_COUNT} {g}")
-        if md.get(M.ROPE_DIMS, 0) > d:
-            problems.append(f"{M.ROPE_DIMS} exceeds {M.KEY_LENGTH}")
-        gating = md.get(M.EXPERT_GATING_FUNC, K.GATING_SQRT_SOFTPLUS)
-        if gating != K.GATING_SQRT_SOFTPLUS:
-            problems.append(f"{M.EXPERT_GATING_FUNC} = {gating}, DeepSeek-V4 uses {K.GATING_SQRT_SOFTPLUS}")
-        return problems
-
-    def validate_deepseek4(self) -> ModelArgs:
-        """Check keys and that every tensor the model needs exists with its shape and an allowed type.
-
-        A file with `nextn_predict_layers` must hold the MTP block; a file holding only the MTP block (llama.cpp's
-        separate draft file: no `blk.0.*`) is accepted without the trunk. Returns the ModelArgs.
-        """
-        args = self.args
-        mtp = args.num_nextn_predict_layers > 0
-        trunk = not (mtp and N.blk(0, "attn_norm.weight") not in self.tensors)
-        expected = deepseek4_tensor_shapes(args, trunk=trunk, mtp=mtp)
-        problems = []
-        for name, shape in expected.items():
-            t = self.tensors.get(name)
-            if t is None:
-                if not name.endswith(_OPTIONAL_MTP_SUFFIX):
-                    problems.append(f"missing tensor {name}")
-                continue
-            if t.shape != shape:
-                problems.append(f"tensor {name} has shape {list(t.shape)}, expected {list(shape)}")
-            elif len(shape) == 1 and t.qtype != GGMLQuantizationType.F32:
-                problems.append(f"1-D tensor {name} is {t.qtype.name}, must be F32")
-            elif N.role_of_gguf(name) == N.TID2EID and t.qtype != GGMLQuantizationType.I32:
-                problems.append(f"tensor {name} is {t.qtype.name}, must be I32")
-        extra = sorted(set(self.tensors) - set(expected))
-        problems += [f"unexpected tensor {name}" for name in extra]
-        if problems:
-            raise GGUFError(
-                f"{self.path}: does not match its {K.ARCH} config ({len(problems)} problems): "
-                + "; ".join(problems[:6]) + ("; …" if len(problems) > 6 else ""),
-                hint="the file is incomplete or from an incompatible converter: convert it again with v4 quantize",
-            )
-        return args
+            got = _split_keys(part)
+            if got is None or got[:2] != (i, count) or got[2] != n_tensors:
+                said = "no split keys" if got is None else (
+                    f"part {got[0] + 1} of {got[1]} with {got[2]} tensors in all")
+                raise GGUFError(f"{part.path}: should be part {i + 1} of {count} with {n_tensors} tensors in all, "
+                                f"its header says {said}", hint=_HINT_SAME_SET)
+        return SplitGGUF(parts)
+    except BaseException:
+        for p in parts if gf in parts else [*parts, gf]:
+            p.close()
+        raise
 
 
 def _type_name(chain: Iterable[GGUFValueType]) -> str:

@@ -232,15 +232,15 @@ class Inventory:
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike) -> Inventory:
-        """The tensors of a `deepseek4` GGUF file (header only; nothing is read from the data)."""
-        from v4cli.gguf_file import GGUFFile
+        """The tensors of a `deepseek4` GGUF file or split set (headers only; nothing is read from the data)."""
+        from v4cli.gguf_file import open_gguf
 
-        with GGUFFile(path) as gf:
+        with open_gguf(path) as gf:
             return cls.from_gguf_file(gf)
 
     @classmethod
     def from_gguf_file(cls, gf) -> Inventory:
-        """From an open `GGUFFile`, so a loader that has parsed the header already need not parse it twice."""
+        """From an open `GGUFModel`, so a loader that has parsed the header already need not parse it twice."""
         from quant import keys as K
 
         recipe = gf.metadata.get(K.Provenance.RECIPE)
@@ -623,16 +623,16 @@ def plan_source(cfg: dict, machine: Machine, ctx: int | None = None, kv_format: 
 
 def check_fits(model, ram: int | str | None = None, vram: int | str | None = None, ctx: int | str | None = None,
                kv_format: str = "auto", machine: Machine | None = None) -> Plan:
-    """The pre-load check `chat`/`ask` run: `model` is a GGUF path, an open GGUFFile or an Inventory.
+    """The pre-load check `chat`/`ask` run: `model` is a GGUF path, an open GGUFModel or an Inventory.
 
     `ram`/`vram` in bytes or like "128G". Returns the plan (placement, KV format, context: the largest that runs
     when `ctx` is None) or raises DoesNotFit naming the fix. Sizes not given are detected; bandwidths are assumed.
     """
-    from v4cli.gguf_file import GGUFFile
+    from v4cli.gguf_file import GGUFModel
 
     if isinstance(model, Inventory):
         inv = model
-    elif isinstance(model, GGUFFile):
+    elif isinstance(model, GGUFModel):
         inv = Inventory.from_gguf_file(model)
     else:
         inv = Inventory.from_gguf(model)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,7 @@ class HubSpec:
 
 @dataclass(frozen=True)
 class LocalSpec:
-    """A checkpoint directory (with config.json) or a GGUF file already on disk; never pulled."""
+    """A checkpoint directory (with config.json), a GGUF file or a folder of GGUF parts on disk; never pulled."""
 
     path: Path
     kind: str  # "checkpoint" | "gguf"
@@ -102,6 +103,70 @@ def _parse_hf(name: str) -> HubSpec:
     return HubSpec(hf_store_name(repo_id), repo_id, None, patterns)
 
 
+# llama.cpp's split sets (llama_split_path): NAME-00001-of-00003.gguf, … ; 5 digits hold any u16 count
+_SPLIT_NAME = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def split_path(prefix: str | Path, no: int, count: int) -> Path:
+    """Part `no` (0-based) of a `count`-part set: `PREFIX-0000{no+1}-of-0000{count}.gguf` (llama_split_path)."""
+    return Path(f"{prefix}-{no + 1:05d}-of-{count:05d}.gguf")
+
+
+def parse_split_name(path: str | Path) -> tuple[Path, int, int] | None:
+    """(prefix, 0-based part number, part count) of a path named by llama.cpp's split convention, else None."""
+    path = Path(path)
+    m = _SPLIT_NAME.match(path.name)
+    if m is None:
+        return None
+    no, count = int(m["no"]) - 1, int(m["count"])
+    return (path.with_name(m["stem"]), no, count) if 0 <= no < count else None
+
+
+def is_gguf(path: Path) -> bool:
+    """Judged by the magic, never by the name."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def gguf_models(paths: Iterable[str | Path]) -> list[list[Path]]:
+    """GGUF files grouped into models: the parts of one split set (same prefix and count) together, in part
+    order; every other file alone. Sorted by first path."""
+    sets: dict[tuple[Path, int], list[Path]] = {}
+    out: list[list[Path]] = []
+    for p in map(Path, paths):
+        split = parse_split_name(p)
+        if split is None:
+            out.append([p])
+        else:
+            sets.setdefault((split[0], split[2]), []).append(p)
+    out += [sorted(parts, key=lambda p: parse_split_name(p)[1]) for parts in sets.values()]
+    return sorted(out, key=lambda parts: str(parts[0]))
+
+
+def describe_model(parts: list[Path], root: Path | None = None) -> str:
+    """One model of `gguf_models` in a listing: its file, or a glob matching every part of its set."""
+    first = parts[0] if root is None else parts[0].relative_to(root)
+    split = parse_split_name(first)
+    return str(first) if split is None else f"{split[0]}-*-of-{split[2]:05d}.gguf"
+
+
+def find_gguf(folder: Path) -> Path:
+    """The GGUF to open for a folder that holds one model (a file, or the parts of one split set): the file, or the
+    lowest part present (opening it finds the rest). NotFoundError if it holds none, BadInput if several."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and is_gguf(p))
+    models = gguf_models(files)
+    if not models:
+        raise NotFoundError(f"{folder} holds no GGUF file",
+                            hint="pass a GGUF file, a folder with one model's parts, or a checkpoint folder")
+    if len(models) > 1:
+        names = ", ".join(describe_model(m, folder) for m in models)
+        raise BadInput(f"{folder} holds {len(models)} GGUF models: {names}", hint="pass the path of one of them")
+    return models[0][0]
+
+
 def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or "/" in name or "\\" in name or name.endswith(".gguf")
 
@@ -109,10 +174,11 @@ def _looks_like_path(name: str) -> bool:
 def _local_kind(path: Path) -> str | None:
     """What a local path holds, judged by content (config.json, GGUF magic), never by its name."""
     if path.is_dir():
-        return "checkpoint" if (path / "config.json").is_file() else None
+        if (path / "config.json").is_file():
+            return "checkpoint"
+        return "gguf" if any(p.is_file() and is_gguf(p) for p in path.iterdir()) else None
     if path.is_file():
-        with open(path, "rb") as f:
-            return "gguf" if f.read(4) == GGUF_MAGIC else None
+        return "gguf" if is_gguf(path) else None
     return None
 
 

@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from v4cli.errors import BadInput, DownloadError, NotFoundError
-from v4cli.registry import GGUF_MAGIC, HubSpec, LocalSpec, resolve_name
+from v4cli.registry import (CHECKPOINT_PATTERNS, HubSpec, LocalSpec, describe_model, gguf_models, is_gguf,
+                             resolve_name)
 
 MANIFEST = "v4-manifest.json"
 PARTIAL = ".v4-partial"
@@ -308,14 +309,36 @@ class Store:
     def resolve(self, name: str) -> Path:
         """Path to give the loader: a local path passes through; a Hub model must be fully pulled.
 
-        Returns the checkpoint folder, or the (first) GGUF file for a pulled ready-made GGUF repo.
+        Returns the checkpoint folder, or for a pulled ready-made GGUF repo its one GGUF model (the file, or a split
+        set's first part); BadInput naming them when the repo (or the typed pattern) holds several.
         """
         spec = resolve_name(name)
         if isinstance(spec, LocalSpec):
             return spec.path
-        return self._resolve_hub(spec, name)
+        folder, wanted = self._pulled(spec, name)
+        if "config.json" in wanted:
+            return folder
+        models = self._ggufs(folder, wanted)
+        if len(models) > 1:
+            repo = f"hf:{spec.repo_id}" if spec.name.startswith("hf:") else spec.name
+            names = ", ".join(f"{repo}:{describe_model(m)}" for m in models)
+            raise BadInput(f"{name} holds {len(models)} GGUF models: {names}", hint="name one of them")
+        return folder / models[0][0] if models else folder
 
-    def _resolve_hub(self, spec: HubSpec, typed: str) -> Path:
+    def gguf_models(self, name: str) -> list[Path]:
+        """Every GGUF model of a pulled repo, each as its file or its split set's first part; [] for a checkpoint."""
+        spec = resolve_name(name)
+        if isinstance(spec, LocalSpec):
+            raise BadInput(f"{name} is a local path, not a stored model", hint="v4 ls shows what the store holds")
+        folder, wanted = self._pulled(spec, name)
+        return [] if "config.json" in wanted else [folder / m[0] for m in self._ggufs(folder, wanted)]
+
+    @staticmethod
+    def _ggufs(folder: Path, files: list[str]) -> list[list[Path]]:
+        return gguf_models(Path(p) for p in files if is_gguf(folder / p))
+
+    def _pulled(self, spec: HubSpec, typed: str) -> tuple[Path, list[str]]:
+        """(folder, files the spec's patterns select) of a complete pull; NotFoundError if it is not one."""
         manifest = self.read_manifest(spec.name)
         if manifest is None:
             state = "is only partly pulled" if self.model_dir(spec.name).exists() else "has not been pulled"
@@ -327,6 +350,8 @@ class Store:
             )
         folder = self.model_dir(spec.name)
         wanted = sorted(p for p in manifest.files if any(fnmatch.fnmatchcase(p, pat) for pat in spec.patterns))
+        if not wanted and spec.patterns == CHECKPOINT_PATTERNS:
+            wanted = sorted(manifest.files)  # hf:OWNER/REPO with no pattern after a pattern pull of its GGUFs
         if not wanted:
             raise NotFoundError(f"no files of {typed} are in the store", hint=f"v4 pull {typed}")
         # A cheap stat check catches files deleted by hand; full hashes are `v4 pull` offline's job.
@@ -334,13 +359,7 @@ class Store:
             problem = check_file(folder / p, manifest.files[p], full=False)
             if problem:
                 raise NotFoundError(f"{typed}: {p} is {problem}", hint=f"v4 pull {typed}")
-        if "config.json" in wanted:
-            return folder
-        for p in wanted:
-            with open(folder / p, "rb") as f:
-                if f.read(4) == GGUF_MAGIC:
-                    return folder / p
-        return folder
+        return folder, wanted
 
     def list(self) -> list[StoreEntry]:
         """Every model folder (complete or not) and every GGUF output, sorted by name."""

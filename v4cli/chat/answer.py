@@ -32,18 +32,17 @@ def _stored_ggufs(store) -> list[Path]:
             out.append(e.path)
         elif e.complete:
             try:
-                path = store.resolve(e.name)
+                out += store.gguf_models(e.name)
             except NotFoundError:
                 continue
-            if path.is_file():
-                out.append(path)
     return out
 
 
 def resolve_model(name: str | None) -> Path:
-    """The GGUF to run: a path, a store name (a pulled GGUF repo, a GGUF output by file name, or a model with
-    exactly one quantized output), else `$V4_MODEL`, else the store's only GGUF."""
-    from v4cli.registry import GGUF_MAGIC
+    """The GGUF to run: a path (a file, any part of a split set, or a folder holding one model), a store name (a
+    pulled GGUF repo, a GGUF output by file name, or a model with exactly one quantized output), else `$V4_MODEL`,
+    else the store's only GGUF."""
+    from v4cli.registry import GGUF_MAGIC, find_gguf
     from v4cli.store import Store
 
     store = Store()
@@ -71,7 +70,9 @@ def resolve_model(name: str | None) -> Path:
                            hint="name one of them")
         path = store.resolve(name)
     if path.is_dir():
-        raise BadInput(f"{name} is a checkpoint, not a GGUF", hint=f"v4 quantize {name}, then run the GGUF")
+        if (path / "config.json").is_file():
+            raise BadInput(f"{name} is a checkpoint, not a GGUF", hint=f"v4 quantize {name}, then run the GGUF")
+        path = find_gguf(path)
     with open(path, "rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise BadInput(f"{path} is not a GGUF file")

@@ -31,7 +31,7 @@ def _tokenizer_and_ctx(model: str | None, ctx: str | None, kv_format: str, dry_r
     to be found falls back to the official tokenizer and the requested (or maximum) context."""
     from v4cli.chat.answer import plan_context, resolve_model
     from v4cli.engine.detok import tokenizer_from_metadata
-    from v4cli.gguf_file import GGUFFile
+    from v4cli.gguf_file import open_gguf
     from v4cli.ingest import MAX_CONTEXT, official_tokenizer
     from v4cli.plan import parse_ctx
 
@@ -41,7 +41,7 @@ def _tokenizer_and_ctx(model: str | None, ctx: str | None, kv_format: str, dry_r
         if model or not dry_run:
             raise
         return None, official_tokenizer(), parse_ctx(ctx) if ctx else MAX_CONTEXT
-    with GGUFFile(path) as gf:
+    with open_gguf(path) as gf:
         tokenizer = tokenizer_from_metadata(gf.metadata)
         n_ctx = (parse_ctx(ctx) if ctx else min(gf.args.max_position_embeddings, MAX_CONTEXT)) if dry_run else None
     if n_ctx is None:

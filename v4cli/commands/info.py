@@ -12,7 +12,7 @@ from quant import keys as K
 from quant.config import ModelArgs
 from v4cli import kvsize, ui
 from v4cli.errors import GGUFError, NotFoundError
-from v4cli.gguf_file import GGUFFile
+from v4cli.gguf_file import open_gguf
 from v4cli.store import format_bytes
 from v4cli.placement import DEFAULT_RECIPE_TYPES, PlacementPlan, inventory_for
 from v4cli.units import parse_size
@@ -92,10 +92,12 @@ def _provenance(md: dict) -> None:
 
 
 def _gguf_info(path: Path, plan: bool, plan_kw: dict) -> None:
-    with GGUFFile(path) as f:
+    with open_gguf(path) as f:
         if plan:
             _ = f.args  # a plan needs a deepseek4 file: UnsupportedModel before any output otherwise
-        _line(f"file        {path}")
+        _line(f"file        {f.path}")
+        if len(f.parts) > 1:
+            _line(f"parts       {len(f.parts)}: " + ", ".join(p.path.name for p in f.parts))
         _line(f"size        {format_bytes(f.size)} ({f.size:,} bytes)")
         _line(f"format      GGUF v{f.version}, {len(f.tensors)} tensors, {len(f.metadata)} keys")
         _line(f"arch        {f.architecture}")
@@ -139,7 +141,7 @@ def _checkpoint_info(path: Path, plan: bool, plan_kw: dict) -> None:
 
 
 def info(
-    target: str = typer.Argument(..., metavar="PATH", help="A .gguf file, a checkpoint folder or a store name."),
+    target: str = typer.Argument(..., metavar="PATH", help="A .gguf file or split set, a checkpoint or a store name."),
     plan: bool = typer.Option(False, "--plan", help="Show where each component would live."),
     gpu_mem: str | None = typer.Option(None, "--gpu-mem", help="GPU memory to plan for, e.g. 24G (default: detect)."),
     cpu_mem: str | None = typer.Option(None, "--cpu-mem", help="RAM to plan for, e.g. 128G (default: detect)."),
@@ -154,7 +156,7 @@ def info(
         "cpu_mem": parse_size(cpu_mem) if cpu_mem is not None else None,
     }
     path = _resolve(target)
-    if path.is_dir():
+    if path.is_dir() and (path / "config.json").is_file():
         _checkpoint_info(path, plan, plan_kw)
     else:
         _gguf_info(path, plan, plan_kw)

@@ -29,7 +29,7 @@ from v4cli.engine.generate import DEFAULT_CHUNK, peak_rss_bytes
 from v4cli.engine.records import DoneRecord, Memory, Timings, TokenRecord
 from v4cli.engine.sampling import Sampler, SamplingParams
 from v4cli.errors import BadInput, GGUFError, NotFoundError, V4Error
-from v4cli.gguf_file import GGUFFile
+from v4cli.gguf_file import GGUFModel, open_gguf
 
 INSTALL_HINT = "pip install llama-cpp-python==0.3.36 (a CPU build takes about 11 minutes on 2 cores)"
 DEFAULT_N_CTX = 4096
@@ -148,7 +148,7 @@ class LlamaCache:
 class LlamaEngine:
     """llama.cpp behind the torch Engine's interface: tokenizer, args, new_cache, prefill, logits, generate."""
 
-    def __init__(self, path: Path, gf: GGUFFile, model, lib, kv_format: str, n_threads: int, n_ctx: int,
+    def __init__(self, path: Path, gf: GGUFModel, model, lib, kv_format: str, n_threads: int, n_ctx: int,
                  overrides, cpu_buft: int, flash_attn: bool | None = None):
         self.path, self.source, self.lib, self.model = path, gf, lib, model
         self.args = gf.args
@@ -171,9 +171,11 @@ class LlamaEngine:
         if kv_format not in KV_TYPES:
             raise BadInput(f"unknown kv format {kv_format!r}", hint=f"use one of {', '.join(KV_TYPES)}")
         path = Path(gguf_path)
-        if not path.is_file():
+        if not path.exists():
             raise NotFoundError(f"{path}: no such model file")
-        gf = GGUFFile(path)  # our reader validates first: a bad file must not reach a GGML_ASSERT abort
+        gf = open_gguf(path)  # our reader validates first: a bad file must not reach a GGML_ASSERT abort
+        # llama.cpp finds a split set's other parts itself, from the first part's name
+        path = gf.path
         args = gf.validate_deepseek4()
         _, lib = _import_llama()
         _Log.install(lib)

@@ -11,7 +11,7 @@ import torch
 from kernels.linear import QWeight
 from quant import names as N
 from v4cli.errors import BadInput, GGUFError
-from v4cli.gguf_file import GGUFFile
+from v4cli.gguf_file import GGUFModel, open_gguf
 from v4cli.model.deepseek4 import MTP, DeepseekV4
 from v4cli.placement import GPU, PlacementPlan
 from v4cli.plan import KV_FORMATS
@@ -25,16 +25,17 @@ _SHARED_DIMS = ("hidden_size", "vocab_size", "hc_mult", "num_hidden_layers", "nu
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", *, ctx: int | None = None,
-               kv_format: str = "bf16", gpu_mem: int | None = None) -> tuple[DeepseekV4, GGUFFile]:
-    """(model, open GGUFFile). On CPU the weights are zero-copy views of the file's pages, mapped in up front.
-    On another device each tensor goes where the placement plan puts it for a `ctx`-token `kv_format` cache and
-    `gpu_mem` bytes of device memory (None: what is free): copied to the device, or left in host memory."""
-    gf = GGUFFile(path)
+               kv_format: str = "bf16", gpu_mem: int | None = None) -> tuple[DeepseekV4, GGUFModel]:
+    """(model, open GGUF) from a GGUF file, any part of a split set, or its folder. On CPU the weights are
+    zero-copy views of the file's pages, mapped in up front. On another device each tensor goes where the placement
+    plan puts it for a `ctx`-token `kv_format` cache and `gpu_mem` bytes of device memory (None: what is free):
+    copied to the device, or left in host memory."""
+    gf = open_gguf(path)
     place = placement(gf, device, ctx=ctx, kv_format=kv_format, gpu_mem=gpu_mem)
     return DeepseekV4(gf.args, _tensors(gf, place)), gf
 
 
-def placement(gf: GGUFFile, device: str | torch.device, *, ctx: int | None = None, kv_format: str = "bf16",
+def placement(gf: GGUFModel, device: str | torch.device, *, ctx: int | None = None, kv_format: str = "bf16",
               gpu_mem: int | None = None) -> Callable[[str], torch.device]:
     """Tensor name → the torch device it is loaded to.
 
@@ -56,11 +57,11 @@ def placement(gf: GGUFFile, device: str | torch.device, *, ctx: int | None = Non
     return lambda name: device if plan.where(name).device == GPU else host
 
 
-def load_mtp(model: DeepseekV4, path: str | Path) -> tuple[MTP, GGUFFile]:
-    """(draft head, open GGUFFile) from llama.cpp's separate MTP file (`v4 quantize --mtp`) for `model`.
+def load_mtp(model: DeepseekV4, path: str | Path) -> tuple[MTP, GGUFModel]:
+    """(draft head, open GGUF) from llama.cpp's separate MTP file (`v4 quantize --mtp`) for `model`.
 
     The draft goes to the device of the trunk's head, its experts to host memory if any trunk layer's are there."""
-    gf = GGUFFile(path)
+    gf = open_gguf(path)
     head, host = model.head.device, torch.device("cpu")
     experts_home = host if any(b.moe.w1.device == host for b in model.blocks) else head
     args = gf.validate_deepseek4()
@@ -76,7 +77,7 @@ def load_mtp(model: DeepseekV4, path: str | Path) -> tuple[MTP, GGUFFile]:
     return MTP(model, _tensors(gf, lambda name: experts_home if name in experts else head)), gf
 
 
-def _tensors(gf: GGUFFile, place: Callable[[str], torch.device]) -> dict[str, QWeight]:
+def _tensors(gf: GGUFModel, place: Callable[[str], torch.device]) -> dict[str, QWeight]:
     """Every tensor of gf as a QWeight on place(name): host ones view the mmap (no copy), its pages mapped in up
     front since they are used in place."""
     if any(place(name).type == "cpu" for name in gf.tensors):

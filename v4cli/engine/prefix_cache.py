@@ -78,19 +78,24 @@ def model_fingerprint(gguf, kv_format: str, device: str = "cpu") -> str:
     """Identity of (model file, KV format, device) as 64 hex digits, computed without reading the weights.
 
     Hashes the GGUF header bytes as written (every metadata key and value, every tensor's name, type, shape and
-    offset), the file size, and the first 4 KiB of up to 64 tensors spread over the file: a re-quantization or a
-    different checkpoint with the same layout changes those bytes. A full-file hash would read 150+ GB at every
-    start. The device is included because a state computed by other kernels would not continue like this run.
+    offset; of every part of a split set), the total size, and the first 4 KiB of up to 64 tensors spread over the
+    file or set: a re-quantization or a different checkpoint with the same layout changes those bytes. A full-file
+    hash would read 150+ GB at every start. The device is included because a state computed by other kernels would
+    not continue like this run.
     """
     h = hashlib.sha256(b"v4 prefix cache\0")
     h.update(f"{gguf.size}\0{kv_format}\0{device}\0".encode())
-    tensors = sorted(gguf.tensors.values(), key=lambda t: t.offset)
+    # a split set: every part's header, samples spread over all parts (one file hashes as it always did)
+    tensors = [(i, t) for i, part in enumerate(gguf.parts)
+               for t in sorted(part.tensors.values(), key=lambda t: t.offset)]
     step = max(1, len(tensors) // _SAMPLES)
-    with open(gguf.path, "rb") as f:
-        h.update(f.read(gguf.data_offset))
-        for t in tensors[::step][:_SAMPLES]:
-            f.seek(t.offset)
-            h.update(f.read(min(t.nbytes, _SAMPLE_BYTES)))
+    samples = tensors[::step][:_SAMPLES]
+    for i, part in enumerate(gguf.parts):
+        with open(part.path, "rb") as f:
+            h.update(f.read(part.data_offset))
+            for t in (t for j, t in samples if j == i):
+                f.seek(t.offset)
+                h.update(f.read(min(t.nbytes, _SAMPLE_BYTES)))
     return h.hexdigest()
 
 

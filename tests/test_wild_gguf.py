@@ -19,7 +19,14 @@ from v4cli.testing.tiny import make_tiny_checkpoint, random_token_ids
 pytestmark = [pytest.mark.slow, pytest.mark.llama]
 pytest.importorskip("llama_cpp")
 
-from v4cli.testing.wild import FTYPES, llama_convert, llama_quantize, random_imatrix  # noqa: E402
+from v4cli.testing.wild import (  # noqa: E402
+    COMMUNITY_LAYOUTS,
+    FTYPES,
+    llama_convert,
+    llama_quantize,
+    quantize_layout,
+    random_imatrix,
+)
 
 REL_TOL = 1e-4  # max |ours - transformers| / max |transformers| over all logits
 # Fast kernels quantize activations to int8 per 32 (as llama.cpp's CPU path does). On the Q8_0 + MXFP4 file that
@@ -40,7 +47,11 @@ def wild(tmp_path_factory):
     made = {"converter": conv}
 
     def get(ftype: str):
-        if ftype not in made:
+        if ftype in made:
+            return made[ftype]
+        if ftype in COMMUNITY_LAYOUTS:
+            made[ftype] = quantize_layout(conv, d / f"{ftype}.gguf", ftype, n_layers=5)
+        else:
             made[ftype] = llama_quantize(conv, d / f"{ftype}.gguf", ftype,
                                          imatrix=imatrix if FTYPES[ftype][1] else None)
         return made[ftype]
@@ -54,7 +65,7 @@ def _kl(ref: torch.Tensor, cand: torch.Tensor) -> float:
     return (p.exp() * (p - q)).sum(-1).mean().item()
 
 
-@pytest.mark.parametrize("ftype", ["converter", *FTYPES])
+@pytest.mark.parametrize("ftype", ["converter", *FTYPES, *COMMUNITY_LAYOUTS])
 def test_llama_cpp_file_equals_transformers_on_its_weights(wild, ftype, monkeypatch):
     from typer.testing import CliRunner
 
@@ -110,3 +121,27 @@ def test_converter_file_tokenizes_like_the_official_tokenizer(wild):
     ids = tok.encode(text, add_special_tokens=False).ids
     assert ids == official.encode(text)
     assert tok.decode(ids, skip_special_tokens=False) == text
+
+
+@pytest.mark.parametrize("ftype", [f for f, (_, imatrix) in FTYPES.items() if imatrix] + ["ds4-q2-q4"])
+def test_imatrix_types_match_llama_cpp(wild, ftype, monkeypatch):
+    # the types llama.cpp writes only with an importance matrix: our engine and llama.cpp agree on files carrying
+    # them (llama.cpp rounds activations to 8 bits for these types, so the yardstick is the fast kernels' KL bound)
+    from typer.testing import CliRunner
+
+    from v4cli.cli import app
+
+    get, _, d = wild
+    path = get(ftype)
+    ids = random_token_ids(N_TOKENS, seed=1)
+    (d / "ids.json").write_text(json.dumps(ids))
+    logits = {}
+    for engine in ("torch", "llama"):
+        monkeypatch.setenv("V4_KERNELS", "reference")
+        out = d / f"{ftype}-{engine}.npy"
+        r = CliRunner().invoke(app, ["eval", str(path), "--tokens", str(d / "ids.json"), "--kv-format", "f32",
+                                     "--engine", engine, "--dump-logits", str(out), "--threads", "2"])
+        assert r.exit_code == 0, r.output
+        logits[engine] = torch.from_numpy(np.load(out))
+    kl = _kl(logits["torch"], logits["llama"])
+    assert kl <= KL_BOUND, f"{ftype}: KL(ours ‖ llama.cpp) {kl:.4f}"

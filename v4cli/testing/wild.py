@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,44 @@ FTYPES: dict[str, tuple[int, bool]] = {
     "IQ3_XXS": (23, True), "IQ1_S": (24, True), "IQ4_NL": (25, False), "IQ3_S": (26, False), "IQ3_M": (27, False),
     "IQ2_S": (28, True), "IQ2_M": (29, True), "IQ4_XS": (30, False), "IQ1_M": (31, True), "BF16": (32, False),
     "MXFP4_MOE": (38, False),
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A community recipe, as llama-quantize makes it: a base ftype, then per-tensor overrides (regex → ggml type;
+    the first match wins, as in llama.cpp). `{last}` in a pattern is the alternation of the last layers' numbers
+    (the share of layers a recipe protects at the end, scaled to the model's depth)."""
+
+    base: str
+    overrides: tuple[tuple[str, str], ...]
+    imatrix: bool
+    last_share: float = 0.0
+    note: str = ""
+
+    def resolved(self, n_layers: int) -> dict[str, str]:
+        last = max(1, round(self.last_share * n_layers)) if self.last_share else 0
+        alt = "|".join(str(i) for i in range(n_layers - last, n_layers)) or "none"
+        return {pat.replace("{last}", f"({alt})"): typ for pat, typ in self.overrides}
+
+
+_DENSE_F16 = (("token_embd", "F16"), ("ffn_gate_inp", "F16"), ("compressor", "F16"), ("indexer", "F16"),
+              ("hc_", "F16"))
+# The published layouts of facts §10, copied as closely as the descriptions allow.
+COMMUNITY_LAYOUTS: dict[str, Layout] = {
+    # ds4 "q2-q4": IQ2_XXS gate/up + Q2_K down, Q4_K on the last 6 of 43 layers; Q8_0 attention, shared experts,
+    # head; F16 embedding, routers, compressors, indexer, mHC
+    "ds4-q2-q4": Layout("Q8_0", (
+        (r"blk\.{last}\.ffn_(gate|up|down)_exps", "Q4_K"), (r"ffn_(gate|up)_exps", "IQ2_XXS"),
+        (r"ffn_down_exps", "Q2_K"), *_DENSE_F16), imatrix=True, last_share=6 / 43, note="90.9 GiB for Flash"),
+    # AtomicChat AD-IQ2_XXS / AD-IQ3_XXS: IQ routed experts, the dense set at Q8_0 (78.5 / 108.1 GB for Flash)
+    "ad-iq2_xxs": Layout("Q8_0", ((r"ffn_(gate|up|down)_exps", "IQ2_XXS"),), imatrix=True, note="78.5 GB"),
+    "ad-iq3_xxs": Layout("Q8_0", ((r"ffn_(gate|up|down)_exps", "IQ3_XXS"),), imatrix=True, note="108.1 GB"),
+    # an unsloth-UD-like dynamic K-quant mix: Q2_K gate/up, Q3_K down, the first layer's experts Q4_K, attention
+    # at Q5_K/Q6_K, the rest Q8_0
+    "ud-k": Layout("Q8_0", (
+        (r"blk\.0\.ffn_(gate|up|down)_exps", "Q4_K"), (r"ffn_(gate|up)_exps", "Q2_K"), (r"ffn_down_exps", "Q3_K"),
+        (r"attn_(q_b|output_b)", "Q6_K"), (r"attn_(q_a|kv|output_a)\.", "Q5_K")), imatrix=False),
 }
 
 
@@ -100,6 +139,13 @@ def llama_quantize(src: Path, dst: Path, ftype: str, *, imatrix: dict[str, np.nd
     return dst
 
 
+def quantize_layout(src: Path, dst: Path, layout: str, n_layers: int, threads: int = 2) -> Path:
+    """`src` (a high-precision GGUF) made into community layout `layout` by llama.cpp's quantizer."""
+    lay = COMMUNITY_LAYOUTS[layout]
+    return llama_quantize(src, dst, lay.base, imatrix=random_imatrix(src) if lay.imatrix else None,
+                          overrides=lay.resolved(n_layers), threads=threads)
+
+
 def _quantize_child(args: dict) -> int:
     import llama_cpp
     from gguf import GGMLQuantizationType
@@ -117,6 +163,7 @@ def _quantize_child(args: dict) -> int:
         p.imatrix = arr
         keep.append(arr)
     if args["overrides"]:
+        # llama-quantize's --tensor-type list: ordered, the first matching pattern wins
         arr = (llama_cpp.llama_model_tensor_override * (len(args["overrides"]) + 1))()
         for i, (pat, typ) in enumerate(args["overrides"].items()):
             keep.append(pat.encode())

@@ -332,6 +332,10 @@ def _drop(name):
          ("1-D tensor blk.0.attn_norm.weight is F16, must be F32",)),
         (None, lambda ts: ts.update({N.blk(0, "ffn.gate.tid2eid"): (Q.F32, np.zeros((96, 2), np.float32))}),
          ("blk.0.ffn_gate_tid2eid.weight is F32, must be I32",)),
+        (None, lambda ts: ts.update({N.blk(0, "attn.wq_a.weight"): (
+            Q.Q8_1, np.zeros((*ts[N.blk(0, "attn.wq_a.weight")][1].shape[:-1],
+                              ts[N.blk(0, "attn.wq_a.weight")][1].shape[-1] // 34 * 40), np.uint8))}),
+         ("blk.0.attn_q_a.weight is Q8_1, a ggml type v4 does not run",)),
         (lambda kvs: [x for x in kvs if x[0] != K.Model.HC_COUNT], None, ("missing key deepseek4.hyper_connection.count",)),
         (lambda kvs: [(k, v, VT.UINT64 if k == K.Model.CONTEXT_LENGTH else t) for k, v, t in kvs], None,
          ("deepseek4.context_length must be uint32, is uint64",)),

@@ -30,6 +30,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from quant import keys as K
+from quant.ggml import TYPES as GGML_TYPES
 from quant import names as N
 from quant.config import ModelArgs
 from v4cli.errors import GGUFError, UnsupportedModel
@@ -326,6 +327,9 @@ class GGUFModel(ABC):
                 problems.append(f"1-D tensor {name} is {t.qtype.name}, must be F32")
             elif N.role_of_gguf(name) == N.TID2EID and t.qtype != GGMLQuantizationType.I32:
                 problems.append(f"tensor {name} is {t.qtype.name}, must be I32")
+            elif t.qtype not in GGML_TYPES:
+                problems.append(f"tensor {name} is {t.qtype.name}, a ggml type v4 does not run "
+                                f"(it runs {', '.join(q.name for q in GGML_TYPES)})")
         extra = sorted(set(self.tensors) - set(expected))
         problems += [f"unexpected tensor {name}" for name in extra]
         if problems:

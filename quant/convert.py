@@ -8,6 +8,7 @@ the shards' mmaps, converted a slice at a time, and written straight to the outp
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType, GGUFWriter
+from gguf import size_label as gguf_size_label
 
 from quant import keys as K
 from quant import names as N
@@ -27,7 +29,7 @@ from quant.formats import mxfp4_from_official, quantize
 from quant.ggml import tensor_bytes
 from quant.inventory import FP8_BLOCK, Entry, official_inventory
 from quant.official import FP8, I8, Checkpoint, dequantized_rows, rows
-from quant.recipes import Recipe, choose_type
+from quant.recipes import Recipe, choose_type, file_type
 from quant.tokenizer import tokenizer_kv
 from v4cli import __version__
 from v4cli.errors import CheckpointError, DiskSpaceError
@@ -172,11 +174,30 @@ def _tensor_bytes(ckpt: Checkpoint, tp: TensorPlan) -> Iterator[tuple[np.ndarray
         yield _encode(dequantized_rows(ckpt, src, r0, r1), tp.qtype), tp.source_bytes * (r1 - r0) // n_rows
 
 
+def size_label(tensors: list[TensorPlan]) -> str:
+    """`general.size_label` as llama.cpp's converter counts it for a MoE file: "{experts}x{size}", where size is
+    every weight outside the routed experts plus one expert's share of each 3-D `_exps` tensor (e.g. "256x…B")."""
+    shared = expert = expert_sum = n_expert_tensors = 0
+    for t in tensors:
+        n = math.prod(t.shape)
+        if t.kind == EXPERTS:
+            expert += n // t.shape[0]
+            expert_sum += t.shape[0]
+            n_expert_tensors += 1
+        else:
+            shared += n
+    n_experts = expert_sum // n_expert_tensors if n_expert_tensors else 0
+    return gguf_size_label(shared + expert, shared, expert, n_experts)
+
+
 def header_kv(cfg: dict, src: Path, recipe: Recipe, tensors: list[TensorPlan], source_repo: str | None,
               source_revision: str | None, mtp: bool = False) -> list[tuple[str, object, GGUFValueType]]:
     args = ModelArgs.from_config(cfg)
     S, U = GGUFValueType.STRING, GGUFValueType.UINT32
     kv = [(K.General.NAME, cfg.get("_name_or_path") or source_repo or Path(src).name, S),
+          (K.General.FILE_TYPE, int(file_type((t.qtype, math.prod(t.shape)) for t in tensors)), U),
+          (K.General.SIZE_LABEL, size_label(tensors), S),
+          # llama.cpp's converter and quantizer write it whatever the types (ggml's GGML_QNT_VERSION)
           (K.General.QUANT_VERSION, 2, U)]
     kv += args.gguf_kv(with_mtp=mtp)
     kv += tokenizer_kv(src, args.vocab_size, args.bos_token_id, args.eos_token_id)

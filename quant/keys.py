@@ -15,6 +15,7 @@ class General:
     ALIGNMENT = "general.alignment"
     FILE_TYPE = "general.file_type"
     QUANT_VERSION = "general.quantization_version"
+    SIZE_LABEL = "general.size_label"
 
 
 class Model:
@@ -70,7 +71,9 @@ class Tokenizer:
     EOS_ID = "tokenizer.ggml.eos_token_id"
     ADD_BOS = "tokenizer.ggml.add_bos_token"
     ADD_EOS = "tokenizer.ggml.add_eos_token"
+    PAD_ID = "tokenizer.ggml.padding_token_id"
     HF_JSON = "tokenizer.huggingface.json"
+    CHAT_TEMPLATE = "tokenizer.chat_template"
 
 
 class Provenance:

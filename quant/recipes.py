@@ -8,9 +8,12 @@ types, since they dominate both file size and bytes read per decoded token.
 from __future__ import annotations
 
 import fnmatch
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from gguf import GGMLQuantizationType as QT
+from gguf import LlamaFileType
 
 from quant import names as N
 from quant.ggml import type_info
@@ -102,6 +105,27 @@ def choose_type(recipe: Recipe, gguf_name: str, role: str, source_dtype: str, sh
                            f"{info.name} block size {info.block_size}")
         info = next(type_info(f) for f in _FALLBACK if shape[-1] % type_info(f).block_size == 0)
     return info.qtype
+
+
+# llama-quantize's file type for a file of mostly one ggml type, where it is not MOSTLY_<type>: its Q3_K/Q4_K/Q5_K
+# are aliases of the _M mixes, and its converter names Q8_0/BF16 + MXFP4-experts files MXFP4_MOE.
+_FILE_TYPE_NAME = {"F32": "ALL_F32", "Q3_K": "MOSTLY_Q3_K_M", "Q4_K": "MOSTLY_Q4_K_M", "Q5_K": "MOSTLY_Q5_K_M",
+                   "MXFP4": "MOSTLY_MXFP4_MOE"}
+
+
+def file_type(weights: Iterable[tuple[QT, int]]) -> LlamaFileType:
+    """`general.file_type`: the llama.cpp file type named after the type most weights are stored in.
+
+    `weights` is (ggml type, number of weights) per tensor; the I32 routing table does not count.
+    """
+    count: Counter[QT] = Counter()
+    for qtype, n in weights:
+        if qtype != QT.I32:
+            count[qtype] += n
+    if not count:
+        raise BadInput("no weights to name a file type after")
+    dominant = count.most_common(1)[0][0].name
+    return LlamaFileType[_FILE_TYPE_NAME.get(dominant, f"MOSTLY_{dominant}")]
 
 
 # Best quality first: `--fit` takes the first whose file fits the budget. No q4k: the routed experts were

@@ -9,10 +9,11 @@ from gguf import GGUFValueType, TokenType
 
 from quant import keys as K
 from v4cli.errors import CheckpointError
+from v4cli.prompt.template import chat_template
 
 
 def tokenizer_kv(model_dir: Path, vocab_size: int, bos: int, eos: int) -> list[tuple[str, object, GGUFValueType]]:
-    """GGUF tokenizer keys from model_dir/tokenizer.json, padded to the model's vocab size."""
+    """GGUF tokenizer keys from model_dir/tokenizer.json, padded to the model's vocab size, and our chat template."""
     path = Path(model_dir) / "tokenizer.json"
     try:
         raw = path.read_text(encoding="utf-8")
@@ -49,10 +50,14 @@ def tokenizer_kv(model_dir: Path, vocab_size: int, bos: int, eos: int) -> list[t
         (K.Tokenizer.MERGES, merge_strs, A),
         (K.Tokenizer.BOS_ID, bos, U),
         (K.Tokenizer.EOS_ID, eos, U),
+        # what llama.cpp's converter writes for V4 (tokenizer_config's pad_token is EOS)
+        (K.Tokenizer.PAD_ID, eos, U),
         # BOS is written as text by the prompt encoder (tokenizer_config add_bos_token is false)
         (K.Tokenizer.ADD_BOS, False, B),
         (K.Tokenizer.ADD_EOS, False, B),
         (K.Tokenizer.HF_JSON, raw, S),
+        # GGUF tools (llama-server, LM Studio, llama-cpp-python) build prompts from this, not from our encoder
+        (K.Tokenizer.CHAT_TEMPLATE, chat_template(), S),
     ]
 
 

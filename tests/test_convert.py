@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
-from gguf import GGUFReader
+from gguf import GGUFReader, LlamaFileType
 from gguf.quants import dequantize
 
 from quant import keys as K
 from quant import names as N
 from quant.config import FLASH_CONFIG, ModelArgs
-from quant.convert import convert, partial_path, plan
+from quant.convert import convert, partial_path, plan, size_label
 from quant.inventory import official_inventory
 from quant.official import Checkpoint, dequantized
-from quant.recipes import RECIPES, get_recipe
+from quant.recipes import RECIPES, file_type, get_recipe
 from v4cli.cli import main
 from v4cli.errors import BadInput, CheckpointError, DiskSpaceError, UnsupportedModel
+from v4cli.prompt.template import chat_template
 from v4cli.testing.tiny import write_checkpoint
 
 
@@ -87,8 +89,34 @@ def test_header_has_every_deepseek4_key_and_tokenizer(tiny_ckpt, tiny_gguf):
     hf = json.loads(fields[K.Tokenizer.HF_JSON].contents())
     assert hf["model"]["type"] == "BPE"
     assert fields[K.Provenance.RECIPE].contents() == "lossless"
+    # the keys llama.cpp's converter writes beyond the model's: GGUF tools read and show them
+    assert fields[K.Tokenizer.CHAT_TEMPLATE].contents() == chat_template()
+    assert fields[K.Tokenizer.PAD_ID].contents() == 1
+    # named after the type most weights are in: the tiny model's 129K-row embedding (BF16) outweighs its few small
+    # experts; Flash's lossless file is MXFP4_MOE (test_file_type_and_size_label_as_llama_cpp_names_them)
+    assert fields[K.General.FILE_TYPE].contents() == LlamaFileType.MOSTLY_BF16
+    assert fields[K.General.QUANT_VERSION].contents() == 2
+    assert fields[K.General.SIZE_LABEL].contents() == "8x70M"  # 8 experts; the embed and head are 66M of the 70M
     dtypes = json.loads(fields[K.Provenance.SOURCE_DTYPES].contents())
     assert dtypes["blk.0.attn_q_a.weight"] == "F8_E4M3" and dtypes["blk.0.ffn_gate_exps.weight"] == "I8"
+
+
+def test_file_type_and_size_label_as_llama_cpp_names_them():
+    def ftype(recipe, overrides=()):
+        return file_type((t.qtype, math.prod(t.shape)) for t in plan(FLASH_CONFIG, get_recipe(recipe, overrides)))
+
+    F = LlamaFileType
+    # llama.cpp's converter names its Q8_0/BF16 + MXFP4-experts file MXFP4_MOE (38); ours of that layout too
+    assert ftype("lossless") == ftype("q8") == F.MOSTLY_MXFP4_MOE
+    assert ftype("f32") == F.ALL_F32
+    assert ftype("q2k") == ftype("q2k-q3k") == F.MOSTLY_Q2_K  # gate/up hold two thirds of the expert weights
+    assert ftype("q3k") == F.MOSTLY_Q3_K_M and ftype("q4k") == F.MOSTLY_Q4_K_M  # llama-quantize's aliases
+    assert ftype("q2k", ["*_exps.weight=IQ2_XXS"]) == F.MOSTLY_IQ2_XXS
+    assert file_type([(QT.I32, 10**9), (QT.BF16, 5)]) == F.MOSTLY_BF16  # the routing table is not a weight type
+    with pytest.raises(BadInput):
+        file_type([])
+    # 256 experts x (everything outside the routed experts + one expert per layer): 7.3B + 43 * 3 * 2048 * 4096
+    assert size_label(plan(FLASH_CONFIG, get_recipe("q8"))) == "256x8.4B"
 
 
 def test_q2k_recipe_types(tiny_gguf):

@@ -2,8 +2,9 @@
 
     python benchmarks/kernel_bench.py [--types Q4_K,MXFP4] [--reps 20] [--threads 1] [--no-llama] [--prefill]
 
-Weights are random bytes of the right size (speed does not depend on the values, except MXFP4's exponents,
-which are kept near 1 so no scale is subnormal). Each timed call reads a different copy out of a pool larger
+Weights are random bytes of the right size (speed does not depend on the values, except the scales: MXFP4's
+exponents are kept near 1 and the f16 scales of the other block types set to small normal values, so that no
+scale is NaN or subnormal, which would measure the FP assists instead). Each timed call reads a different copy out of a pool larger
 than the last-level cache, so every figure is a DRAM figure. Times are the
 minimum over repetitions (robust to other load on a shared machine). GB/s counts weight bytes read per second.
 The llama.cpp column runs ggml's vec_dot for the type (from the libggml-cpu shipped in llama_cpp) row by row
@@ -34,7 +35,12 @@ from kernels.linear import QWeight, reference_linear
 
 # Flash shapes: (name, out N, in K)
 SHAPES = (("expert w1/w3 4096→2048", 2048, 4096), ("expert w2 2048→4096", 4096, 2048), ("q_a 4096→1024", 1024, 4096))
-TYPES = ("Q8_0", "Q4_K", "Q2_K", "Q3_K", "Q6_K", "MXFP4", "BF16")
+TYPES = ("Q8_0", "Q4_K", "Q2_K", "Q3_K", "Q6_K", "MXFP4", "BF16", "IQ4_XS", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS",
+         "IQ2_S", "IQ1_M", "IQ1_S")
+# Byte offsets of each block type's f16 scales (IQ1_M spreads its one over the top nibbles of bytes 48-55).
+F16_SCALES = {Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q5_0: (0,), Q.IQ4_NL: (0,), Q.Q2_K: (80, 82), Q.Q3_K: (108,),
+              Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.IQ2_XXS: (0,), Q.IQ2_XS: (0,), Q.IQ2_S: (0,),
+              Q.IQ3_XXS: (0,), Q.IQ3_S: (0,), Q.IQ1_S: (0,), Q.IQ4_XS: (0,)}
 POOL_BYTES = 512 << 20
 
 _HELPER = r"""
@@ -161,6 +167,11 @@ def weight_pool(qtype: Q, N: int, K: int, rng: np.random.Generator) -> list[QWei
         raw.view(torch.int16).bitwise_and_(0x3FFF if qtype == Q.BF16 else 0x3BFF)
     if qtype == Q.MXFP4:  # E8M0 exponents near 1 as in real checkpoints: random ones make subnormal scales, which
         raw.view(-1, ts)[:, 0].bitwise_and_(7).add_(120)  # cost both kernels FP assists and measure that instead
+    blocks = raw.view(-1, ts)
+    for off in F16_SCALES.get(qtype, ()):  # f16 exponent 8..15 (2^-7..1): normal, as real scales are
+        blocks[:, off + 1].bitwise_and_(0x1F).bitwise_or_(0x20)
+    if qtype == Q.IQ1_M:  # the f16's top nibble sits in byte 55's top nibble
+        blocks[:, 55].bitwise_and_(0x1F).bitwise_or_(0x20)
     return [QWeight(raw[i * nbytes:(i + 1) * nbytes], qtype, (N, K)) for i in range(copies)]
 
 

@@ -20,13 +20,15 @@ import tempfile
 import threading
 from pathlib import Path
 
+import numpy as np
 import torch
+from gguf import GGMLQuantizationType, quants as gq
 
 from v4cli.errors import V4Error
 
 # every .cpp here is one translation unit of the library; the .inc files are included by them
-SOURCES = ("qmatmul.cpp", "qmatmul_isa.inc", "qgemm_isa.inc", "mhc.cpp", "attention.cpp", "decode.cpp",
-           "hsum.inc")
+SOURCES = ("qmatmul.cpp", "qmatmul_isa.inc", "iquant_isa.inc", "qgemm_isa.inc", "mhc.cpp", "attention.cpp",
+           "decode.cpp", "hsum.inc")
 # -ffp-contract=off keeps the dequantizers' multiply-then-subtract bit-exact with kernels/dequant.py;
 # -fopenmp links libgomp.so.1, which resolves to the copy torch already loaded (one thread pool, torch's count).
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-fno-math-errno")
@@ -97,6 +99,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.v4_set_isa.argtypes = [i32]
     lib.v4_supported.restype = i32
     lib.v4_supported.argtypes = [i32, i64]
+    lib.v4_set_grid.restype = i32
+    lib.v4_set_grid.argtypes = [i32, ptr, i64]
     lib.v4_matmul.restype = i32
     lib.v4_matmul.argtypes = [i32, ptr, i64, i64, ptr, i64, ptr, i32]
     lib.v4_gemm_supported.restype = i32
@@ -114,16 +118,38 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
+def _tables() -> dict[GGMLQuantizationType, np.ndarray]:
+    """The value tables the I-quant kernels decode with, as int8 arrays taken from gguf-py (the one copy of that
+    data): each lattice type's grid, entry after entry, and IQ4_NL's 16 values (IQ4_XS uses them too)."""
+    Q = GGMLQuantizationType
+    out = {}
+    for qtype, cls in ((Q.IQ2_XXS, gq.IQ2_XXS), (Q.IQ2_XS, gq.IQ2_XS), (Q.IQ2_S, gq.IQ2_S), (Q.IQ3_XXS, gq.IQ3_XXS),
+                       (Q.IQ3_S, gq.IQ3_S), (Q.IQ1_S, gq.IQ1_S), (Q.IQ1_M, gq.IQ1_M)):
+        cls.init_grid()
+        out[qtype] = np.asarray(cls.grid, dtype=np.float32).reshape(-1).astype(np.int8)  # small integers: exact
+    out[Q.IQ4_NL] = out[Q.IQ4_XS] = np.array(gq.IQ4_NL.kvalues, dtype=np.int8)
+    return out
+
+
+def _set_tables(lib: ctypes.CDLL) -> None:
+    for qtype, values in _tables().items():
+        values = np.ascontiguousarray(values)
+        if lib.v4_set_grid(int(qtype), values.ctypes.data, values.size) != 0:
+            raise KernelBuildError(f"the kernels refused gguf-py's {qtype.name} table ({values.size} values)")
+
+
 def load() -> ctypes.CDLL:
-    """The loaded kernel library (built on first use, once per process)."""
+    """The loaded kernel library (built on first use, once per process), with its I-quant tables set."""
     global _lib
     with _lock:
         if _lib is None:
             # torch (imported above) has loaded its libgomp.so.1, so the library's libgomp.so.1 resolves to it
             try:
-                _lib = _bind(ctypes.CDLL(str(build())))
+                lib = _bind(ctypes.CDLL(str(build())))
             except OSError as e:
                 raise KernelBuildError(f"loading the CPU kernels failed: {e}") from e
+            _set_tables(lib)
+            _lib = lib
         return _lib
 
 

@@ -1,7 +1,8 @@
 """Compiled CPU kernels (kernels/cpu/qmatmul.cpp) registered with the `linear` dispatcher.
 
-Importing this module builds or loads the library and registers `cpu_linear` for the types below plus
-`cpu_routed_experts` for the MoE. If the build fails, or the CPU lacks AVX2, it registers nothing (cpu_ext logs
+Importing this module builds or loads the library and registers `cpu_linear` for every type of the one type table
+(quant.ggml.TYPES) that the library has kernels for (it is asked, see `TYPES`), plus `cpu_routed_experts` for the
+MoE. If the build fails, or the CPU lacks AVX2, it registers nothing (cpu_ext logs
 why at debug level), so everything keeps the torch reference.
 
 Accuracy: integer types quantize activations to int8 per 32 values (scale = absmax/127), as llama.cpp does on
@@ -23,10 +24,15 @@ from gguf import GGMLQuantizationType as Q
 
 from kernels import attention, cpu_ext
 from kernels.linear import QWeight, reference_linear, register, register_batch, register_moe
+from quant import ggml
 from v4cli.errors import BadInput
 
 
-TYPES: tuple[Q, ...] = (Q.Q8_0, Q.Q4_K, Q.Q2_K, Q.MXFP4, Q.BF16, Q.Q3_K, Q.Q5_K, Q.Q6_K, Q.F16)
+# The types registered with the dispatcher, filled in by _install(): those of quant.ggml.TYPES for which the library
+# reports kernels (v4_supported at a row length every block size divides), so a type gains its fast path by gaining
+# kernels in the library, with no list here to update.
+TYPES: tuple[Q, ...] = ()
+_PROBE_K = 256
 # From this many activation rows on, the int8 GEMM (v4_gemm) beats the fused row kernels for every type it covers
 # (Zen 4, 2048×4096, one thread: a tie at 4 rows, the GEMM 1.4-2x faster at 6; see kernel_bench.py --prefill).
 QGEMM_MIN_ROWS = 6
@@ -224,11 +230,12 @@ def cpu_index_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, scale
 
 
 def _install() -> bool:
-    global _lib
+    global _lib, TYPES
     lib = cpu_ext.usable()
     if lib is None:
         return False
     _lib = lib
+    TYPES = tuple(t for t in ggml.TYPES if lib.v4_supported(int(t), _PROBE_K) == 1)
     for t in TYPES:
         register(t, "cpu")(cpu_linear)
     register_moe("cpu")(cpu_routed_experts)

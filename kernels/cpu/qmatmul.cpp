@@ -19,8 +19,31 @@
 namespace {
 
 // ggml type ids
-enum : int { T_F16 = 1, T_Q8_0 = 8, T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14,
-             T_BF16 = 30, T_MXFP4 = 39, T_COUNT = 40 };
+enum : int { T_F16 = 1, T_Q4_0 = 2, T_Q5_0 = 6, T_Q8_0 = 8, T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13,
+             T_Q6_K = 14, T_IQ2_XXS = 16, T_IQ2_XS = 17, T_IQ3_XXS = 18, T_IQ1_S = 19, T_IQ4_NL = 20, T_IQ3_S = 21,
+             T_IQ2_S = 22, T_IQ4_XS = 23, T_IQ1_M = 29, T_BF16 = 30, T_MXFP4 = 39, T_COUNT = 40 };
+
+// The I-quants' lattices and IQ4_NL's 16 values, copied once from gguf-py's tables by v4_set_grid (see
+// kernels/cpu_ext.py): an 8-value entry is one 64-bit word (a 4-value one 32 bits), so a decode loads one word per
+// entry from L1. Lattice values g are kept as g + OFFSET (the type's largest g, lattice_offset), IQ1_S's and IQ1_M's
+// shared lattice as 8·(g + 1) ∈ {0, 8, 16} (see iquant_isa.inc). The kernels of a type are offered (supported())
+// only once its table is set.
+struct Grids {
+    alignas(64) uint64_t iq2xxs[256];
+    alignas(64) uint64_t iq2xs[512];
+    alignas(64) uint64_t iq2s[1024];
+    alignas(64) uint64_t iq1[2048];
+    alignas(64) uint32_t iq3xxs[256];
+    alignas(64) uint32_t iq3s[512];
+    alignas(16) int8_t iq4nl[16];
+    bool ready[T_COUNT];
+};
+Grids g_grid;
+
+// The largest lattice value of each lattice type: its chunks come out as OFFSET ± g (iquant_isa.inc).
+constexpr int lattice_offset(int t) {
+    return t == T_IQ3_XXS ? 62 : t == T_IQ3_S ? 15 : t == T_IQ2_XXS || t == T_IQ2_XS || t == T_IQ2_S ? 43 : 0;
+}
 
 // One activation row: int8 values with per-32 scales and per-16 / per-32 sums (of the quantized values, so the
 // offset terms see the same x as the dots), and the f32 row for the float kernels.
@@ -274,14 +297,33 @@ void init() {
     if (g_isa < 0) install_isa(cpu_isa());
 }
 
-int block_size(int t) {
+// Elements and bytes per block (the ggml layouts, as in gguf-py's GGML_QUANT_SIZES); 0 for types with no kernels.
+struct BlockSize { int elems, bytes; };
+BlockSize block_layout(int t) {
     switch (t) {
-        case T_Q8_0: case T_MXFP4: return 32;
-        case T_Q2_K: case T_Q3_K: case T_Q4_K: case T_Q5_K: case T_Q6_K: return 256;
-        case T_BF16: case T_F16: return 1;
-        default: return 0;
+        case T_Q8_0: return {32, 34};
+        case T_Q4_0: case T_IQ4_NL: return {32, 18};
+        case T_Q5_0: return {32, 22};
+        case T_MXFP4: return {32, 17};
+        case T_Q2_K: return {256, 84};
+        case T_Q3_K: return {256, 110};
+        case T_Q4_K: return {256, 144};
+        case T_Q5_K: return {256, 176};
+        case T_Q6_K: return {256, 210};
+        case T_IQ2_XXS: return {256, 66};
+        case T_IQ2_XS: return {256, 74};
+        case T_IQ2_S: return {256, 82};
+        case T_IQ3_XXS: return {256, 98};
+        case T_IQ3_S: return {256, 110};
+        case T_IQ1_S: return {256, 50};
+        case T_IQ1_M: return {256, 56};
+        case T_IQ4_XS: return {256, 136};
+        case T_BF16: case T_F16: return {1, 2};
+        default: return {0, 0};
     }
 }
+
+int block_size(int t) { return block_layout(t).elems; }
 
 bool is_float(int t) { return t == T_BF16 || t == T_F16; }
 
@@ -442,21 +484,21 @@ void run_rows(int t, const uint8_t* W, int64_t rb, int64_t K, const XRow* xs, in
 }
 
 int64_t row_bytes(int t, int64_t K) {
+    const BlockSize b = block_layout(t);
+    return K / b.elems * b.bytes;
+}
+
+bool needs_grid(int t) {
     switch (t) {
-        case T_Q8_0: return K / 32 * 34;
-        case T_MXFP4: return K / 32 * 17;
-        case T_Q2_K: return K / 256 * 84;
-        case T_Q3_K: return K / 256 * 110;
-        case T_Q4_K: return K / 256 * 144;
-        case T_Q5_K: return K / 256 * 176;
-        case T_Q6_K: return K / 256 * 210;
-        default: return 2 * K;
+        case T_IQ2_XXS: case T_IQ2_XS: case T_IQ2_S: case T_IQ3_XXS: case T_IQ3_S: case T_IQ1_S: case T_IQ1_M:
+        case T_IQ4_XS: case T_IQ4_NL: return true;
+        default: return false;
     }
 }
 
 bool supported(int t, int64_t K) {
     init();
-    if (t < 0 || t >= T_COUNT || !g_k.rows[t][0]) return false;
+    if (t < 0 || t >= T_COUNT || !g_k.rows[t][0] || (needs_grid(t) && !g_grid.ready[t])) return false;
     const int bs = block_size(t);
     // the int8 activation layout needs whole 32-blocks even for float types' callers of quantize
     return bs > 0 && K > 0 && K % bs == 0;
@@ -486,6 +528,48 @@ int v4_isa(void) {
 }
 
 int v4_supported(int t, int64_t K) { return supported(t, K) ? 1 : 0; }
+
+// The lattice (or value table) of type t as n int8 values, entry after entry in gguf-py's order; called once at
+// load, before any kernel of t runs. Returns 0, or -1 for a type without a table or a wrong size.
+int v4_set_grid(int t, const int8_t* v, int64_t n) {
+    auto words = [&](auto* dst, int64_t entries) {
+        constexpr int W = sizeof(*dst);  // values per entry
+        const int off = lattice_offset(t);
+        if (n != entries * W) return false;
+        for (int64_t e = 0; e < entries; ++e) {
+            uint8_t b[W];
+            for (int i = 0; i < W; ++i) {
+                if (v[e * W + i] < 0 || v[e * W + i] > off) return false;
+                b[i] = (uint8_t)(v[e * W + i] + off);
+            }
+            memcpy(dst + e, b, W);
+        }
+        return true;
+    };
+    bool ok = false;
+    switch (t) {
+        case T_IQ2_XXS: ok = words(g_grid.iq2xxs, 256); break;
+        case T_IQ2_XS: ok = words(g_grid.iq2xs, 512); break;
+        case T_IQ2_S: ok = words(g_grid.iq2s, 1024); break;
+        case T_IQ3_XXS: ok = words(g_grid.iq3xxs, 256); break;
+        case T_IQ3_S: ok = words(g_grid.iq3s, 512); break;
+        case T_IQ1_S: case T_IQ1_M:
+            if (n != 2048 * 8) break;
+            for (int64_t i = 0; i < n; ++i) {
+                if (v[i] < -1 || v[i] > 1) return -1;
+                ((uint8_t*)g_grid.iq1)[i] = (uint8_t)(8 * (v[i] + 1));
+            }
+            ok = true;
+            break;
+        case T_IQ4_NL: case T_IQ4_XS:
+            if (n == 16) memcpy(g_grid.iq4nl, v, 16), ok = true;
+            break;
+        default: break;
+    }
+    if (!ok) return -1;
+    g_grid.ready[t] = true;
+    return 0;
+}
 
 // Tests: switch to the kernels of ISA `level` (1 runs the AVX2 build on an AVX-512 machine) and return the level
 // in effect; a level above what the CPU runs, or 0, is ignored. Not thread-safe against running kernels.

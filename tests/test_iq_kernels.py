@@ -85,6 +85,20 @@ def test_registered_and_dispatched(qtype):
     assert fast.has_qgemm(w)
 
 
+def test_bad_tables_are_refused_and_change_nothing():
+    from kernels import cpu_ext
+
+    good = cpu_ext._tables()[Q.IQ2_XXS]
+    bad = good.copy()
+    bad[5] = 44  # above the lattice's largest value
+    lib = fast._lib
+    assert lib.v4_set_grid(int(Q.IQ2_XXS), bad.ctypes.data, bad.size) == -1
+    assert lib.v4_set_grid(int(Q.IQ2_XXS), good.ctypes.data, good.size - 8) == -1
+    assert lib.v4_set_grid(int(Q.Q4_K), good.ctypes.data, 16) == -1  # a type without a table
+    w = make_weight(Q.IQ2_XXS, (8, 256))
+    assert torch.equal(fast.dequantize(w), w.dense())  # the table in use is still gguf-py's
+
+
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_dequantize_is_bit_exact(qtype):
     w = make_weight(qtype, (37, 512), scale=10.0)

@@ -530,43 +530,39 @@ int v4_isa(void) {
 int v4_supported(int t, int64_t K) { return supported(t, K) ? 1 : 0; }
 
 // The lattice (or value table) of type t as n int8 values, entry after entry in gguf-py's order; called once at
-// load, before any kernel of t runs. Returns 0, or -1 for a type without a table or a wrong size.
+// load, before any kernel of t runs. Returns 0, or -1 (nothing written) for a type without a table, a wrong size or
+// a value outside the type's range.
 int v4_set_grid(int t, const int8_t* v, int64_t n) {
-    auto words = [&](auto* dst, int64_t entries) {
-        constexpr int W = sizeof(*dst);  // values per entry
-        const int off = lattice_offset(t);
-        if (n != entries * W) return false;
-        for (int64_t e = 0; e < entries; ++e) {
-            uint8_t b[W];
-            for (int i = 0; i < W; ++i) {
-                if (v[e * W + i] < 0 || v[e * W + i] > off) return false;
-                b[i] = (uint8_t)(v[e * W + i] + off);
-            }
-            memcpy(dst + e, b, W);
-        }
-        return true;
-    };
-    bool ok = false;
+    int64_t want;
+    int lo, hi;  // the values' range
     switch (t) {
-        case T_IQ2_XXS: ok = words(g_grid.iq2xxs, 256); break;
-        case T_IQ2_XS: ok = words(g_grid.iq2xs, 512); break;
-        case T_IQ2_S: ok = words(g_grid.iq2s, 1024); break;
-        case T_IQ3_XXS: ok = words(g_grid.iq3xxs, 256); break;
-        case T_IQ3_S: ok = words(g_grid.iq3s, 512); break;
-        case T_IQ1_S: case T_IQ1_M:
-            if (n != 2048 * 8) break;
-            for (int64_t i = 0; i < n; ++i) {
-                if (v[i] < -1 || v[i] > 1) return -1;
-                ((uint8_t*)g_grid.iq1)[i] = (uint8_t)(8 * (v[i] + 1));
-            }
-            ok = true;
-            break;
-        case T_IQ4_NL: case T_IQ4_XS:
-            if (n == 16) memcpy(g_grid.iq4nl, v, 16), ok = true;
-            break;
-        default: break;
+        case T_IQ2_XXS: want = 256 * 8, lo = 0, hi = lattice_offset(t); break;
+        case T_IQ2_XS: want = 512 * 8, lo = 0, hi = lattice_offset(t); break;
+        case T_IQ2_S: want = 1024 * 8, lo = 0, hi = lattice_offset(t); break;
+        case T_IQ3_XXS: want = 256 * 4, lo = 0, hi = lattice_offset(t); break;
+        case T_IQ3_S: want = 512 * 4, lo = 0, hi = lattice_offset(t); break;
+        case T_IQ1_S: case T_IQ1_M: want = 2048 * 8, lo = -1, hi = 1; break;
+        case T_IQ4_NL: case T_IQ4_XS: want = 16, lo = -128, hi = 127; break;
+        default: return -1;
     }
-    if (!ok) return -1;
+    if (n != want) return -1;
+    for (int64_t i = 0; i < n; ++i)
+        if (v[i] < lo || v[i] > hi) return -1;
+    uint8_t* dst;
+    switch (t) {
+        case T_IQ2_XXS: dst = (uint8_t*)g_grid.iq2xxs; break;
+        case T_IQ2_XS: dst = (uint8_t*)g_grid.iq2xs; break;
+        case T_IQ2_S: dst = (uint8_t*)g_grid.iq2s; break;
+        case T_IQ3_XXS: dst = (uint8_t*)g_grid.iq3xxs; break;
+        case T_IQ3_S: dst = (uint8_t*)g_grid.iq3s; break;
+        case T_IQ1_S: case T_IQ1_M: dst = (uint8_t*)g_grid.iq1; break;
+        default: dst = (uint8_t*)g_grid.iq4nl; break;
+    }
+    // entries are little-endian words: value i of an entry is its byte i
+    for (int64_t i = 0; i < n; ++i) {
+        const int x = v[i];
+        dst[i] = (uint8_t)(t == T_IQ1_S || t == T_IQ1_M ? 8 * (x + 1) : t == T_IQ4_NL || t == T_IQ4_XS ? x : x + lattice_offset(t));
+    }
     g_grid.ready[t] = true;
     return 0;
 }

@@ -24,7 +24,8 @@ from kernels.linear import QWeight, reference_linear, reference_routed_experts
 # Flash shapes: (name, out N, in K)
 SHAPES = (("expert w1/w3 4096→2048", 2048, 4096), ("expert w2 2048→4096", 4096, 2048), ("q_a 4096→1024", 1024, 4096),
           ("head 4096→129280", 129280, 4096))
-TYPES = ("Q8_0", "MXFP4", "Q4_K", "Q3_K", "Q2_K", "BF16")
+TYPES = ("Q8_0", "MXFP4", "Q4_K", "Q3_K", "Q2_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS",
+         "IQ2_S", "IQ1_M", "BF16")
 
 
 def gpu_time(fn, calls: int, graph: bool) -> float:
@@ -102,7 +103,7 @@ def main() -> None:
             call = lambda i, fn=fn, xs=xs, ws=ws: fn(xs, ws[i % len(ws)])
             t_g = gpu_time(call, a.calls, graph=True)
             t_e = gpu_time(call, a.calls, graph=False)
-            line = (f"  {name:6s} {label:24s} graph {t_g * 1e6:8.1f} µs {nbytes / t_g / 1e9:7.0f} GB/s "
+            line = (f"  {name:7s} {label:24s} graph {t_g * 1e6:8.1f} µs {nbytes / t_g / 1e9:7.0f} GB/s "
                     f"({100 * nbytes / t_g / 1e9 / bw:3.0f} %)   eager {t_e * 1e6:8.1f} µs")
             if N <= 4096:
                 t_r = gpu_time(lambda i, xs=xs, ws=ws: reference_linear(xs, ws[i % len(ws)]), 10, graph=False)
@@ -122,7 +123,7 @@ def moe(qtype: Q, x: torch.Tensor, bw: float, calls: int) -> None:
     t_g = gpu_time(lambda i: gpu.gpu_routed_experts(xs, ids[i % 64], wts, w1, w3, w2, 10.0), calls, graph=True)
     t_e = gpu_time(lambda i: gpu.gpu_routed_experts(xs, ids[i % 64], wts, w1, w3, w2, 10.0), calls, graph=False)
     t_r = gpu_time(lambda i: reference_routed_experts(xs, ids[i % 64], wts, w1, w3, w2, 10.0), 10, graph=False)
-    print(f"  {qtype.name:6s} moe decode k=6 of 256     graph {t_g * 1e6:8.1f} µs {nbytes / t_g / 1e9:7.0f} GB/s "
+    print(f"  {qtype.name:7s} moe decode k=6 of 256     graph {t_g * 1e6:8.1f} µs {nbytes / t_g / 1e9:7.0f} GB/s "
           f"({100 * nbytes / t_g / 1e9 / bw:3.0f} %)   eager {t_e * 1e6:8.1f} µs   reference {t_r * 1e6:8.1f} µs",
           flush=True)
 

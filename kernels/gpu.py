@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
 
 from kernels import mhc
+from kernels.dequant import _tables
 from kernels.linear import QWeight, reference_linear, register, register_moe, swiglu
 from kernels.mhc import MixerParams
 
@@ -38,9 +39,16 @@ except ImportError:  # the CPU-only install: the dispatcher keeps the torch refe
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# ggml type → the kernels' type code. A K-step is 256 elements: one K-quant super-block (their rows are whole
-# super-blocks by construction), eight Q8_0 / MXFP4 blocks (masked where a row ends mid-step).
-_CODES: dict[Q, int] = {Q.Q8_0: 0, Q.MXFP4: 1, Q.Q4_K: 2, Q.Q2_K: 3, Q.Q3_K: 4}
+# ggml type → (the kernels' type code, sub-steps per 256-element step, the lattice of kernels/dequant.py's tables
+# it reads or None). A K-step is 256 elements: one super-block (their rows are whole super-blocks by construction),
+# eight Q8_0 / MXFP4 blocks (masked where a row ends mid-step). Q2_K / Q3_K decode a step in four sub-steps.
+_KINDS: dict[Q, tuple[int, int, str | None]] = {
+    Q.Q8_0: (0, 1, None), Q.MXFP4: (1, 1, None), Q.Q4_K: (2, 1, None), Q.Q2_K: (3, 4, None), Q.Q3_K: (4, 4, None),
+    Q.IQ4_XS: (5, 1, "iq4nl"), Q.Q5_K: (6, 1, None), Q.Q6_K: (7, 1, None), Q.IQ2_XXS: (8, 1, "iq2xxs_grid"),
+    Q.IQ2_XS: (9, 1, "iq2xs_grid"), Q.IQ2_S: (10, 1, "iq2s_grid"), Q.IQ3_XXS: (11, 1, "iq3xxs_grid"),
+    Q.IQ3_S: (12, 1, "iq3s_grid"), Q.IQ1_M: (13, 1, "iq1s_grid"),
+}
+_CODES: dict[Q, int] = {t: kind[0] for t, kind in _KINDS.items()}
 TYPES: tuple[Q, ...] = tuple(_CODES)
 # Up to this many activation rows the fused kernel runs (each row re-reads the weight, from L2 after the first);
 # decode and MTP verification stay below it.
@@ -68,6 +76,11 @@ if triton is not None:
         m = n & 7
         bits = tl.where(m > 1, (m + 254) << 22, m * 0x3F800000) | ((n & 8) << 28)
         return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _u16(w8, byte_off):
+        """The little-endian u16 at even byte offsets `byte_off`, as int32."""
+        return tl.load(w8.to(tl.pointer_type(tl.int16)) + byte_off // 2).to(tl.int32) & 0xFFFF
 
     @triton.jit
     def _k4_scale_min(w8, base, s):
@@ -169,21 +182,195 @@ if triton is not None:
         return (sc[:, :, None] * v)[:, None], k[None]
 
     @triton.jit
+    def _q5_k(w8, row, kk, K):
+        """Q5_K: 176 bytes (d, dmin, 12 scale bytes, 32 bytes of fifth bits, 128 bytes of nibbles as Q4_K's)
+        → [BN, 4, 32, 2]."""
+        base = row + (kk // 256) * 176
+        d = _f16_at(w8, base)[:, None]
+        dmin = _f16_at(w8, base + 2)[:, None]
+        p = tl.arange(0, 4)
+        i = tl.arange(0, 32)
+        q = tl.load(w8 + base[:, None, None] + 48 + (32 * p)[None, :, None] + i[None, None, :]).to(tl.int32)
+        qh = tl.load(w8 + base[:, None, None] + 16 + i[None, None, :]).to(tl.int32)  # bit s: sub-block s
+        ql = (q & 15) | (((qh >> (2 * p)[None, :, None]) & 1) << 4)
+        qv = (q >> 4) | (((qh >> (2 * p + 1)[None, :, None]) & 1) << 4)
+        sc_l, mn_l = _k4_scale_min(w8, base, 2 * p)
+        sc_h, mn_h = _k4_scale_min(w8, base, 2 * p + 1)
+        wl = (d * sc_l)[:, :, None] * ql.to(tl.float32) - (dmin * mn_l)[:, :, None]
+        wh = (d * sc_h)[:, :, None] * qv.to(tl.float32) - (dmin * mn_h)[:, :, None]
+        k = kk + 64 * p[:, None] + i[None, :]
+        return tl.join(wl, wh), tl.join(k, k + 32)
+
+    @triton.jit
+    def _q6_k(w8, row, kk, K):
+        """Q6_K: 210 bytes (128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales, d) → [BN, 8, 2, 16]:
+        element 128h + 32j + 16g + i at [r = 4h + j, g, i], its scale 2r + g."""
+        base = row + (kk // 256) * 210
+        d = _f16_at(w8, base + 208)[:, None, None, None]
+        r = tl.arange(0, 8)[:, None, None]
+        g = tl.arange(0, 2)[None, :, None]
+        i = tl.arange(0, 16)[None, None, :]
+        h = r // 4
+        j = r % 4
+        lo = (tl.load(w8 + base[:, None, None, None] + (64 * h + 32 * (j % 2) + 16 * g + i)[None]).to(tl.int32)
+              >> (4 * (j // 2))[None]) & 15
+        hi = (tl.load(w8 + base[:, None, None, None] + (128 + 32 * h + 16 * g + i)[None]).to(tl.int32)
+              >> (2 * j)[None]) & 3
+        sc = tl.load(w8.to(tl.pointer_type(tl.int8)) + base[:, None, None, None] + 192 + (2 * r + g)[None])
+        w = (d * sc.to(tl.float32)) * ((lo | (hi << 4)) - 32).to(tl.float32)
+        return w, 128 * h + 32 * j + 16 * g + i + kk
+
+    @triton.jit
+    def _iq4_xs(w8, row, kk, K, kvalues):
+        """IQ4_XS: 136 bytes (d, u16 of high scale bits, 4 bytes of low scale nibbles, 128 bytes: sub-block b's
+        element i low nibble of byte 16b + i, element i + 16 high) → [BN, 8, 16, 2]."""
+        base = row + (kk // 256) * 136
+        d = _f16_at(w8, base)[:, None]
+        b = tl.arange(0, 8)
+        i = tl.arange(0, 16)
+        sh = _u16(w8, base + 2)[:, None]
+        sl = (tl.load(w8 + base[:, None] + 4 + (b // 2)[None, :]).to(tl.int32) >> (4 * (b % 2))[None, :]) & 15
+        dl = (d * ((sl | (((sh >> (2 * b)[None, :]) & 3) << 4)) - 32).to(tl.float32))[:, :, None]
+        q = tl.load(w8 + base[:, None, None] + 8 + (16 * b)[None, :, None] + i[None, None, :]).to(tl.int32)
+        k = kk + 32 * b[:, None] + i[None, :]
+        return tl.join(dl * tl.load(kvalues + (q & 15)), dl * tl.load(kvalues + (q >> 4))), tl.join(k, k + 16)
+
+    # The lattice types decode to [BN, 8, 4, 8]: element 32b + 8l + m at [b, l, m] (b the 32-element group, l its
+    # 8-element run). `grid` is gguf-py's lattice as f32 [entries, 8 or 4], `ksigns` its 128 sign patterns.
+
+    @triton.jit
+    def _lattice_k(kk):
+        b = tl.arange(0, 8)[:, None, None]
+        l = tl.arange(0, 4)[None, :, None]
+        m = tl.arange(0, 8)[None, None, :]
+        return kk + 32 * b + 8 * l + m
+
+    @triton.jit
+    def _signed(w, signs, m):
+        """w negated where bit m of `signs` [BN, 8, 4] is set (exact, as the reference's ±1 product)."""
+        return tl.where(((signs[:, :, :, None] >> m) & 1) == 0, w, -w)
+
+    @triton.jit
+    def _iq2_xxs(w8, row, kk, K, grid, ksigns):
+        """IQ2_XXS: 66 bytes (d; per group 4 lattice-index bytes, a u32 of four 7-bit sign indices and a 4-bit
+        scale) → [BN, 8, 4, 8]."""
+        base = row + (kk // 256) * 66
+        b = tl.arange(0, 8)
+        l = tl.arange(0, 4)
+        m = tl.arange(0, 8)[None, None, None, :]
+        at = base[:, None] + 2 + 8 * b[None, :]  # [BN, 8]
+        aux = _u16(w8, at + 4) | (_u16(w8, at + 6) << 16)
+        db = _f16_at(w8, base)[:, None] * (0.5 + ((aux >> 28) & 15).to(tl.float32)) * 0.25
+        idx = tl.load(w8 + at[:, :, None] + l[None, None, :]).to(tl.int32)  # [BN, 8, 4]
+        w = db[:, :, None, None] * tl.load(grid + (8 * idx)[:, :, :, None] + m)
+        signs = tl.load(ksigns + ((aux[:, :, None] >> (7 * l)[None, None, :]) & 127)).to(tl.int32)
+        return _signed(w, signs, m), _lattice_k(kk)
+
+    @triton.jit
+    def _iq3_xxs(w8, row, kk, K, grid, ksigns):
+        """IQ3_XXS: 98 bytes (d, 64 lattice-index bytes of 4 values each, 8 u32 of sign indices and scale as
+        IQ2_XXS's) → [BN, 8, 4, 8]."""
+        base = row + (kk // 256) * 98
+        b = tl.arange(0, 8)
+        l = tl.arange(0, 4)
+        m = tl.arange(0, 8)[None, None, None, :]
+        at = base[:, None] + 66 + 4 * b[None, :]
+        aux = _u16(w8, at) | (_u16(w8, at + 2) << 16)
+        db = _f16_at(w8, base)[:, None] * (0.5 + ((aux >> 28) & 15).to(tl.float32)) * 0.5
+        qs = (base[:, None] + 2 + 8 * b[None, :])[:, :, None, None] + (2 * l)[None, None, :, None] + m // 4
+        idx = tl.load(w8 + qs).to(tl.int32)  # [BN, 8, 4, 8]
+        w = db[:, :, None, None] * tl.load(grid + 4 * idx + m % 4)
+        signs = tl.load(ksigns + ((aux[:, :, None] >> (7 * l)[None, None, :]) & 127)).to(tl.int32)
+        return _signed(w, signs, m), _lattice_k(kk)
+
+    @triton.jit
+    def _iq2_xs(w8, row, kk, K, grid, ksigns):
+        """IQ2_XS: 74 bytes (d, 32 u16: 9-bit lattice index, 7-bit sign index; 8 bytes of 4-bit scales, one per 16
+        elements) → [BN, 8, 4, 8]."""
+        base = row + (kk // 256) * 74
+        b = tl.arange(0, 8)[None, :, None]
+        l = tl.arange(0, 4)[None, None, :]
+        m = tl.arange(0, 8)[None, None, None, :]
+        q = _u16(w8, base[:, None, None] + 2 + 8 * b + 2 * l)  # [BN, 8, 4]
+        sc = (tl.load(w8 + base[:, None, None] + 66 + b).to(tl.int32) >> (4 * (l // 2))) & 15
+        db = _f16_at(w8, base)[:, None, None] * (0.5 + sc.to(tl.float32)) * 0.25
+        w = db[:, :, :, None] * tl.load(grid + (8 * (q & 511))[:, :, :, None] + m)
+        return _signed(w, tl.load(ksigns + (q >> 9)).to(tl.int32), m), _lattice_k(kk)
+
+    @triton.jit
+    def _iq2_s(w8, row, kk, K, grid):
+        """IQ2_S: 82 bytes (d, 32 low index bytes, 32 sign bytes, 8 bytes of 2-bit index highs, 8 of 4-bit scales)
+        → [BN, 8, 4, 8]."""
+        base = row + (kk // 256) * 82
+        b = tl.arange(0, 8)[None, :, None]
+        l = tl.arange(0, 4)[None, None, :]
+        m = tl.arange(0, 8)[None, None, None, :]
+        at = base[:, None, None] + 4 * b + l  # [BN, 8, 4]: byte t = 4b + l of each array
+        qh = (tl.load(w8 + base[:, None, None] + 66 + b).to(tl.int32) >> (2 * l)) & 3
+        idx = tl.load(w8 + at + 2).to(tl.int32) | (qh << 8)
+        sc = (tl.load(w8 + base[:, None, None] + 74 + b).to(tl.int32) >> (4 * (l // 2))) & 15
+        db = _f16_at(w8, base)[:, None, None] * (0.5 + sc.to(tl.float32)) * 0.25
+        w = db[:, :, :, None] * tl.load(grid + (8 * idx)[:, :, :, None] + m)
+        return _signed(w, tl.load(w8 + at + 34).to(tl.int32), m), _lattice_k(kk)
+
+    @triton.jit
+    def _iq3_s(w8, row, kk, K, grid):
+        """IQ3_S: 110 bytes (d, 64 low index bytes of 4 values each, 8 bytes of index high bits, 32 sign bytes,
+        4 bytes of 4-bit scales) → [BN, 8, 4, 8]."""
+        base = row + (kk // 256) * 110
+        b = tl.arange(0, 8)[None, :, None]
+        l = tl.arange(0, 4)[None, None, :]
+        m = tl.arange(0, 8)[None, None, None, :]
+        bit = (2 * l)[:, :, :, None] + m // 4  # index t = 8b + bit
+        lo = tl.load(w8 + (base[:, None, None] + 2 + 8 * b)[:, :, :, None] + bit).to(tl.int32)
+        hi = (tl.load(w8 + base[:, None, None] + 66 + b).to(tl.int32)[:, :, :, None] >> bit) & 1
+        sc = (tl.load(w8 + base[:, None, None] + 106 + b // 2).to(tl.int32) >> (4 * (b % 2))) & 15
+        db = _f16_at(w8, base)[:, None, None] * (1 + 2 * sc).to(tl.float32)  # [BN, 8, 1]
+        w = db[:, :, :, None] * tl.load(grid + 4 * (lo | (hi << 8)) + m % 4)
+        return _signed(w, tl.load(w8 + base[:, None, None] + 74 + 4 * b + l).to(tl.int32), m), _lattice_k(kk)
+
+    @triton.jit
+    def _iq1_m(w8, row, kk, K, grid):
+        """IQ1_M: 56 bytes (32 low index bytes, 16 bytes of nibbles: 3 index bits and the delta's sign per 8
+        elements, 4 u16 of 3-bit scales per 16 elements whose top nibbles hold the f16 d) → [BN, 8, 4, 8]."""
+        base = row + (kk // 256) * 56
+        b = tl.arange(0, 8)[None, :, None]
+        l = tl.arange(0, 4)[None, None, :]
+        m = tl.arange(0, 8)[None, None, None, :]
+        s0 = _u16(w8, base + 48)
+        s1 = _u16(w8, base + 50)
+        s2 = _u16(w8, base + 52)
+        s3 = _u16(w8, base + 54)
+        dbits = (s0 >> 12) | ((s1 >> 8) & 0xF0) | ((s2 >> 4) & 0xF00) | (s3 & 0xF000)
+        d = dbits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)[:, None, None]
+        sw = _u16(w8, base[:, None, None] + 48 + 2 * (b // 2))  # [BN, 8, 1]
+        dl = d * (2 * ((sw >> (3 * (2 * (b % 2) + l // 2))) & 7) + 1).to(tl.float32)  # [BN, 8, 4]
+        h = (tl.load(w8 + base[:, None, None] + 32 + 2 * b + l // 2).to(tl.int32) >> (4 * (l % 2))) & 15
+        idx = tl.load(w8 + base[:, None, None] + 4 * b + l).to(tl.int32) | ((h & 7) << 8)
+        delta = tl.where((h & 8) == 0, 0.125, -0.125)
+        w = dl[:, :, :, None] * (tl.load(grid + (8 * idx)[:, :, :, None] + m) + delta[:, :, :, None])
+        return w, _lattice_k(kk)
+
+    @triton.jit
     def _zeros(QT: tl.constexpr, BN: tl.constexpr):
         """The accumulator of type QT's step tile."""
-        if QT <= 1:
+        if QT <= 1 or QT == 5:
             z = tl.zeros([BN, 8, 16, 2], dtype=tl.float32)
-        elif QT == 2:
+        elif QT == 2 or QT == 6:
             z = tl.zeros([BN, 4, 32, 2], dtype=tl.float32)
-        else:
+        elif QT <= 4:
             z = tl.zeros([BN, 1, 4, 16], dtype=tl.float32)
+        elif QT == 7:
+            z = tl.zeros([BN, 8, 2, 16], dtype=tl.float32)
+        else:
+            z = tl.zeros([BN, 8, 4, 8], dtype=tl.float32)
         return z
 
     @triton.jit
-    def _decode(w8, row, kk, K, j, QT: tl.constexpr):
+    def _decode(w8, row, kk, K, j, grid, ksigns, QT: tl.constexpr):
         """(weights, k) of sub-step j of the 256 elements from kk for rows at byte offsets `row` [BN]: type QT's
-        decoder. Q2_K / Q3_K take four sub-steps (one per 2-bit plane, each decoded on its own: one 4-D tile of all
-        four needed twice the registers and ran at half the speed); the others one."""
+        decoder (codes in _KINDS). Q2_K / Q3_K take four sub-steps (one per 2-bit plane, each decoded on its own:
+        one 4-D tile of all four needed twice the registers and ran at half the speed); the others one."""
         if QT == 0:
             w, k = _q8_0(w8, row, kk, K)
         elif QT == 1:
@@ -192,18 +379,36 @@ if triton is not None:
             w, k = _q4_k(w8, row, kk, K)
         elif QT == 3:
             w, k = _q2_k(w8, row, kk, K, j)
-        else:
+        elif QT == 4:
             w, k = _q3_k(w8, row, kk, K, j)
+        elif QT == 5:
+            w, k = _iq4_xs(w8, row, kk, K, grid)
+        elif QT == 6:
+            w, k = _q5_k(w8, row, kk, K)
+        elif QT == 7:
+            w, k = _q6_k(w8, row, kk, K)
+        elif QT == 8:
+            w, k = _iq2_xxs(w8, row, kk, K, grid, ksigns)
+        elif QT == 9:
+            w, k = _iq2_xs(w8, row, kk, K, grid, ksigns)
+        elif QT == 10:
+            w, k = _iq2_s(w8, row, kk, K, grid)
+        elif QT == 11:
+            w, k = _iq3_xxs(w8, row, kk, K, grid, ksigns)
+        elif QT == 12:
+            w, k = _iq3_s(w8, row, kk, K, grid)
+        else:
+            w, k = _iq1_m(w8, row, kk, K, grid)
         return w, k
 
     @triton.jit
-    def _step(w8, row, kk, K, xp, j, QT: tl.constexpr):
+    def _step(w8, row, kk, K, xp, j, grid, ksigns, QT: tl.constexpr):
         """W[row, k]·x[k] for sub-step j of the 256 elements from kk, elementwise (the caller sums)."""
-        w, k = _decode(w8, row, kk, K, j, QT)
+        w, k = _decode(w8, row, kk, K, j, grid, ksigns, QT)
         return w * tl.load(xp + k, mask=k < K, other=0.0)[None]
 
     @triton.jit
-    def _rows_kernel(w_ptr, w2_ptr, x_ptr, y_ptr, e_ptr, N, K, k_chunk, row_bytes, expert_bytes, x_stride, x_div,
+    def _rows_kernel(w_ptr, w2_ptr, g_ptr, s_ptr, x_ptr, y_ptr, e_ptr, N, K, k_chunk, row_bytes, expert_bytes, x_stride, x_div,
                      limit, QT: tl.constexpr, NJ: tl.constexpr, GLU: tl.constexpr, FUSE: tl.constexpr,
                      HAS_E: tl.constexpr, BN: tl.constexpr):
         """y[s, p, n] = Σ_{k in chunk s} W_e[n, k]·x[p // x_div, k] for output pair p (program axis 1), K-chunk s
@@ -222,9 +427,9 @@ if triton is not None:
         acc2 = _zeros(QT, BN)
         for kk in range(s * k_chunk, tl.minimum(K, (s + 1) * k_chunk), 256):
             for j in tl.static_range(NJ):
-                acc += _step(w_ptr, row, kk, K, xp, j, QT)
+                acc += _step(w_ptr, row, kk, K, xp, j, g_ptr, s_ptr, QT)
                 if GLU:
-                    acc2 += _step(w2_ptr, row, kk, K, xp, j, QT)
+                    acc2 += _step(w2_ptr, row, kk, K, xp, j, g_ptr, s_ptr, QT)
         y = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
         out = y_ptr + (s * P + p).to(tl.int64) * N + rows
         if GLU:
@@ -237,12 +442,12 @@ if triton is not None:
         tl.store(out, y, mask=rows < N)
 
     @triton.jit
-    def _dequant_kernel(w_ptr, y_ptr, N, K, row_bytes, QT: tl.constexpr, NJ: tl.constexpr, BN: tl.constexpr):
+    def _dequant_kernel(w_ptr, g_ptr, s_ptr, y_ptr, N, K, row_bytes, QT: tl.constexpr, NJ: tl.constexpr, BN: tl.constexpr):
         """W [N, K] → f32 y [N, K]: one 256-element step of BN rows per program (axis 0 rows, axis 1 steps)."""
         rows = tl.program_id(0) * BN + tl.arange(0, BN)
         row = tl.minimum(rows, N - 1).to(tl.int64) * row_bytes
         for j in tl.static_range(NJ):
-            w, k = _decode(w_ptr, row, tl.program_id(1) * 256, K, j, QT)
+            w, k = _decode(w_ptr, row, tl.program_id(1) * 256, K, j, g_ptr, s_ptr, QT)
             at = y_ptr + rows.to(tl.int64)[:, None, None, None] * K + k[None]
             tl.store(at, w, mask=(rows < N)[:, None, None, None] & (k < K)[None])
 
@@ -260,8 +465,11 @@ if triton is not None:
         tl.store(out_ptr + at, x)
 
 
-def _substeps(qtype: Q) -> int:
-    return 4 if qtype in (Q.Q2_K, Q.Q3_K) else 1
+def _lattices(qtype: Q, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the type's lattice or value table, ksigns) from kernels/dequant.py's tables (any tensor for a type without
+    one: the kernel never reads it)."""
+    t = _tables(device)
+    return t[_KINDS[qtype][2] or "iq4nl"], t["ksigns"]
 
 
 def _split(N: int, pairs: int, K: int) -> int:
@@ -283,9 +491,9 @@ def _rows(w: QWeight, x2: torch.Tensor, pairs: int, *, w2: QWeight | None = None
     y = torch.empty((2 if glu and split > 1 else 1) * split, pairs, N, dtype=torch.float32, device=x2.device)
     per_expert = w.raw.numel() // w.shape[0] if experts is not None else 0
     grid = (triton.cdiv(N, ROWS_PER_PROGRAM), pairs, split)
-    _rows_kernel[grid](w.raw, (w2 or w).raw, x2, y, experts if experts is not None else y, N, K, k_chunk,
+    _rows_kernel[grid](w.raw, (w2 or w).raw, *_lattices(w.qtype, w.raw.device), x2, y, experts if experts is not None else y, N, K, k_chunk,
                        w.row_bytes, per_expert, x2.stride(0), x_div, float(limit), QT=_CODES[w.qtype],
-                       NJ=_substeps(w.qtype), GLU=glu,
+                       NJ=_KINDS[w.qtype][1], GLU=glu,
                        FUSE=glu and split == 1, HAS_E=experts is not None, BN=ROWS_PER_PROGRAM, num_warps=WARPS)
     if split == 1:
         return y[0]
@@ -300,8 +508,8 @@ def dequantize(w: QWeight) -> torch.Tensor:
     y = torch.empty(N, K, dtype=torch.float32, device=w.device)
     grid = (triton.cdiv(N, DEQUANT_ROWS), triton.cdiv(K, 256))
     # no FMA contraction: the K-quants' scale·q − min must round twice, as the reference does
-    _dequant_kernel[grid](w.raw, y, N, K, w.row_bytes, QT=_CODES[w.qtype], NJ=_substeps(w.qtype),
-                          BN=DEQUANT_ROWS, num_warps=4, enable_fp_fusion=False)
+    _dequant_kernel[grid](w.raw, *_lattices(w.qtype, w.raw.device), y, N, K, w.row_bytes, QT=_CODES[w.qtype],
+                          NJ=_KINDS[w.qtype][1], BN=DEQUANT_ROWS, num_warps=4, enable_fp_fusion=False)
     return y
 
 

@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from gguf import GGMLQuantizationType as Q
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from test_cpu_kernels import make_weight as make_k_weight, rel_rms
 from test_iq_kernels import TYPES as IQ_TYPES
 from test_iq_kernels import make_weight as make_iq_weight
@@ -61,6 +61,17 @@ def test_fused_rows_match_reference(qtype, K, M):
 @pytest.mark.parametrize("qtype", gpu.TYPES, ids=lambda t: t.name)
 def test_dequantize_is_bit_exact(qtype):
     w = make_weight(qtype, (37, 288 if qtype in (Q.Q8_0, Q.MXFP4) else 512), seed=4)
+    assert torch.equal(gpu.dequantize(on_dev(w)).cpu(), w.dense())
+
+
+@pytest.mark.parametrize("qtype", [t for t in gpu.TYPES if t in IQ_TYPES], ids=lambda t: t.name)
+def test_dequantize_extreme_scales(qtype):
+    # f16 scales from the smallest normal up to 6e4 and sub-scales at both ends: the products round as the reference's
+    w = make_iq_weight(qtype, (4, 256 * 4), seed=7, scale=6e4)
+    blocks = w.raw.view(-1, GGML_QUANT_SIZES[qtype][1])
+    if qtype != Q.IQ1_M:  # IQ1_M's scale is spread over its sub-scale words; the random ones cover its range
+        d = torch.tensor([6.1e-5, 1.0, 3.0e4, 6.0e4], dtype=torch.float16).repeat(blocks.shape[0] // 4)
+        blocks[:, 0:2] = d.view(torch.uint8).view(-1, 2)
     assert torch.equal(gpu.dequantize(on_dev(w)).cpu(), w.dense())
 
 

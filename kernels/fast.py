@@ -2,8 +2,8 @@
 
 Importing this module builds or loads the library and registers `cpu_linear` for every type of the one type table
 (quant.ggml.TYPES) that the library has kernels for (it is asked, see `TYPES`), plus `cpu_routed_experts` for the
-MoE. If the build fails, or the CPU lacks AVX2, it registers nothing (cpu_ext logs
-why at debug level), so everything keeps the torch reference.
+MoE. If the build fails, or the CPU lacks AVX2, it registers nothing (cpu_ext logs why at debug level), so
+everything keeps the torch reference.
 
 Accuracy: integer types quantize activations to int8 per 32 values (scale = absmax/127), as llama.cpp does on
 CPU; expect ~0.5 % relative error against the f32 reference. The fused row kernels (few rows) and the int8 GEMM

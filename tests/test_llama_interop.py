@@ -54,6 +54,19 @@ def _worker(args: dict) -> None:
         (out / "ids.json").write_text(json.dumps(ids))
         return
     ids = args["ids"]
+    # No extra buffer types, as our llama engine loads: on AMX CPUs llama.cpp otherwise puts Q8_0/K-quant weights
+    # in an AMX buffer that only its matmul can read, and aborts scheduling this model's other ops on them
+    # (GGML_ASSERT(*cur_backend_id != -1)). `Llama()` has no argument for it, so its default params are wrapped.
+    import llama_cpp.llama_cpp as low  # the module Llama() takes its defaults from
+
+    defaults = low.llama_model_default_params
+
+    def no_extra_bufts():
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+
+    low.llama_model_default_params = no_extra_bufts
     # F32 caches and no flash attention: the exact path, comparable with transformers in fp32
     llm = llama_cpp.Llama(args["gguf"], n_ctx=N_CTX, n_batch=512, n_ubatch=512, logits_all=True, verbose=False,
                           type_k=0, type_v=0, flash_attn=False, swa_full=False, n_threads=2)

@@ -466,9 +466,12 @@ constexpr int64_t ROWS_PER_TASK = 16;
 // 9 MB runs (two per thread) lost. Each run is still a long contiguous stream for the hardware prefetchers.
 constexpr int64_t RUN_BYTES = 2 << 20;
 
-// tasks per dynamic run for tasks of `task_bytes` weight bytes each
-inline int run_tasks(int64_t task_bytes) {
-    return (int)std::max<int64_t>(1, RUN_BYTES / std::max<int64_t>(1, task_bytes));
+// Tasks per dynamic run for `ntask` tasks of `task_bytes` weight bytes each, and at most ntask / (2·nthreads), so
+// that a product under ~4 MB a thread still feeds every thread: with whole 2 MB runs a 2048×4096 IQ2_XXS matrix
+// (2.2 MB) was one run and ran on one of two threads.
+inline int run_tasks(int64_t task_bytes, int64_t ntask, int nthreads) {
+    const int64_t by_bytes = RUN_BYTES / std::max<int64_t>(1, task_bytes);
+    return (int)std::max<int64_t>(1, std::min(by_bytes, ntask / (2 * std::max(1, nthreads))));
 }
 
 // All M activation rows against weight rows r0..r1, MAX_M at a time; the weight rows stay in L1/L2 between
@@ -582,7 +585,7 @@ int v4_matmul(int t, const uint8_t* W, int64_t N, int64_t K, const float* x, int
     xq.quantize(x, M, K, K, !is_float(t), is_float(t), t == T_MXFP4);
     const XRow* xs = xq.rows.data();
     const int64_t rb = row_bytes(t, K), ntask = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
-    const int run = run_tasks(ROWS_PER_TASK * rb);
+    const int run = run_tasks(ROWS_PER_TASK * rb, ntask, nthreads);
 #pragma omp parallel for schedule(dynamic, run) num_threads(nthreads) if (nthreads > 1 && N * rb * M > (1 << 16))
     for (int64_t i = 0; i < ntask; ++i) {
         const int64_t r0 = i * ROWS_PER_TASK, r1 = r0 + ROWS_PER_TASK < N ? r0 + ROWS_PER_TASK : N;
@@ -672,7 +675,7 @@ int v4_matmul_batch(int n, const int* types, const uint8_t* const* Ws, const int
         work += Ns[j] * row_bytes(types[j], Ks[j]);
     }
     const int64_t ntask = (int64_t)tasks.size();
-    const int run = run_tasks(work / std::max<int64_t>(1, ntask));
+    const int run = run_tasks(work / std::max<int64_t>(1, ntask), ntask, nthreads);
 #pragma omp parallel for schedule(dynamic, run) num_threads(nthreads) if (nthreads > 1 && work * M > (1 << 16))
     for (int64_t i = 0; i < ntask; ++i) {
         const Task& tk = tasks[i];

@@ -43,7 +43,8 @@ _TABLES_CPU = _build_tables()
 _tables_by_device: dict[torch.device, dict[str, torch.Tensor]] = {torch.device("cpu"): _TABLES_CPU}
 
 
-def _tables(device: torch.device) -> dict[str, torch.Tensor]:
+def tables(device: torch.device) -> dict[str, torch.Tensor]:
+    """The value tables (I-quant lattices, sign patterns, IQ4_NL and MXFP4 values) on `device`, copied there once."""
     t = _tables_by_device.get(device)
     if t is None:
         t = {k: v.to(device) for k, v in _TABLES_CPU.items()}
@@ -116,7 +117,7 @@ def _q5_1(b: torch.Tensor) -> torch.Tensor:
 
 def _iq4_nl(b: torch.Tensor) -> torch.Tensor:
     d = _f16(b[:, 0:2])
-    return d * _tables(b.device)["iq4nl"][_nibbles32(b[:, 2:]).long()]
+    return d * tables(b.device)["iq4nl"][_nibbles32(b[:, 2:]).long()]
 
 
 def _q2_k(b: torch.Tensor) -> torch.Tensor:
@@ -199,7 +200,7 @@ def _mxfp4(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     d = _e8m0_half(b[:, 0:1])
     q = (b[:, 1:].reshape(n, 1, 16) >> _shifts([0, 4], (1, 2, 1), b.device)) & 0xF
-    return d * _tables(b.device)["mxfp4"][q.reshape(n, 32).long()]
+    return d * tables(b.device)["mxfp4"][q.reshape(n, 32).long()]
 
 
 def _signs(words: torch.Tensor, tables: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -213,7 +214,7 @@ def _signs(words: torch.Tensor, tables: dict[str, torch.Tensor]) -> torch.Tensor
 
 def _iq2_xxs(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
-    t = _tables(b.device)
+    t = tables(b.device)
     d = _f16(b[:, 0:2])
     qs = b[:, 2:].reshape(n, 8, 8)  # per 32 elements: 4 grid-index bytes, then one u32 of signs + scale
     aux = _u32(qs[:, :, 4:]).reshape(n, 8)
@@ -224,7 +225,7 @@ def _iq2_xxs(b: torch.Tensor) -> torch.Tensor:
 
 def _iq3_xxs(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
-    t = _tables(b.device)
+    t = tables(b.device)
     d = _f16(b[:, 0:2])
     aux = _u32(b[:, 66:98])  # (N, 8)
     db = (d * (0.5 + (aux >> 28).float()) * 0.5).reshape(n, 8, 1, 1)
@@ -246,7 +247,7 @@ def _nibble_scales(s: torch.Tensor) -> torch.Tensor:
 
 def _iq2_xs(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
-    t = _tables(b.device)
+    t = tables(b.device)
     d = _f16(b[:, 0:2])
     qs = b[:, 2:66].reshape(n, 32, 2).long()
     qs = qs[..., 0] | (qs[..., 1] << 8)  # (N, 32) u16: 9-bit grid index, 7-bit ksigns index
@@ -259,7 +260,7 @@ def _iq2_xs(b: torch.Tensor) -> torch.Tensor:
 
 def _iq2_s(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
-    t = _tables(b.device)
+    t = tables(b.device)
     d = _f16(b[:, 0:2])
     qs, signs, qh, scales = b[:, 2:34], b[:, 34:66], b[:, 66:74], b[:, 74:82]
     db = (d * (0.5 + _nibble_scales(scales).float()) * 0.25).reshape(n, 16, 1, 1)
@@ -271,7 +272,7 @@ def _iq2_s(b: torch.Tensor) -> torch.Tensor:
 
 def _iq3_s(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
-    t = _tables(b.device)
+    t = tables(b.device)
     d = _f16(b[:, 0:2])
     qs, qh, signs, scales = b[:, 2:66], b[:, 66:74], b[:, 74:106], b[:, 106:110]
     db = (d * (1 + 2 * _nibble_scales(scales)).float()).reshape(n, 8, 1, 1)
@@ -283,7 +284,7 @@ def _iq3_s(b: torch.Tensor) -> torch.Tensor:
 
 def _iq1_s(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
-    t = _tables(b.device)
+    t = tables(b.device)
     d = _f16(b[:, 0:2])
     qs = b[:, 2:34]
     qh = b[:, 34:50].reshape(n, 8, 2).long()
@@ -298,7 +299,7 @@ def _iq1_s(b: torch.Tensor) -> torch.Tensor:
 
 def _iq1_m(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
-    t = _tables(b.device)
+    t = tables(b.device)
     qs, qh = b[:, 0:32], b[:, 32:48]
     sc = b[:, 48:56].reshape(n, 4, 2).long()
     sc = sc[..., 0] | (sc[..., 1] << 8)  # (N, 4) u16; their top nibbles hold the f16 super-scale
@@ -322,7 +323,7 @@ def _iq4_xs(b: torch.Tensor) -> torch.Tensor:
     sc = (lo.long() | (hi << 4)) - 32
     dl = (d * sc.float()).reshape(n, 8, 1)
     q = (b[:, 8:].reshape(n, 8, 1, 16) >> _shifts([0, 4], (1, 1, 2, 1), b.device)).reshape(n, 8, 32) & 0xF
-    return (dl * _tables(b.device)["iq4nl"][q.long()]).reshape(n, QK_K)
+    return (dl * tables(b.device)["iq4nl"][q.long()]).reshape(n, QK_K)
 
 
 def _f16_blocks(b: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
 
 from kernels import mhc
-from kernels.dequant import _tables
+from kernels.dequant import tables
 from kernels.linear import QWeight, reference_linear, register, register_moe, swiglu
 from kernels.mhc import MixerParams
 
@@ -468,7 +468,7 @@ if triton is not None:
 def _lattices(qtype: Q, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(the type's lattice or value table, ksigns) from kernels/dequant.py's tables (any tensor for a type without
     one: the kernel never reads it)."""
-    t = _tables(device)
+    t = tables(device)
     return t[_KINDS[qtype][2] or "iq4nl"], t["ksigns"]
 
 

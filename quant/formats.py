@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from quant import iq2, iq3
 from quant.ggml import QType, byte_shape, type_info
 from v4cli.errors import BadInput, UnsupportedModel
 
@@ -441,11 +442,13 @@ _BLOCK_QUANTIZERS: dict[QType, Callable[[np.ndarray, np.ndarray | None], np.ndar
     QType.Q3_K: _q3_k,
     QType.Q4_K: _q4_k,
     QType.Q6_K: _q6_k,
+    **iq2.QUANTIZERS,
+    **iq3.QUANTIZERS,
 }
 
-# Types `quantize` can write; the imatrix is honoured by the K-quants only.
+# Types `quantize` can write; every block quantizer but Q8_0 honours an importance matrix (ggml's Q8_0 ignores it).
 QUANTIZABLE: tuple[QType, ...] = (QType.F32, QType.F16, QType.BF16, *_BLOCK_QUANTIZERS)
-_K_QUANTS = (QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q6_K)
+_IMATRIX_TYPES = tuple(t for t in _BLOCK_QUANTIZERS if t != QType.Q8_0)
 
 
 def _bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -458,15 +461,17 @@ def _bf16_bits(x: np.ndarray) -> np.ndarray:
 def quantize(array: np.ndarray, qtype: QType, imatrix: np.ndarray | None = None) -> np.ndarray:
     """Quantize a float array to ggml bytes: uint8 of shape (*rows, row_bytes) in ggml's block layout.
 
-    `imatrix` (optional, K-quants only) holds one non-negative importance per column (length = row length).
-    With it, each K-quant runs ggml's importance-weighted search (`quantize_row_*_K_impl`, what llama-quantize
-    uses with --imatrix) instead of the reference one.
+    `imatrix` (optional; not for Q8_0/F16/BF16/F32) holds one non-negative importance per column (length = row
+    length). With it, each K-quant runs ggml's importance-weighted search (`quantize_row_*_K_impl`, what
+    llama-quantize uses with --imatrix) instead of the reference one, and each I-quant weighs its lattice search
+    by it. I-quants without one weigh errors by x² (llama.cpp refuses the `imatrix_only` types without one).
     """
     qtype = type_info(qtype).qtype
     if qtype not in QUANTIZABLE:
         raise UnsupportedModel(f"no quantizer for {qtype.name}; supported: {', '.join(t.name for t in QUANTIZABLE)}")
-    if imatrix is not None and qtype not in _K_QUANTS:
-        raise BadInput(f"an importance matrix only applies to K-quants, not {qtype.name}")
+    if imatrix is not None and qtype not in _IMATRIX_TYPES:
+        raise BadInput(f"an importance matrix does not apply to {qtype.name}",
+                       hint=f"it applies to {', '.join(t.name for t in _IMATRIX_TYPES)}")
     x = np.ascontiguousarray(array, dtype=np.float32)
     if x.ndim == 0:
         x = x.reshape(1)

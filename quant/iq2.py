@@ -1,14 +1,372 @@
 """I-quants on 8-wide lattices: IQ2_XXS, IQ2_XS, IQ2_S and IQ1_M, vectorized over blocks.
 
 Each quantizer maps (B, 256) f32 blocks [+ (B, 256) importance] to (B, type_size) uint8 in ggml's layout.
+
+These types store every group of 8 weights as an index into a fixed lattice (256 to 2048 points, gguf-py's
+tables, the same ones the decoders use) times a per-sub-block scale `u·(2l+1)` with a small integer `l` and one f16
+`u` per 256 weights (IQ2_* also store the signs separately, IQ1_M a ±1/8 shift per group). ggml's quantizer
+rounds each group to the cubic lattice {1,3,5}^8 and, when that point is not in the table, tries a short
+precomputed list of neighbours; it also assumes grid values {1,3,5} where the decoder really uses {8,25,43}/8.
+
+Here the search is exhaustive and against the decoder's own values. For a group x with weights w at scale s, the
+error of lattice point g is Σw·x² − 2s·Σw·x·g + s²·Σw·g²; the last two terms for all N points are one product
+(G×16)@(16×N) of [w, −2/s·w·x] with the table [g²; g], so the best point of every group is one matmul and one
+argmin. The search runs in three steps per 256-block:
+  1. a few trial scales per sub-block, each followed by the least-squares refit of the scale to the points found,
+     give each sub-block a target scale and its curvature Σw·q² (the cost of missing the target);
+  2. the block's f16 scale is chosen from a handful of candidates to minimize the curvature-weighted scale
+     rounding error, which fixes each sub-block's level `l`;
+  3. the lattice search is redone at the exact stored scale of the nearest levels (l-1, l, l+1), and each
+     sub-block keeps the level whose decoded values give the least weighted error.
+IQ2_XXS and IQ2_XS store 7 sign bits per group and imply the 8th by even parity; a group with an odd number of
+negatives must flip one sign, and the search tries flipping each of its least important elements (smallest w·|x|)
+with the full lattice, keeping the best.
+
+Weights: with an importance matrix the error is weighted by the importance itself, the quantity the imatrix
+estimates (Σ over calibration inputs of a column's squared activation), so the search minimizes exactly
+Σ imatrix·(y−x)². Without one, the weights are ggml's no-imatrix choices: σ²/4 + x² for the IQ2 types
+(σ² = 2·mean(x²) over the block, IQ2_S's rule) and x² for IQ1_M.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
+from gguf import quants as gq
 
 from quant.ggml import QType
 
-QUANTIZERS: dict[QType, Callable[[np.ndarray, np.ndarray | None], np.ndarray]] = {}
+QK_K = 256
+_f32 = np.float32
+# Matmul output elements per search pass (16 MB of f32): bounds the temporaries and keeps them near cache.
+_PASS_ELEMS = 1 << 22
+# Least important elements tried as the forced sign flip of an odd-parity group (IQ2_XXS, IQ2_XS). The flip costs
+# 4s·w·|x|·g; with g in [8, 43] only elements within ~5x of the smallest w·|x| can ever win, and the three smallest
+# already match trying all eight on gaussian and heavy-tailed data.
+_FLIP_CANDIDATES = 3
+
+
+@dataclass(frozen=True)
+class _Lattice:
+    """One lattice type's search constants."""
+
+    points: np.ndarray  # (N, 8) f32: decoded group values at unit scale (before signs for the IQ2 types)
+    table: np.ndarray  # (16, N) f32: [points²; points] transposed, the right-hand side of the search product
+    signed: bool  # points carry their own signs (IQ1_M); otherwise the search runs on |x| and signs are stored
+    parity: bool  # signs must have even parity (IQ2_XXS, IQ2_XS)
+    sub: int  # elements per sub-block scale
+    levels: int  # sub-block scale is u·(2l+1), l in [0, levels)
+    trials: tuple[float, ...]  # step-1 trial scales, as multiples of sub-block max|x| / largest point value
+
+
+def _lattice(points: np.ndarray, **kw) -> _Lattice:
+    points = np.ascontiguousarray(points, dtype=np.float32)
+    table = np.ascontiguousarray(np.concatenate([points.T**2, points.T]), dtype=np.float32)
+    return _Lattice(points=points, table=table, **kw)
+
+
+def _grid(cls: type) -> np.ndarray:
+    cls.init_grid()
+    return np.asarray(cls.grid, dtype=np.float32).reshape(cls.grid_shape)
+
+
+def _iq1_points() -> np.ndarray:
+    """IQ1_M's 2048 ternary points, then the same shifted by −1/8: index // 2048 is the group's shift bit."""
+    g = _grid(gq.IQ1_M)
+    return np.concatenate([g + _f32(gq.IQ1_M.delta), g - _f32(gq.IQ1_M.delta)])
+
+
+_TRIALS_IQ2 = (0.75, 0.85, 0.95, 1.05)
+_TRIALS_IQ1 = (0.55, 0.7, 0.85, 1.0)
+
+_LATTICES: dict[QType, Callable[[], _Lattice]] = {
+    QType.IQ2_XXS: lambda: _lattice(_grid(gq.IQ2_XXS) / 8, signed=False, parity=True, sub=32, levels=16,
+                                    trials=_TRIALS_IQ2),
+    QType.IQ2_XS: lambda: _lattice(_grid(gq.IQ2_XS) / 8, signed=False, parity=True, sub=16, levels=16,
+                                   trials=_TRIALS_IQ2),
+    QType.IQ2_S: lambda: _lattice(_grid(gq.IQ2_S) / 8, signed=False, parity=False, sub=16, levels=16,
+                                  trials=_TRIALS_IQ2),
+    QType.IQ1_M: lambda: _lattice(_iq1_points(), signed=True, parity=False, sub=16, levels=8, trials=_TRIALS_IQ1),
+}
+_cache: dict[QType, _Lattice] = {}
+
+
+def _get(qtype: QType) -> _Lattice:
+    lat = _cache.get(qtype)
+    if lat is None:
+        lat = _cache[qtype] = _LATTICES[qtype]()
+    return lat
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The lattice search
+
+
+@dataclass
+class _Rows:
+    """The search problems of a chunk's groups, independent of the scale: one row per (group, sign variant)."""
+
+    w: np.ndarray  # (R, 8) weights
+    wv: np.ndarray  # (R, 8) w · target values (|x| with the variant's flip, or x for signed lattices)
+    v: np.ndarray  # (R, 8) target values
+    group: np.ndarray  # (R,) group of each row
+    slot: np.ndarray  # (R,) which variant of its group the row is (0 for the only one)
+    flip: np.ndarray  # (G, k) element flipped by each variant (-1: none)
+
+
+def _rows(lat: _Lattice, w: np.ndarray, x: np.ndarray) -> _Rows:
+    """Rows for groups x, w of shape (G, 8). Odd-parity groups get one row per flip candidate."""
+    G = x.shape[0]
+    v = x if lat.signed else np.abs(x)
+    if not lat.parity:
+        return _Rows(w, w * v, v, np.arange(G), np.zeros(G, np.int64), np.full((G, 1), -1))
+    odd = np.count_nonzero(x < 0, axis=1) % 2 == 1
+    k = _FLIP_CANDIDATES
+    flip = np.full((G, k), -1)
+    go = np.nonzero(odd)[0]
+    cand = np.argsort(w[go] * v[go], axis=1, kind="stable")[:, :k]  # (n_odd, k)
+    flip[go] = cand
+    ge = np.nonzero(~odd)[0]
+    vo = np.repeat(v[go], k, axis=0)  # odd group rows, k consecutive variants each
+    vo[np.arange(vo.shape[0]), cand.reshape(-1)] *= -1
+    rv = np.concatenate([v[ge], vo])
+    rw = np.concatenate([w[ge], np.repeat(w[go], k, axis=0)])
+    group = np.concatenate([ge, np.repeat(go, k)])
+    slot = np.concatenate([np.zeros(ge.size, np.int64), np.tile(np.arange(k), go.size)])
+    return _Rows(rw, rw * rv, rv, group, slot, flip)
+
+
+def _search(lat: _Lattice, rows: _Rows, inv_s: np.ndarray, G: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Best lattice point of every group at scale 1/inv_s (per group).
+
+    Returns (index (G,), variant (G,), objective (G,)); the group's error is Σw·x² + s²·objective.
+    """
+    R, N = rows.w.shape[0], lat.table.shape[1]
+    idx = np.empty(R, np.int64)
+    obj = np.empty(R, np.float32)
+    coef = (-2 * inv_s)[rows.group].astype(np.float32)
+    step = max(1, _PASS_ELEMS // N)
+    feats = np.empty((min(step, R), 16), np.float32)
+    for a in range(0, R, step):
+        b = min(R, a + step)
+        f = feats[: b - a]
+        f[:, :8] = rows.w[a:b]
+        np.multiply(rows.wv[a:b], coef[a:b, None], out=f[:, 8:])
+        m = f @ lat.table
+        i = m.argmin(axis=1)
+        idx[a:b] = i
+        obj[a:b] = np.take_along_axis(m, i[:, None], axis=1)[:, 0]
+    if rows.flip.shape[1] == 1 and R == G:
+        return idx, np.zeros(G, np.int64), obj
+    best = np.full((G, rows.flip.shape[1]), np.inf, np.float32)
+    best[rows.group, rows.slot] = obj
+    which = best.argmin(axis=1)
+    sel = np.empty((G, rows.flip.shape[1]), np.int64)
+    sel[rows.group, rows.slot] = np.arange(R)
+    r = sel[np.arange(G), which]
+    return idx[r], which, obj[r]
+
+
+def _fit(lat: _Lattice, rows: _Rows, idx: np.ndarray, variant: np.ndarray, G: int) -> tuple[np.ndarray, np.ndarray]:
+    """Σw·v·q and Σw·q² per group for the chosen points q (the pieces of the least-squares scale)."""
+    sel = np.empty((G, rows.flip.shape[1]), np.int64)
+    sel[rows.group, rows.slot] = np.arange(rows.w.shape[0])
+    r = sel[np.arange(G), variant]
+    q = lat.points[idx]
+    return np.einsum("gi,gi->g", rows.wv[r], q), np.einsum("gi,gi->g", rows.w[r], q * q)
+
+
+def _quantize(lat: _Lattice, x: np.ndarray, w: np.ndarray):
+    """The three-step search on blocks x, weights w (B, 256), both already scaled so max|x| = 1 per block.
+
+    Returns per group (index, variant) and per sub-block the level l, plus the unit scale u per block, such that
+    the decoded block is u·(2l+1)·point (signs applied separately for the unsigned lattices).
+    """
+    B = x.shape[0]
+    G = B * QK_K // 8
+    gps = lat.sub // 8  # groups per sub-block
+    nsub = QK_K // lat.sub
+    top = float(np.abs(lat.points).max())
+    rows = _rows(lat, w.reshape(G, 8), x.reshape(G, 8))
+
+    # 1. trial scales per sub-block; keep the one whose refit explains most of Σw·x² (largest (Σwvq)²/Σwq²).
+    smax = np.abs(x).reshape(B * nsub, lat.sub).max(axis=1)
+    smax = np.maximum(smax, _f32(1e-30))
+    target = np.zeros(B * nsub, np.float32)
+    curv = np.zeros(B * nsub, np.float32)
+    score = np.full(B * nsub, -1.0, np.float32)
+    for t in lat.trials:
+        s = smax * _f32(t / top)
+        idx, var, _ = _search(lat, rows, np.repeat(1 / s, gps), G)
+        p, q2 = _fit(lat, rows, idx, var, G)
+        p, q2 = p.reshape(-1, gps).sum(axis=1), q2.reshape(-1, gps).sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sc = np.where((q2 > 0) & (p > 0), p * p / q2, 0)
+            better = sc > score
+            target = np.where(better, p / np.where(q2 > 0, q2, 1), target)
+        curv = np.where(better, q2, curv)
+        score = np.where(better, sc, score)
+    target, curv = target.reshape(B, nsub), curv.reshape(B, nsub)
+
+    # 2. the block unit u: candidates put the largest target at or near the top level; keep the one with the least
+    # curvature-weighted rounding error of all targets.
+    hi = 2 * lat.levels - 1
+    tmax = np.maximum(target.max(axis=1), _f32(1e-30))
+    best_cost = np.full(B, np.inf, np.float32)
+    u = tmax / hi
+    for m in np.linspace(hi - 0.5 * hi / 4, hi + 0.5, 12):
+        uc = tmax / _f32(m)
+        lv = np.clip(np.rint((target / uc[:, None] - 1) / 2), 0, lat.levels - 1)
+        cost = np.einsum("bs,bs->b", curv, (target - uc[:, None] * (2 * lv + 1)) ** 2)
+        better = cost < best_cost
+        u = np.where(better, uc, u)
+        best_cost = np.where(better, cost, best_cost)
+    return rows, u, target
+
+
+def _finish(lat: _Lattice, rows: _Rows, x: np.ndarray, u: np.ndarray, target: np.ndarray):
+    """Step 3 at the stored unit u (B,): per sub-block, the best of the levels around its target."""
+    B = x.shape[0]
+    G = B * QK_K // 8
+    gps = lat.sub // 8
+    nsub = QK_K // lat.sub
+    u = np.where(u > 0, u, _f32(1)).astype(np.float32)
+    l0 = np.clip(np.rint((target / u[:, None] - 1) / 2), 0, lat.levels - 1).reshape(-1)
+    ub = np.repeat(u, nsub)
+    best = np.full(B * nsub, np.inf, np.float32)
+    level = np.zeros(B * nsub, np.int64)
+    index = np.zeros(G, np.int64)
+    variant = np.zeros(G, np.int64)
+    for dl in (-1, 0, 1):
+        lv = np.clip(l0 + dl, 0, lat.levels - 1)
+        s = (ub * (2 * lv + 1)).astype(np.float32)
+        idx, var, obj = _search(lat, rows, np.repeat(1 / s, gps), G)
+        err = s * s * obj.reshape(-1, gps).sum(axis=1)
+        better = err < best
+        best = np.where(better, err, best)
+        level = np.where(better, lv, level)
+        take = np.repeat(better, gps)
+        index = np.where(take, idx, index)
+        variant = np.where(take, var, variant)
+    return index, variant, level.reshape(B, nsub)
+
+
+def _signs(lat: _Lattice, rows: _Rows, x: np.ndarray, variant: np.ndarray) -> np.ndarray:
+    """(G,) sign bytes: bit i set where element i is decoded negative."""
+    G = variant.shape[0]
+    neg = (x.reshape(G, 8) < 0).astype(np.uint8)
+    f = rows.flip[np.arange(G), variant]
+    has = f >= 0
+    neg[np.nonzero(has)[0], f[has]] ^= 1
+    return np.packbits(neg, axis=1, bitorder="little")[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weights, normalization, packing
+
+
+def _prepare(x: np.ndarray, qw: np.ndarray | None, fallback: Callable[[np.ndarray], np.ndarray]):
+    """Blocks scaled to max|x| = 1 (so tiny or huge magnitudes search alike) and weights scaled to mean 1."""
+    amax = np.abs(x).max(axis=1)
+    xn = x / np.where(amax > 0, amax, 1)[:, None]
+    w = fallback(xn) if qw is None else qw.astype(np.float32)
+    mean = w.mean(axis=1)
+    if qw is not None:
+        # A block whose importance is all zero is still given values: the no-imatrix weights.
+        dead = mean <= 0
+        if dead.any():
+            w = w.copy()
+            w[dead] = fallback(xn[dead])
+            mean = w.mean(axis=1)
+    w = w / np.where(mean > 0, mean, 1)[:, None]
+    # A floor far below any real weight: a zero-importance element still gets its nearest value, not any value.
+    w = (w + _f32(1e-6)).astype(np.float32)
+    return xn.astype(np.float32), w, amax
+
+
+def _iq2_weights(xn: np.ndarray) -> np.ndarray:
+    sigma2 = 2 * np.mean(xn * xn, axis=1, keepdims=True)
+    return (0.25 * sigma2 + xn * xn).astype(np.float32)
+
+
+def _iq1_weights(xn: np.ndarray) -> np.ndarray:
+    return (xn * xn).astype(np.float32)
+
+
+def _f16(v: np.ndarray) -> np.ndarray:
+    """f32 → f16 with overflow clamped to the largest finite value (ggml would store inf)."""
+    return np.minimum(v, _f32(65504)).astype(np.float16)
+
+
+def _iq2_core(qtype: QType, x: np.ndarray, qw: np.ndarray | None):
+    """Shared IQ2_* search: (d f16 (B,), grid index (B, 32), sign bytes (B, 32), levels (B, nsub))."""
+    lat = _get(qtype)
+    xn, w, amax = _prepare(x, qw, _iq2_weights)
+    rows, u, target = _quantize(lat, xn, w)
+    # Decoded value = d·(0.5+l)/4·grid = d·(2l+1)·(grid/8), and the search ran on grid/8 and x/amax: d = u·amax.
+    d = _f16(u * amax)
+    un = (d.astype(np.float32) / np.where(amax > 0, amax, 1)).astype(np.float32)
+    index, variant, level = _finish(lat, rows, xn, un, target)
+    signs = _signs(lat, rows, xn, variant)
+    B = x.shape[0]
+    return d, index.reshape(B, 32), signs.reshape(B, 32), level.astype(np.uint8)
+
+
+def _nibbles(level: np.ndarray) -> np.ndarray:
+    return level[:, 0::2] | (level[:, 1::2] << 4)
+
+
+def _iq2_xxs(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    d, index, signs, level = _iq2_core(QType.IQ2_XXS, x, qw)
+    B = x.shape[0]
+    s7 = (signs & 127).astype(np.uint32).reshape(B, 8, 4)
+    aux = s7[..., 0] | (s7[..., 1] << 7) | (s7[..., 2] << 14) | (s7[..., 3] << 21) | (level.astype(np.uint32) << 28)
+    qs = np.concatenate([index.astype(np.uint8).reshape(B, 8, 4), aux.astype("<u4").view(np.uint8).reshape(B, 8, 4)],
+                        axis=2)
+    return np.concatenate([d.view(np.uint8).reshape(B, 2), qs.reshape(B, 64)], axis=1)
+
+
+def _iq2_xs(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    d, index, signs, level = _iq2_core(QType.IQ2_XS, x, qw)
+    B = x.shape[0]
+    q = (index.astype(np.uint16) | ((signs & 127).astype(np.uint16) << 9)).astype("<u2")
+    return np.concatenate([d.view(np.uint8).reshape(B, 2), q.view(np.uint8).reshape(B, 64), _nibbles(level)], axis=1)
+
+
+def _iq2_s(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    d, index, signs, level = _iq2_core(QType.IQ2_S, x, qw)
+    B = x.shape[0]
+    h = (index >> 8).astype(np.uint8).reshape(B, 8, 4)
+    qh = h[..., 0] | (h[..., 1] << 2) | (h[..., 2] << 4) | (h[..., 3] << 6)
+    return np.concatenate([d.view(np.uint8).reshape(B, 2), (index & 255).astype(np.uint8), signs, qh,
+                           _nibbles(level)], axis=1)
+
+
+def _iq1_m(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    lat = _get(QType.IQ1_M)
+    xn, w, amax = _prepare(x, qw, _iq1_weights)
+    rows, u, target = _quantize(lat, xn, w)
+    d = _f16(u * amax)
+    un = (d.astype(np.float32) / np.where(amax > 0, amax, 1)).astype(np.float32)
+    index, _, level = _finish(lat, rows, xn, un, target)
+    B = x.shape[0]
+    n = lat.points.shape[0] // 2
+    grid, shifted = index % n, (index // n).astype(np.uint8)
+    nib = ((grid >> 8).astype(np.uint8) | (shifted << 3)).reshape(B, 16, 2)
+    qh = nib[..., 0] | (nib[..., 1] << 4)
+    lv = level.astype(np.uint16).reshape(B, 4, 4)
+    sc = lv[..., 0] | (lv[..., 1] << 3) | (lv[..., 2] << 6) | (lv[..., 3] << 9)
+    # The f16 block scale is spread over the top nibbles of the four scale words.
+    dbits = d.view(np.uint16)[:, None] >> np.array([0, 4, 8, 12], np.uint16)
+    sc = (sc | ((dbits & 0xF) << 12)).astype("<u2")
+    return np.concatenate([(grid & 255).astype(np.uint8).reshape(B, 32), qh, sc.view(np.uint8).reshape(B, 8)], axis=1)
+
+
+QUANTIZERS: dict[QType, Callable[[np.ndarray, np.ndarray | None], np.ndarray]] = {
+    QType.IQ2_XXS: _iq2_xxs,
+    QType.IQ2_XS: _iq2_xs,
+    QType.IQ2_S: _iq2_s,
+    QType.IQ1_M: _iq1_m,
+}

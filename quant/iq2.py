@@ -52,19 +52,29 @@ _FLIP_CANDIDATES = 3
 class _Lattice:
     """One lattice type's search constants."""
 
-    points: np.ndarray  # (N, 8) f32: decoded group values at unit scale (before signs for the IQ2 types)
-    table: np.ndarray  # (16, N) f32: [points²; points] transposed, the right-hand side of the search product
+    points: np.ndarray  # (N, 8) f32 grid at unit scale: magnitudes for the IQ2 types, ternary for IQ1_M
+    shifts: tuple[float, ...]  # offsets a group may add to all its coordinates (IQ1_M's ±1/8), else (0,)
+    tables: tuple[np.ndarray, ...]  # per shift, (16, N) f32 [(p+δ)²; p+δ]: the right-hand side of the search product
+    values: np.ndarray  # (3,) the coordinate values, sorted
+    code_map: np.ndarray  # (3^8,) grid index of each base-3 code of coordinate levels, -1 where not in the grid
     signed: bool  # points carry their own signs (IQ1_M); otherwise the search runs on |x| and signs are stored
     parity: bool  # signs must have even parity (IQ2_XXS, IQ2_XS)
     sub: int  # elements per sub-block scale
     levels: int  # sub-block scale is u·(2l+1), l in [0, levels)
-    trials: tuple[float, ...]  # step-1 trial scales, as multiples of sub-block max|x| / largest point value
+    trials: tuple[float, ...]  # step-1 trial scales, as multiples of sub-block max|x| / largest coordinate
 
 
-def _lattice(points: np.ndarray, **kw) -> _Lattice:
+_POW3 = 3 ** np.arange(8)
+
+
+def _lattice(points: np.ndarray, shifts: tuple[float, ...] = (0.0,), **kw) -> _Lattice:
     points = np.ascontiguousarray(points, dtype=np.float32)
-    table = np.ascontiguousarray(np.concatenate([points.T**2, points.T]), dtype=np.float32)
-    return _Lattice(points=points, table=table, **kw)
+    tables = tuple(np.ascontiguousarray(np.concatenate([(points.T + d) ** 2, points.T + d]), dtype=np.float32)
+                   for d in shifts)
+    values = np.unique(points)
+    code_map = np.full(3**8, -1, np.int64)
+    code_map[np.searchsorted(values, points) @ _POW3] = np.arange(points.shape[0])
+    return _Lattice(points=points, shifts=shifts, tables=tables, values=values, code_map=code_map, **kw)
 
 
 def _grid(cls: type) -> np.ndarray:
@@ -72,14 +82,8 @@ def _grid(cls: type) -> np.ndarray:
     return np.asarray(cls.grid, dtype=np.float32).reshape(cls.grid_shape)
 
 
-def _iq1_points() -> np.ndarray:
-    """IQ1_M's 2048 ternary points, then the same shifted by −1/8: index // 2048 is the group's shift bit."""
-    g = _grid(gq.IQ1_M)
-    return np.concatenate([g + _f32(gq.IQ1_M.delta), g - _f32(gq.IQ1_M.delta)])
-
-
-_TRIALS_IQ2 = (0.75, 0.85, 0.95, 1.05)
-_TRIALS_IQ1 = (0.55, 0.7, 0.85, 1.0)
+_TRIALS_IQ2 = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1)
+_TRIALS_IQ1 = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 _LATTICES: dict[QType, Callable[[], _Lattice]] = {
     QType.IQ2_XXS: lambda: _lattice(_grid(gq.IQ2_XXS) / 8, signed=False, parity=True, sub=32, levels=16,
@@ -88,7 +92,8 @@ _LATTICES: dict[QType, Callable[[], _Lattice]] = {
                                    trials=_TRIALS_IQ2),
     QType.IQ2_S: lambda: _lattice(_grid(gq.IQ2_S) / 8, signed=False, parity=False, sub=16, levels=16,
                                   trials=_TRIALS_IQ2),
-    QType.IQ1_M: lambda: _lattice(_iq1_points(), signed=True, parity=False, sub=16, levels=8, trials=_TRIALS_IQ1),
+    QType.IQ1_M: lambda: _lattice(_grid(gq.IQ1_M), shifts=(gq.IQ1_M.delta, -gq.IQ1_M.delta), signed=True,
+                                  parity=False, sub=16, levels=8, trials=_TRIALS_IQ1),
 }
 _cache: dict[QType, _Lattice] = {}
 
@@ -106,89 +111,123 @@ def _get(qtype: QType) -> _Lattice:
 
 @dataclass
 class _Rows:
-    """The search problems of a chunk's groups, independent of the scale: one row per (group, sign variant)."""
+    """The search problems of a chunk's groups, independent of the scale: one row per (group, variant).
+
+    A variant is one choice the lattice leaves to the group besides its point: which element takes the forced
+    sign flip (odd-parity groups of IQ2_XXS/IQ2_XS) or which shift (IQ1_M).
+    """
 
     w: np.ndarray  # (R, 8) weights
-    wv: np.ndarray  # (R, 8) w · target values (|x| with the variant's flip, or x for signed lattices)
-    v: np.ndarray  # (R, 8) target values
+    v: np.ndarray  # (R, 8) target values: |x| (one flipped negative in a flip variant) or x for signed lattices
+    wv: np.ndarray  # (R, 8) w·v
     group: np.ndarray  # (R,) group of each row
-    slot: np.ndarray  # (R,) which variant of its group the row is (0 for the only one)
-    flip: np.ndarray  # (G, k) element flipped by each variant (-1: none)
+    slot: np.ndarray  # (R,) the row's variant number within its group
+    shift: np.ndarray  # (R,) index into the lattice's shifts
+    flip: np.ndarray  # (G, slots) element flipped by each variant (-1: none)
 
 
 def _rows(lat: _Lattice, w: np.ndarray, x: np.ndarray) -> _Rows:
-    """Rows for groups x, w of shape (G, 8). Odd-parity groups get one row per flip candidate."""
+    """Rows for groups x, w of shape (G, 8)."""
     G = x.shape[0]
-    v = x if lat.signed else np.abs(x)
+    if lat.signed:
+        n = len(lat.shifts)
+        rw, rv = np.tile(w, (n, 1)), np.tile(x, (n, 1))
+        slot = np.repeat(np.arange(n), G)
+        return _Rows(rw, rv, rw * rv, np.tile(np.arange(G), n), slot, slot, np.full((G, n), -1))
+    v = np.abs(x)
     if not lat.parity:
-        return _Rows(w, w * v, v, np.arange(G), np.zeros(G, np.int64), np.full((G, 1), -1))
+        zero = np.zeros(G, np.int64)
+        return _Rows(w, v, w * v, np.arange(G), zero, zero, np.full((G, 1), -1))
     odd = np.count_nonzero(x < 0, axis=1) % 2 == 1
     k = _FLIP_CANDIDATES
     flip = np.full((G, k), -1)
-    go = np.nonzero(odd)[0]
-    cand = np.argsort(w[go] * v[go], axis=1, kind="stable")[:, :k]  # (n_odd, k)
+    go, ge = np.nonzero(odd)[0], np.nonzero(~odd)[0]
+    cand = np.argsort(w[go] * v[go], axis=1, kind="stable")[:, :k]
     flip[go] = cand
-    ge = np.nonzero(~odd)[0]
-    vo = np.repeat(v[go], k, axis=0)  # odd group rows, k consecutive variants each
+    vo = np.repeat(v[go], k, axis=0)  # k consecutive rows per odd group, one per flip candidate
     vo[np.arange(vo.shape[0]), cand.reshape(-1)] *= -1
     rv = np.concatenate([v[ge], vo])
     rw = np.concatenate([w[ge], np.repeat(w[go], k, axis=0)])
     group = np.concatenate([ge, np.repeat(go, k)])
     slot = np.concatenate([np.zeros(ge.size, np.int64), np.tile(np.arange(k), go.size)])
-    return _Rows(rw, rw * rv, rv, group, slot, flip)
+    return _Rows(rw, rv, rw * rv, group, slot, np.zeros(group.size, np.int64), flip)
+
+
+def _round(lat: _Lattice, rows: _Rows, inv_s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each coordinate rounded on its own to the nearest value at scale 1/inv_s (per row), ignoring the grid.
+
+    Returns (levels (R, 8), values q (R, 8), objective (R,)); a row's error is Σw·v² + s²·objective. With positive
+    weights the error is separable, so this is the best point of the full cube {values}^8: the exact answer
+    whenever that point is in the grid.
+    """
+    sh = np.asarray(lat.shifts, np.float32)[rows.shift]
+    y = rows.v * inv_s[:, None] - sh[:, None]
+    lv = np.searchsorted((lat.values[1:] + lat.values[:-1]) / 2, y)
+    q = lat.values[lv] + sh[:, None]
+    wq = rows.w * q
+    obj = np.einsum("ri,ri->r", wq, q) - 2 * inv_s * np.einsum("ri,ri->r", wq, rows.v)
+    return lv, q, obj.astype(np.float32)
+
+
+def _pick(rows: _Rows, obj: np.ndarray, G: int) -> np.ndarray:
+    """Per group, the row of its best variant."""
+    k = rows.flip.shape[1]
+    if k == 1:
+        return np.arange(G)
+    best = np.full((G, k), np.inf, np.float32)
+    best[rows.group, rows.slot] = obj
+    sel = np.empty((G, k), np.int64)
+    sel[rows.group, rows.slot] = np.arange(rows.group.size)
+    return sel[np.arange(G), best.argmin(axis=1)]
+
+
+def _free_fit(lat: _Lattice, rows: _Rows, inv_s: np.ndarray, G: int) -> tuple[np.ndarray, np.ndarray]:
+    """Σw·v·q and Σw·q² per group for its best point of the full cube (the grid constraint dropped).
+
+    Cheap (no lattice product) and close enough to steer the scale: step 3 searches the real grid.
+    """
+    _, q, obj = _round(lat, rows, inv_s[rows.group])
+    r = _pick(rows, obj, G)
+    wq = rows.w[r] * q[r]
+    return np.einsum("gi,gi->g", wq, rows.v[r]), np.einsum("gi,gi->g", wq, q[r])
 
 
 def _search(lat: _Lattice, rows: _Rows, inv_s: np.ndarray, G: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Best lattice point of every group at scale 1/inv_s (per group).
+    """Best grid point of every group at scale 1/inv_s (per group), exhaustively.
 
-    Returns (index (G,), variant (G,), objective (G,)); the group's error is Σw·x² + s²·objective.
+    Returns (grid index (G,), variant (G,), objective (G,)); the group's error is Σw·x² + s²·objective.
     """
-    R, N = rows.w.shape[0], lat.table.shape[1]
-    idx = np.empty(R, np.int64)
-    obj = np.empty(R, np.float32)
-    coef = (-2 * inv_s)[rows.group].astype(np.float32)
-    step = max(1, _PASS_ELEMS // N)
-    feats = np.empty((min(step, R), 16), np.float32)
-    for a in range(0, R, step):
-        b = min(R, a + step)
-        f = feats[: b - a]
-        f[:, :8] = rows.w[a:b]
-        np.multiply(rows.wv[a:b], coef[a:b, None], out=f[:, 8:])
-        m = f @ lat.table
-        i = m.argmin(axis=1)
-        idx[a:b] = i
-        obj[a:b] = np.take_along_axis(m, i[:, None], axis=1)[:, 0]
-    if rows.flip.shape[1] == 1 and R == G:
-        return idx, np.zeros(G, np.int64), obj
-    best = np.full((G, rows.flip.shape[1]), np.inf, np.float32)
-    best[rows.group, rows.slot] = obj
-    which = best.argmin(axis=1)
-    sel = np.empty((G, rows.flip.shape[1]), np.int64)
-    sel[rows.group, rows.slot] = np.arange(R)
-    r = sel[np.arange(G), which]
-    return idx[r], which, obj[r]
-
-
-def _fit(lat: _Lattice, rows: _Rows, idx: np.ndarray, variant: np.ndarray, G: int) -> tuple[np.ndarray, np.ndarray]:
-    """Σw·v·q and Σw·q² per group for the chosen points q (the pieces of the least-squares scale)."""
-    sel = np.empty((G, rows.flip.shape[1]), np.int64)
-    sel[rows.group, rows.slot] = np.arange(rows.w.shape[0])
-    r = sel[np.arange(G), variant]
-    q = lat.points[idx]
-    return np.einsum("gi,gi->g", rows.wv[r], q), np.einsum("gi,gi->g", rows.w[r], q * q)
+    isr = inv_s[rows.group]
+    lv, _, obj = _round(lat, rows, isr)
+    idx = lat.code_map[lv @ _POW3]
+    off = np.nonzero(idx < 0)[0]  # only rows whose cube optimum is not a grid point need the full search
+    for t, table in enumerate(lat.tables):
+        rr = off[rows.shift[off] == t] if len(lat.tables) > 1 else off
+        step = max(1, _PASS_ELEMS // table.shape[1])
+        feats = np.empty((min(step, rr.size), 16), np.float32)
+        for a in range(0, rr.size, step):
+            r = rr[a : a + step]
+            f = feats[: r.size]
+            f[:, :8] = rows.w[r]
+            np.multiply(rows.wv[r], (-2 * isr[r])[:, None], out=f[:, 8:])
+            m = f @ table
+            i = m.argmin(axis=1)
+            idx[r] = i
+            obj[r] = np.take_along_axis(m, i[:, None], axis=1)[:, 0]
+    r = _pick(rows, obj, G)
+    return idx[r], rows.slot[r], obj[r]
 
 
 def _quantize(lat: _Lattice, x: np.ndarray, w: np.ndarray):
-    """The three-step search on blocks x, weights w (B, 256), both already scaled so max|x| = 1 per block.
+    """Steps 1 and 2 on blocks x, weights w (B, 256), both already scaled so max|x| = 1 per block.
 
-    Returns per group (index, variant) and per sub-block the level l, plus the unit scale u per block, such that
-    the decoded block is u·(2l+1)·point (signs applied separately for the unsigned lattices).
+    Returns the rows, the unit scale u per block and the target scale of every sub-block.
     """
     B = x.shape[0]
     G = B * QK_K // 8
     gps = lat.sub // 8  # groups per sub-block
     nsub = QK_K // lat.sub
-    top = float(np.abs(lat.points).max())
+    top = float(lat.values.max() + max(lat.shifts))
     rows = _rows(lat, w.reshape(G, 8), x.reshape(G, 8))
 
     # 1. trial scales per sub-block; keep the one whose refit explains most of Σw·x² (largest (Σwvq)²/Σwq²).
@@ -199,8 +238,7 @@ def _quantize(lat: _Lattice, x: np.ndarray, w: np.ndarray):
     score = np.full(B * nsub, -1.0, np.float32)
     for t in lat.trials:
         s = smax * _f32(t / top)
-        idx, var, _ = _search(lat, rows, np.repeat(1 / s, gps), G)
-        p, q2 = _fit(lat, rows, idx, var, G)
+        p, q2 = _free_fit(lat, rows, np.repeat(1 / s, gps), G)
         p, q2 = p.reshape(-1, gps).sum(axis=1), q2.reshape(-1, gps).sum(axis=1)
         with np.errstate(divide="ignore", invalid="ignore"):
             sc = np.where((q2 > 0) & (p > 0), p * p / q2, 0)
@@ -350,10 +388,9 @@ def _iq1_m(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     rows, u, target = _quantize(lat, xn, w)
     d = _f16(u * amax)
     un = (d.astype(np.float32) / np.where(amax > 0, amax, 1)).astype(np.float32)
-    index, _, level = _finish(lat, rows, xn, un, target)
+    grid, shifted, level = _finish(lat, rows, xn, un, target)
     B = x.shape[0]
-    n = lat.points.shape[0] // 2
-    grid, shifted = index % n, (index // n).astype(np.uint8)
+    shifted = shifted.astype(np.uint8)
     nib = ((grid >> 8).astype(np.uint8) | (shifted << 3)).reshape(B, 16, 2)
     qh = nib[..., 0] | (nib[..., 1] << 4)
     lv = level.astype(np.uint16).reshape(B, 4, 4)

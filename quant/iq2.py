@@ -65,6 +65,7 @@ class _Lattice:
 
 
 _POW3 = 3 ** np.arange(8)
+_POW3F = _POW3.astype(np.float32)  # codes stay below 3^8, exact in f32
 
 
 def _lattice(points: np.ndarray, shifts: tuple[float, ...] = (0.0,), **kw) -> _Lattice:
@@ -156,14 +157,18 @@ def _rows(lat: _Lattice, w: np.ndarray, x: np.ndarray) -> _Rows:
 def _round(lat: _Lattice, rows: _Rows, inv_s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each coordinate rounded on its own to the nearest value at scale 1/inv_s (per row), ignoring the grid.
 
-    Returns (levels (R, 8), values q (R, 8), objective (R,)); a row's error is Σw·v² + s²·objective. With positive
-    weights the error is separable, so this is the best point of the full cube {values}^8: the exact answer
-    whenever that point is in the grid.
+    Returns (levels (R, 8) f32 in {0, 1, 2}, values q (R, 8), objective (R,)); a row's error is Σw·v² +
+    s²·objective. With positive weights the error is separable, so this is the best point of the full cube
+    {values}^8: the exact answer whenever that point is in the grid.
     """
-    sh = np.asarray(lat.shifts, np.float32)[rows.shift]
-    y = rows.v * inv_s[:, None] - sh[:, None]
-    lv = np.searchsorted((lat.values[1:] + lat.values[:-1]) / 2, y)
-    q = lat.values[lv] + sh[:, None]
+    sh = np.asarray(lat.shifts, np.float32)[rows.shift][:, None]
+    y = rows.v * inv_s[:, None]
+    y -= sh
+    v0, v1, v2 = (float(a) for a in lat.values)
+    lv = (y > _f32((v0 + v1) / 2)).astype(np.float32)
+    lv += y > _f32((v1 + v2) / 2)
+    # The three values are evenly spaced for IQ1_M only, so map levels to values by two steps, not one slope.
+    q = np.where(lv > 1, _f32(v2), np.where(lv > 0, _f32(v1), _f32(v0))) + sh
     wq = rows.w * q
     obj = np.einsum("ri,ri->r", wq, q) - 2 * inv_s * np.einsum("ri,ri->r", wq, rows.v)
     return lv, q, obj.astype(np.float32)
@@ -199,8 +204,14 @@ def _search(lat: _Lattice, rows: _Rows, inv_s: np.ndarray, G: int) -> tuple[np.n
     """
     isr = inv_s[rows.group]
     lv, _, obj = _round(lat, rows, isr)
-    idx = lat.code_map[lv @ _POW3]
-    off = np.nonzero(idx < 0)[0]  # only rows whose cube optimum is not a grid point need the full search
+    idx = lat.code_map[(lv @ _POW3F).astype(np.int64)]
+    # Only rows whose cube optimum is not a grid point need the full search, and of those only the ones whose
+    # cube objective (a lower bound) beats the exact objective of an on-grid variant of the same group.
+    on_best = np.full(G, np.inf, np.float32)
+    on = idx >= 0
+    np.minimum.at(on_best, rows.group[on], obj[on])
+    off = np.nonzero(~on & (obj < on_best[rows.group]))[0]
+    obj[~on] = np.inf
     for t, table in enumerate(lat.tables):
         rr = off[rows.shift[off] == t] if len(lat.tables) > 1 else off
         step = max(1, _PASS_ELEMS // table.shape[1])
@@ -265,20 +276,23 @@ def _quantize(lat: _Lattice, x: np.ndarray, w: np.ndarray):
 
 
 def _finish(lat: _Lattice, rows: _Rows, x: np.ndarray, u: np.ndarray, target: np.ndarray):
-    """Step 3 at the stored unit u (B,): per sub-block, the best of the levels around its target."""
+    """Step 3 at the stored unit u (B,): per sub-block, the better of the two levels around its target."""
     B = x.shape[0]
     G = B * QK_K // 8
     gps = lat.sub // 8
     nsub = QK_K // lat.sub
     u = np.where(u > 0, u, _f32(1)).astype(np.float32)
-    l0 = np.clip(np.rint((target / u[:, None] - 1) / 2), 0, lat.levels - 1).reshape(-1)
+    cont = ((target / u[:, None] - 1) / 2).reshape(-1)  # the target's level, continuous
+    l0 = np.clip(np.rint(cont), 0, lat.levels - 1)
+    # The two stored levels around the target. (Adding the far side's level as well gains < 0.3% RMSE for 1.5x
+    # the time.)
+    candidates = (l0, np.clip(l0 + np.where(cont >= l0, 1, -1), 0, lat.levels - 1))
     ub = np.repeat(u, nsub)
     best = np.full(B * nsub, np.inf, np.float32)
     level = np.zeros(B * nsub, np.int64)
     index = np.zeros(G, np.int64)
     variant = np.zeros(G, np.int64)
-    for dl in (-1, 0, 1):
-        lv = np.clip(l0 + dl, 0, lat.levels - 1)
+    for lv in candidates:
         s = (ub * (2 * lv + 1)).astype(np.float32)
         idx, var, obj = _search(lat, rows, np.repeat(1 / s, gps), G)
         err = s * s * obj.reshape(-1, gps).sum(axis=1)

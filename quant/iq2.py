@@ -11,16 +11,20 @@ precomputed list of neighbours; it also assumes grid values {1,3,5} where the de
 Here the search is exhaustive and against the decoder's own values. For a group x with weights w at scale s, the
 error of lattice point g is Σw·x² − 2s·Σw·x·g + s²·Σw·g²; the last two terms for all N points are one product
 (G×16)@(16×N) of [w, −2/s·w·x] with the table [g²; g], so the best point of every group is one matmul and one
-argmin. The search runs in three steps per 256-block:
-  1. a few trial scales per sub-block, each followed by the least-squares refit of the scale to the points found,
-     give each sub-block a target scale and its curvature Σw·q² (the cost of missing the target);
+argmin. Each coordinate takes one of three values, and the error is separable over coordinates, so rounding each
+coordinate on its own gives the best point of the whole cube {3 values}^8 at once: when that point is in the grid
+it is the answer and the group skips the product; otherwise its error is a lower bound that can rule a variant out.
+The search runs in three steps per 256-block:
+  1. a few trial scales per sub-block, each rounded on the cube (cheap: no lattice product) and followed by the
+     least-squares refit of the scale, give each sub-block a target scale and its curvature Σw·q² (the cost of
+     missing the target);
   2. the block's f16 scale is chosen from a handful of candidates to minimize the curvature-weighted scale
-     rounding error, which fixes each sub-block's level `l`;
-  3. the lattice search is redone at the exact stored scale of the nearest levels (l-1, l, l+1), and each
-     sub-block keeps the level whose decoded values give the least weighted error.
+     rounding error of all targets, which puts each sub-block's target between two stored levels `l`;
+  3. the exhaustive lattice search runs at the exact stored scale of both levels, and each sub-block keeps the
+     one whose decoded values give the least weighted error.
 IQ2_XXS and IQ2_XS store 7 sign bits per group and imply the 8th by even parity; a group with an odd number of
-negatives must flip one sign, and the search tries flipping each of its least important elements (smallest w·|x|)
-with the full lattice, keeping the best.
+negatives must flip one sign, and the search tries flipping each of its two least important elements (smallest
+w·|x|) against the full lattice, keeping the better.
 
 Weights: with an importance matrix the error is weighted by the importance itself, the quantity the imatrix
 estimates (Σ over calibration inputs of a column's squared activation), so the search minimizes exactly
@@ -90,6 +94,8 @@ def _grid(cls: type) -> np.ndarray:
 _TRIALS_IQ2 = (0.5, 0.65, 0.8, 0.95, 1.1)
 _TRIALS_IQ1 = (0.4, 0.55, 0.7, 0.85, 1.0)
 
+# IQ2 grids hold 8x their values: the decoder computes d·(0.5+l)/4·grid = d·(2l+1)·(grid/8), so the search runs on
+# grid/8 with sub-block scale u·(2l+1), u = d. IQ1_M decodes d·(2l+1)·(grid ± 1/8) directly.
 _LATTICES: dict[QType, Callable[[], _Lattice]] = {
     QType.IQ2_XXS: lambda: _lattice(_grid(gq.IQ2_XXS) / 8, signed=False, parity=True, sub=32, levels=16,
                                     trials=_TRIALS_IQ2),
@@ -312,7 +318,7 @@ def _finish(lat: _Lattice, rows: _Rows, x: np.ndarray, u: np.ndarray, target: np
     return index, variant, level.reshape(B, nsub)
 
 
-def _signs(lat: _Lattice, rows: _Rows, x: np.ndarray, variant: np.ndarray) -> np.ndarray:
+def _signs(rows: _Rows, x: np.ndarray, variant: np.ndarray) -> np.ndarray:
     """(G,) sign bytes: bit i set where element i is decoded negative."""
     G = variant.shape[0]
     neg = (x.reshape(G, 8) < 0).astype(np.uint8)
@@ -359,18 +365,23 @@ def _f16(v: np.ndarray) -> np.ndarray:
     return np.minimum(v, _f32(65504)).astype(np.float16)
 
 
-def _iq2_core(qtype: QType, x: np.ndarray, qw: np.ndarray | None):
-    """Shared IQ2_* search: (d f16 (B,), grid index (B, 32), sign bytes (B, 32), levels (B, nsub))."""
+def _run(qtype: QType, x: np.ndarray, qw: np.ndarray | None, fallback: Callable[[np.ndarray], np.ndarray]):
+    """All three steps: (d f16 (B,), rows, normalized x, grid index (G,), variant (G,), levels (B, nsub))."""
     lat = _get(qtype)
-    xn, w, amax = _prepare(x, qw, _iq2_weights)
+    xn, w, amax = _prepare(x, qw, fallback)
     rows, u, target = _quantize(lat, xn, w)
-    # Decoded value = d·(0.5+l)/4·grid = d·(2l+1)·(grid/8), and the search ran on grid/8 and x/amax: d = u·amax.
+    # The search ran on x/amax, so the stored unit is u·amax; step 3 then searches at the unit as stored.
     d = _f16(u * amax)
     un = (d.astype(np.float32) / np.where(amax > 0, amax, 1)).astype(np.float32)
     index, variant, level = _finish(lat, rows, xn, un, target)
-    signs = _signs(lat, rows, xn, variant)
+    return d.astype("<f2"), rows, xn, index, variant, level.astype(np.uint8)
+
+
+def _iq2_core(qtype: QType, x: np.ndarray, qw: np.ndarray | None):
+    """Shared IQ2_* search: (d f16 (B,), grid index (B, 32), sign bytes (B, 32), levels (B, nsub))."""
+    d, rows, xn, index, variant, level = _run(qtype, x, qw, _iq2_weights)
     B = x.shape[0]
-    return d, index.reshape(B, 32), signs.reshape(B, 32), level.astype(np.uint8)
+    return d, index.reshape(B, 32), _signs(rows, xn, variant).reshape(B, 32), level
 
 
 def _nibbles(level: np.ndarray) -> np.ndarray:
@@ -404,12 +415,7 @@ def _iq2_s(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
 
 
 def _iq1_m(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
-    lat = _get(QType.IQ1_M)
-    xn, w, amax = _prepare(x, qw, _iq1_weights)
-    rows, u, target = _quantize(lat, xn, w)
-    d = _f16(u * amax)
-    un = (d.astype(np.float32) / np.where(amax > 0, amax, 1)).astype(np.float32)
-    grid, shifted, level = _finish(lat, rows, xn, un, target)
+    d, _, _, grid, shifted, level = _run(QType.IQ1_M, x, qw, _iq1_weights)
     B = x.shape[0]
     shifted = shifted.astype(np.uint8)
     nib = ((grid >> 8).astype(np.uint8) | (shifted << 3)).reshape(B, 16, 2)
@@ -417,7 +423,7 @@ def _iq1_m(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     lv = level.astype(np.uint16).reshape(B, 4, 4)
     sc = lv[..., 0] | (lv[..., 1] << 3) | (lv[..., 2] << 6) | (lv[..., 3] << 9)
     # The f16 block scale is spread over the top nibbles of the four scale words.
-    dbits = d.view(np.uint16)[:, None] >> np.array([0, 4, 8, 12], np.uint16)
+    dbits = d.view("<u2")[:, None] >> np.array([0, 4, 8, 12], np.uint16)
     sc = (sc | ((dbits & 0xF) << 12)).astype("<u2")
     return np.concatenate([(grid & 255).astype(np.uint8).reshape(B, 32), qh, sc.view(np.uint8).reshape(B, 8)], axis=1)
 

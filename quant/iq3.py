@@ -2,24 +2,26 @@
 
 Each quantizer maps (B, 256) f32 blocks [+ (B, 256) importance] to (B, type_size) uint8 in ggml's layout.
 
-All three types store a 256-element block as one f16 super-scale `d`, a small integer scale per 32 elements,
+All three types store a 256-element block as one f16 super-scale `d`, a 4- or 6-bit scale per 32 elements,
 and per element a code into a fixed value table: IQ3_XXS and IQ3_S pick a point of a 256- or 512-point lattice
 of positive 4-vectors plus signs, IQ4_XS one of 16 non-linear values. The search runs in three steps, each
 array math over every group of the chunk at once:
 
-1. Free group scale. For a few trial scales per group, every 4-wide tuple takes the lattice point of least
-   weighted error. That error, Σw·x² − 2s·Σw·x·g + s²·Σw·g², is linear in (s², s), so one matrix product of
-   the tuples' (w·s², −2s·w·x) with the lattice's (g², g) scores all points and argmin is the exhaustive
-   nearest point (ggml rounds to the cube instead and, off the lattice, scans a precomputed neighbour list).
-   IQ4_XS elements are independent, so a nearest-value lookup through a half-unit table is already exact.
-   Each trial's assignment is refit by least squares; the best refit gives the group's scale S*.
+1. Free group scale. A few trial scales per group; each element rounds to its nearest coordinate (for the
+   lattices on the full 8⁴ cube, ignoring which points exist) and a weighted least-squares refit of the best
+   trial gives the group's scale S*.
 2. Super-scale. ggml sets d from the largest group scale times one fixed fudge. Here several candidate d per
    block are scored after f16 rounding (what the decoder sees): for the lattices by the quadratic model
    Σ curvature·(d·m(l) − S*)² with l the nearest level and curvature = Σw·g² of the refit; for IQ4_XS, where
    scoring is cheap, by the exact error at every group's nearest level.
-3. Exact finish. With d fixed, each group also tries the neighbouring level (both for IQ4_XS, the one on S*'s
-   side for the lattices) with a fresh exhaustive assignment, and keeps the least true error. ggml keeps the
-   points found for the unquantized scale, never refitted to the scale the decoder uses.
+3. Exact finish. With d fixed, each group tries its nearest level and both neighbours with a fresh assignment
+   at that decoded scale and keeps the least true error (ggml keeps the points it found for the unquantized
+   scale). For the lattices the assignment is exhaustive: the weighted error of a point,
+   Σw·x² − 2s·Σw·x·g + s²·Σw·g², is linear in (s², s), so one matrix product of the tuples' (w·s², −2s·w·x)
+   with the lattice's [g²; g] scores every point and argmin takes the best, where ggml rounds to the cube and,
+   off the lattice, scans a short precomputed neighbour list. Tuples whose cube rounding already lands on the
+   lattice skip the product: the error is separable, so that point is the best of the whole cube.
+   IQ4_XS elements are independent, so its nearest-value lookup (a half-unit table) is exact by itself.
 
 Weights follow ggml's importance path, qw·sqrt(σ² + x²) with σ² = 2·mean(x²) over the block, and qw = 1
 without an importance vector (see `_weights` for why not ggml's x² there). A group whose weights are all zero
@@ -31,6 +33,7 @@ d is rounded to f16 in real units (saturating at the f16 maximum rather than bec
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 from gguf import quants as gq
@@ -39,8 +42,8 @@ from quant.ggml import QType
 
 QK_K = 256
 _F16_MAX = np.float32(65504)
-# Blocks per inner chunk. The lattices' (tuples × points) cost matrix is then 2 MB and stays in cache: measured
-# fastest, against 8 to 512 blocks, since the matrix product and its argmin are the whole cost.
+# Blocks per inner chunk, keyed by lattice size: the (off-lattice tuples × points) cost matrix then stays at a
+# few MB, in cache. Measured fastest against 8 to 512 blocks (the product and its argmin are most of the time).
 _SUB_BLOCKS = {256: 128, 512: 64}
 # IQ4_XS holds a dozen (groups × 32) temporaries: 2048 blocks keep each at 2 MB.
 _SUB_BLOCKS_IQ4 = 2048
@@ -60,13 +63,22 @@ _S_GRID = _lattice(gq.IQ3_S)
 _KVALUES = np.array(gq.IQ4_NL.kvalues, dtype=np.float32)
 
 
-def _lattice_rhs(grid: np.ndarray) -> np.ndarray:
-    """(N, 4) lattice → (8, N) [g²; g], the right factor of the per-tuple error matrix product."""
-    return np.ascontiguousarray(np.concatenate([grid * grid, grid], axis=1).T)
+class _Lattice(NamedTuple):
+    grid: np.ndarray  # (N, 4) coordinate values
+    rhs: np.ndarray  # (8, N) [g²; g], the right factor of the per-tuple error matrix product
+    index: np.ndarray  # (4096,) lattice index of each cube point (3 bits per coordinate, first lowest), or -1
+    xxs: bool
 
 
-_XXS_RHS = _lattice_rhs(_XXS_GRID)
-_S_RHS = _lattice_rhs(_S_GRID)
+def _make_lattice(grid: np.ndarray, xxs: bool) -> _Lattice:
+    k = ((np.minimum(grid, 15) - 1) / 2).astype(np.intp)
+    index = np.full(4096, -1, np.intp)
+    index[k[:, 0] | (k[:, 1] << 3) | (k[:, 2] << 6) | (k[:, 3] << 9)] = np.arange(grid.shape[0])
+    return _Lattice(grid, np.ascontiguousarray(np.concatenate([grid * grid, grid], axis=1).T), index, xxs)
+
+
+_XXS = _make_lattice(_XXS_GRID, xxs=True)
+_S = _make_lattice(_S_GRID, xxs=False)
 
 
 def _nearest_table() -> tuple[np.ndarray, np.ndarray]:
@@ -175,13 +187,26 @@ def _cube_round(v: np.ndarray, xxs: bool) -> np.ndarray:
     return q
 
 
-def _tuple_costs(wt: np.ndarray, wxt: np.ndarray, s: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    """(T, N) weighted error of every lattice point for each tuple at scale s (T,), less the constant Σw·x²."""
-    lhs = np.concatenate([wt * (s * s)[:, None], wxt * (-2 * s)[:, None]], axis=1)
-    return lhs @ rhs
+def _nearest_points(lat: _Lattice, xt: np.ndarray, wt: np.ndarray, wxt: np.ndarray, s: np.ndarray):
+    """Per tuple (T, 4) at scale s (T,): the lattice point of least weighted error, and that error less Σw·x².
+
+    The error is separable over coordinates, so rounding each one gives the best point of the whole cube; when
+    that point is on the lattice it is the answer. Only the other tuples pay for the exhaustive search: the
+    error of every lattice point from one matrix product of (w·s², −2s·w·x) with [g²; g], then argmin.
+    """
+    k = ((np.minimum(_cube_round(xt * _safe_div(np.ones_like(s), s)[:, None], lat.xxs), 15) - 1) / 2)
+    k = k.astype(np.intp)
+    idx = lat.index[k[:, 0] | (k[:, 1] << 3) | (k[:, 2] << 6) | (k[:, 3] << 9)]
+    off = np.nonzero(idx < 0)[0]
+    if off.size:
+        so = s[off]
+        lhs = np.concatenate([wt[off] * (so * so)[:, None], wxt[off] * (-2 * so)[:, None]], axis=1)
+        idx[off] = (lhs @ lat.rhs).argmin(axis=1)
+    g = lat.grid[idx]
+    return idx, s * s * np.einsum("ti,ti->t", wt * g, g) - 2 * s * np.einsum("ti,ti->t", wxt, g)
 
 
-def _iq3_sub(x: np.ndarray, qw: np.ndarray | None, rhs: np.ndarray, xxs: bool):
+def _iq3_sub(x: np.ndarray, qw: np.ndarray | None, lat: _Lattice):
     """One chunk of blocks → (d16 (B,), l (B, 8), lattice index (B, 64), negative-sign mask (B, 256))."""
     B = x.shape[0]
     G, T = B * 8, B * 64
@@ -190,6 +215,7 @@ def _iq3_sub(x: np.ndarray, qw: np.ndarray | None, rhs: np.ndarray, xxs: bool):
     xg = xn.reshape(G, 32)
     neg = xg < 0
     xa = np.abs(xg)
+    xxs = lat.xxs
     if xxs:
         # IQ3_XXS stores 7 sign bits per 8 values, the 8th implied by even parity: an odd group gives up the sign
         # of its least important element, for now the least w·x² (as ggml).
@@ -200,8 +226,8 @@ def _iq3_sub(x: np.ndarray, qw: np.ndarray | None, rhs: np.ndarray, xxs: bool):
     wt, wxt = w.reshape(T, 4), wx.reshape(T, 4)
 
     # Phase 1: free scale per group, on the full 8⁴ cube of coordinates rather than the lattice: per-element
-    # rounding is a few cheap array passes, and phase 3's exhaustive search at the decoded scale makes up for
-    # the cube's optimism (measured: lattice trials here cost 1.5x the time for ~3% less error).
+    # rounding is a few cheap array passes, and phase 3's exact search at the decoded scale makes up for the
+    # cube's optimism (measured: exhaustive lattice trials here cost 1.5x the time for ~3% less error).
     gmax = np.maximum(xa.max(axis=1), 0)
     best = np.zeros(G, np.float32)
     s_star = np.zeros(G, np.float32)
@@ -238,9 +264,8 @@ def _iq3_sub(x: np.ndarray, qw: np.ndarray | None, rhs: np.ndarray, xxs: bool):
     index = np.zeros(T, np.int64)
     # S* came from the cube, so the lattice's own best level may sit one step off the nearest.
     for lc in (l0, np.clip(l0 - 1, 0, 15), np.clip(l0 + 1, 0, 15)):
-        cost = _tuple_costs(wt, wxt, np.repeat(dg * (2 * lc + 1), 8), rhs)
-        idx = cost.argmin(axis=1)
-        err = np.take_along_axis(cost, idx[:, None], axis=1).reshape(G, 8).sum(axis=1)
+        idx, err = _nearest_points(lat, xa.reshape(T, 4), wt, wxt, np.repeat(dg * (2 * lc + 1), 8))
+        err = err.reshape(G, 8).sum(axis=1)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         level = np.where(better, lc, level)
@@ -263,7 +288,7 @@ def _chunked(fn: Callable, x: np.ndarray, qw: np.ndarray | None, size: int, type
 
 def _iq3_xxs_sub(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     B = x.shape[0]
-    d16, level, index, neg = _iq3_sub(x, qw, _XXS_RHS, xxs=True)
+    d16, level, index, neg = _iq3_sub(x, qw, _XXS)
     codes = (_sign_bytes(neg) & 127).reshape(B, 8, 4).astype(np.uint32)
     words = codes[..., 0] | (codes[..., 1] << 7) | (codes[..., 2] << 14) | (codes[..., 3] << 21) | (level << 28)
     out = np.concatenate([_f16_bytes(d16), index.astype(np.uint8), words.astype("<u4").view(np.uint8)], axis=1)
@@ -273,7 +298,7 @@ def _iq3_xxs_sub(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
 
 def _iq3_s_sub(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     B = x.shape[0]
-    d16, level, index, neg = _iq3_sub(x, qw, _S_RHS, xxs=False)
+    d16, level, index, neg = _iq3_sub(x, qw, _S)
     qh = np.packbits((index >> 8).astype(np.uint8).reshape(B, 8, 8), axis=-1, bitorder="little")[..., 0]
     scales = (level[:, 0::2] | (level[:, 1::2] << 4)).astype(np.uint8)
     out = np.concatenate(

@@ -359,3 +359,32 @@ def test_llama_imatrix_reproduces_the_fixture(fixture, tiny_gguf, tmp_path):
         np.testing.assert_array_equal(fresh.counts[k], fixture.counts[k])
         # same binary, same threads: llama.cpp is deterministic here; a rebuild on another CPU may round differently
         np.testing.assert_allclose(fresh.sums[k], fixture.sums[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def _combine(tmp_path: Path, *args: str) -> None:
+    """llama-imatrix without a prompt: it only loads --in-file inputs and saves them (no model is loaded; -m is
+    required by its argument parser all the same)."""
+    r = subprocess.run([str(_tool("llama-imatrix")), "-m", str(tmp_path / "unused.gguf"), "-c", "64", *args],
+                       capture_output=True, text=True, errors="replace", timeout=120)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.llama
+def test_merge_equals_llama_imatrix_in_file(fixture, tmp_path):
+    _combine(tmp_path, "--in-file", str(FIXTURE), "--in-file", str(FIXTURE), "-o", str(tmp_path / "theirs.gguf"))
+    fixture.merge(fixture).save(tmp_path / "ours.gguf")
+    assert (tmp_path / "ours.gguf").read_bytes() == (tmp_path / "theirs.gguf").read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.llama
+def test_reads_llama_imatrix_legacy_dat(fixture, tmp_path):
+    _combine(tmp_path, "--in-file", str(FIXTURE), "--output-format", "dat", "-o", str(tmp_path / "imatrix.dat"))
+    legacy = load_imatrix(tmp_path / "imatrix.dat")
+    assert legacy.sums.keys() == fixture.sums.keys()
+    assert (legacy.datasets, legacy.chunk_count, legacy.chunk_size) == (fixture.datasets, fixture.chunk_count, 0)
+    for k, s in fixture.sums.items():
+        # the .dat stores (sum / count) · ncall in f32: the same importance up to f32 rounding
+        n_in = s.shape[1] if not k.endswith("attn_output_a.weight") else s.shape[1] // 2
+        np.testing.assert_allclose(legacy.importance(k, n_in), fixture.importance(k, n_in), rtol=1e-6, err_msg=k)

@@ -35,7 +35,7 @@ estimates (Σ over calibration inputs of a column's squared activation), so the 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from gguf import quants as gq
@@ -135,6 +135,15 @@ class _Rows:
     slot: np.ndarray  # (R,) the row's variant number within its group
     shift: np.ndarray  # (R,) index into the lattice's shifts
     flip: np.ndarray  # (G, slots) element flipped by each variant (-1: none)
+    sel: np.ndarray = field(init=False)  # (G, slots) row of each (group, variant), -1 where the group has no such variant
+
+    def __post_init__(self):
+        self.sel = np.full(self.flip.shape, -1)
+        self.sel[self.group, self.slot] = np.arange(self.group.size)
+
+    def per_group(self, obj: np.ndarray) -> np.ndarray:
+        """(R,) row values → (G, slots), +inf for missing variants."""
+        return np.where(self.sel >= 0, obj[self.sel], np.inf)
 
 
 def _rows(lat: _Lattice, w: np.ndarray, x: np.ndarray) -> _Rows:
@@ -189,41 +198,47 @@ def _round(lat: _Lattice, rows: _Rows, inv_s: np.ndarray) -> tuple[np.ndarray, n
     return up1, q, obj
 
 
-def _pick(rows: _Rows, obj: np.ndarray, G: int) -> np.ndarray:
+def _pick(rows: _Rows, obj: np.ndarray) -> np.ndarray:
     """Per group, the row of its best variant."""
-    k = rows.flip.shape[1]
-    best = np.full((G, k), np.inf, np.float32)
-    best[rows.group, rows.slot] = obj
-    sel = np.empty((G, k), np.int64)
-    sel[rows.group, rows.slot] = np.arange(rows.group.size)
-    return sel[np.arange(G), best.argmin(axis=1)]
+    G = rows.sel.shape[0]
+    return rows.sel[np.arange(G), rows.per_group(obj).argmin(axis=1)]
 
 
-def _free_fit(lat: _Lattice, rows: _Rows, inv_s: np.ndarray, G: int) -> tuple[np.ndarray, np.ndarray]:
+def _free_fit(lat: _Lattice, rows: _Rows, inv_s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Σw·v·q and Σw·q² per group for its best point of the full cube (the grid constraint dropped).
 
     Cheap (no lattice product) and close enough to steer the scale: step 3 searches the real grid.
     """
     _, q, obj = _round(lat, rows, inv_s[rows.group])
-    r = _pick(rows, obj, G)
+    r = _pick(rows, obj)
     wq = rows.w[r] * q[r]
     return np.einsum("gi,gi->g", wq, rows.v[r]), np.einsum("gi,gi->g", wq, q[r])
 
 
-def _search(lat: _Lattice, rows: _Rows, inv_s: np.ndarray, G: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _search(
+    lat: _Lattice, rows: _Rows, inv_s: np.ndarray, hint: tuple[np.ndarray, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Best grid point of every group at scale 1/inv_s (per group), exhaustively.
 
-    Returns (grid index (G,), variant (G,), objective (G,)); the group's error is Σw·x² + s²·objective.
+    `hint` (grid index, variant per group), a good point from a nearby scale, only speeds the search up: its
+    error bounds what the others must beat. Returns (grid index (G,), variant (G,), objective (G,)); the group's
+    error is Σw·x² + s²·objective.
     """
+    G = rows.sel.shape[0]
     isr = inv_s[rows.group]
     lv, _, obj = _round(lat, rows, isr)
     idx = lat.code_map[(lv @ _POW3F).astype(np.int64)]
-    # Only rows whose cube optimum is not a grid point need the full search, and of those only the ones whose
-    # cube objective (a lower bound) beats the exact objective of an on-grid variant of the same group.
-    on_best = np.full(G, np.inf, np.float32)
     on = idx >= 0
-    np.minimum.at(on_best, rows.group[on], obj[on])
-    off = np.nonzero(~on & (obj < on_best[rows.group]))[0]
+    # A row whose cube optimum is a grid point is solved. The others need the full search, unless their cube
+    # objective (a lower bound) cannot beat a solved variant of the same group or the hint.
+    bound = rows.per_group(np.where(on, obj, np.inf)).min(axis=1)
+    if hint is not None:
+        h_idx, h_var = hint
+        r = rows.sel[np.arange(G), h_var]
+        q = lat.points[h_idx] + np.asarray(lat.shifts, np.float32)[rows.shift[r]][:, None]
+        h_obj = np.einsum("gi,gi->g", rows.w[r] * q, q - 2 * inv_s[:, None] * rows.v[r])
+        bound = np.minimum(bound, h_obj)
+    off = np.nonzero(~on & (obj < bound[rows.group]))[0]
     obj[~on] = np.inf
     for t, table in enumerate(lat.tables):
         rr = off[rows.shift[off] == t] if len(lat.tables) > 1 else off
@@ -238,8 +253,13 @@ def _search(lat: _Lattice, rows: _Rows, inv_s: np.ndarray, G: int) -> tuple[np.n
             i = m.argmin(axis=1)
             idx[r] = i
             obj[r] = np.take_along_axis(m, i[:, None], axis=1)[:, 0]
-    r = _pick(rows, obj, G)
-    return idx[r], rows.slot[r], obj[r]
+    r = _pick(rows, obj)
+    best_idx, best_var, best_obj = idx[r], rows.slot[r], obj[r]
+    if hint is not None:
+        keep = h_obj < best_obj
+        best_idx, best_var = np.where(keep, h_idx, best_idx), np.where(keep, h_var, best_var)
+        best_obj = np.where(keep, h_obj, best_obj)
+    return best_idx, best_var, best_obj
 
 
 def _quantize(lat: _Lattice, x: np.ndarray, w: np.ndarray):
@@ -262,7 +282,7 @@ def _quantize(lat: _Lattice, x: np.ndarray, w: np.ndarray):
     score = np.full(B * nsub, -1.0, np.float32)
     for t in lat.trials:
         s = smax * _f32(t / top)
-        p, q2 = _free_fit(lat, rows, np.repeat(1 / s, gps), G)
+        p, q2 = _free_fit(lat, rows, np.repeat(1 / s, gps))
         p, q2 = p.reshape(-1, gps).sum(axis=1), q2.reshape(-1, gps).sum(axis=1)
         with np.errstate(divide="ignore", invalid="ignore"):
             sc = np.where((q2 > 0) & (p > 0), p * p / q2, 0)
@@ -305,9 +325,11 @@ def _finish(lat: _Lattice, rows: _Rows, x: np.ndarray, u: np.ndarray, target: np
     level = np.zeros(B * nsub, np.int64)
     index = np.zeros(G, np.int64)
     variant = np.zeros(G, np.int64)
-    for lv in candidates:
+    for n, lv in enumerate(candidates):
         s = (ub * (2 * lv + 1)).astype(np.float32)
-        idx, var, obj = _search(lat, rows, np.repeat(1 / s, gps), G)
+        # The first level's points seed the second level's search (same groups, a nearby scale).
+        hint = (index, variant) if n else None
+        idx, var, obj = _search(lat, rows, np.repeat(1 / s, gps), hint)
         err = s * s * obj.reshape(-1, gps).sum(axis=1)
         better = err < best
         best = np.where(better, err, best)

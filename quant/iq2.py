@@ -135,7 +135,7 @@ class _Rows:
     slot: np.ndarray  # (R,) the row's variant number within its group
     shift: np.ndarray  # (R,) index into the lattice's shifts
     flip: np.ndarray  # (G, slots) element flipped by each variant (-1: none)
-    sel: np.ndarray = field(init=False)  # (G, slots) row of each (group, variant), -1 where the group has no such variant
+    sel: np.ndarray = field(init=False)  # (G, slots) row of each (group, variant); -1: the group lacks it
 
     def __post_init__(self):
         self.sel = np.full(self.flip.shape, -1)

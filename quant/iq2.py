@@ -182,19 +182,18 @@ def _round(lat: _Lattice, rows: _Rows, inv_s: np.ndarray) -> tuple[np.ndarray, n
     """
     sh = np.asarray(lat.shifts, np.float32)[rows.shift][:, None]
     y = rows.v * inv_s[:, None]
-    y -= sh
     v0, v1, v2 = (float(a) for a in lat.values)
-    up1 = (y > _f32((v0 + v1) / 2)).astype(np.float32)
-    up2 = (y > _f32((v1 + v2) / 2)).astype(np.float32)
+    up1 = (y > sh + _f32((v0 + v1) / 2)).astype(np.float32)
+    up2 = (y > sh + _f32((v1 + v2) / 2)).astype(np.float32)
     q = up1 * _f32(v1 - v0)
-    q += up2 * _f32(v2 - v1)
     q += sh + _f32(v0)
+    q += up2 * _f32(v2 - v1)
     up1 += up2
-    # Σw·q² − 2/s·Σw·v·q, as one reduction of w·q·(q − 2/s·v)
-    t = rows.v * (-2 * inv_s)[:, None]
-    t += q
-    t *= rows.w
-    obj = np.einsum("ri,ri->r", t, q)
+    # Σw·q² − 2/s·Σw·v·q, as one reduction of w·q·(q − 2·y) with y = v/s
+    y *= -2
+    y += q
+    y *= rows.w
+    obj = np.einsum("ri,ri->r", y, q)
     return up1, q, obj
 
 

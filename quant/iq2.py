@@ -229,7 +229,8 @@ def _search(
     idx = lat.code_map[(lv @ _POW3F).astype(np.int64)]
     on = idx >= 0
     # A row whose cube optimum is a grid point is solved. The others need the full search, unless their cube
-    # objective (a lower bound) cannot beat a solved variant of the same group or the hint.
+    # objective (a lower bound) cannot beat the best solved variant of the same group or the hint. Variants are
+    # searched one rank at a time so that each one's results tighten the bound for the next.
     bound = rows.per_group(np.where(on, obj, np.inf)).min(axis=1)
     if hint is not None:
         h_idx, h_var = hint
@@ -237,21 +238,32 @@ def _search(
         q = lat.points[h_idx] + np.asarray(lat.shifts, np.float32)[rows.shift[r]][:, None]
         h_obj = np.einsum("gi,gi->g", rows.w[r] * q, q - 2 * inv_s[:, None] * rows.v[r])
         bound = np.minimum(bound, h_obj)
-    off = np.nonzero(~on & (obj < bound[rows.group]))[0]
+    lower = obj.copy()
     obj[~on] = np.inf
-    for t, table in enumerate(lat.tables):
-        rr = off[rows.shift[off] == t] if len(lat.tables) > 1 else off
-        step = max(1, _PASS_ELEMS // table.shape[1])
-        feats = np.empty((min(step, rr.size), 16), np.float32)
-        for a in range(0, rr.size, step):
-            r = rr[a : a + step]
-            f = feats[: r.size]
-            f[:, :8] = rows.w[r]
-            np.multiply(rows.wv[r], (-2 * isr[r])[:, None], out=f[:, 8:])
-            m = f @ table
-            i = m.argmin(axis=1)
-            idx[r] = i
-            obj[r] = np.take_along_axis(m, i[:, None], axis=1)[:, 0]
+    # Most promising variant first: rank the variants of each group by their lower bound.
+    _, k = rows.sel.shape
+    order = np.argsort(rows.per_group(lower), axis=1, kind="stable")
+    rank = np.empty(rows.group.size, np.int64)
+    ranked = rows.sel[np.arange(G)[:, None], order]
+    present = ranked >= 0
+    rank[ranked[present]] = np.broadcast_to(np.arange(k), (G, k))[present]
+    for n in range(k):
+        todo = np.nonzero(~on & (rank == n) & (lower < bound[rows.group]))[0]
+        for t, table in enumerate(lat.tables):
+            rr = todo[rows.shift[todo] == t]
+            step = max(1, _PASS_ELEMS // table.shape[1])
+            feats = np.empty((min(step, rr.size), 16), np.float32)
+            for a in range(0, rr.size, step):
+                r = rr[a : a + step]
+                f = feats[: r.size]
+                f[:, :8] = rows.w[r]
+                np.multiply(rows.wv[r], (-2 * isr[r])[:, None], out=f[:, 8:])
+                m = f @ table
+                i = m.argmin(axis=1)
+                idx[r] = i
+                obj[r] = np.take_along_axis(m, i[:, None], axis=1)[:, 0]
+        g = rows.group[todo]  # one row per group within a rank
+        bound[g] = np.minimum(bound[g], obj[todo])
     r = _pick(rows, obj)
     best_idx, best_var, best_obj = idx[r], rows.slot[r], obj[r]
     if hint is not None:

@@ -6,7 +6,8 @@ ggml is reached through the libggml-base shared library that ships inside the ll
     python benchmarks/quant_rmse.py [--rows 2048] [--cols 4096] [--imatrix]
 
 With `--imatrix` both sides also quantize with the same random importance vector, and the table reports the
-importance-weighted relative RMSE (ggml then runs its separate `*_impl` search, so the algorithms differ).
+importance-weighted relative RMSE (ggml then runs its separate `*_impl` search, so the algorithms differ). ggml
+refuses IQ2_XXS, IQ2_XS and IQ1_M without an importance matrix; those rows show ours alone. `--types` picks rows.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import numpy as np
 from gguf import quants as gq
 
 from quant.formats import quantize
-from quant.ggml import QType, byte_shape
+from quant.ggml import QType, byte_shape, type_info
 
-TYPES = (QType.Q8_0, QType.Q6_K, QType.Q4_K, QType.Q3_K, QType.Q2_K)
+TYPES = (QType.Q8_0, QType.Q6_K, QType.Q4_K, QType.Q3_K, QType.Q2_K, QType.IQ4_XS, QType.IQ3_S, QType.IQ3_XXS,
+         QType.IQ2_S, QType.IQ2_XS, QType.IQ2_XXS, QType.IQ1_M)
 
 
 class GgmlQuantizer:
@@ -114,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=2048)
     ap.add_argument("--cols", type=int, default=4096)
     ap.add_argument("--imatrix", action="store_true", help="quantize with a random importance vector")
+    ap.add_argument("--types", default=",".join(t.name for t in TYPES))
     args = ap.parse_args(argv)
+    types = [QType[t.strip().upper()] for t in args.types.split(",")]
 
     ggml = GgmlQuantizer.find()
     if ggml is None:
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         imx = (3 * np.random.default_rng(1).standard_normal(args.cols) ** 2 + 0.01).astype(np.float32)
 
     head = (
-        f"{'tensor':<11} {'type':<5} {'ours RMSE':>10} {'ggml RMSE':>10} {'ratio':>7} {'bytes eq':>8} "
+        f"{'tensor':<11} {'type':<7} {'ours RMSE':>10} {'ggml RMSE':>10} {'ratio':>7} {'bytes eq':>8} "
         f"{'ours MB/s':>9} {'ggml MB/s':>9}"
     )
     print(
@@ -135,18 +139,18 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(head))
     for name, x in make_tensors(args.rows, args.cols).items():
         mb = x.nbytes / 1e6
-        for qtype in TYPES:
+        for qtype in types:
             w = None if qtype == QType.Q8_0 else imx
             ours, t_ours = timed(quantize, x, qtype, w)
             r_ours = rel_rmse(gq.dequantize(ours, qtype), x, w)
-            if ggml is not None:
+            if ggml is not None and (w is not None or not type_info(qtype).imatrix_only):
                 ref, t_ref = timed(ggml.quantize, x, qtype, w)
                 r_ref = rel_rmse(gq.dequantize(ref, qtype), x, w)
                 eq = f"{np.mean(ours == ref):8.4f}"
                 cols = f"{r_ref:10.5f} {r_ours / r_ref:7.4f} {eq} {mb / t_ours:9.1f} {mb / t_ref:9.1f}"
             else:
                 cols = f"{'-':>10} {'-':>7} {'-':>8} {mb / t_ours:9.1f} {'-':>9}"
-            print(f"{name:<11} {qtype.name:<5} {r_ours:10.5f} {cols}", flush=True)
+            print(f"{name:<11} {qtype.name:<7} {r_ours:10.5f} {cols}", flush=True)
     return 0
 
 

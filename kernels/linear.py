@@ -5,13 +5,15 @@ dequantized at load. `linear(x, w)` dispatches on (qtype, device type) to a regi
 to the reference: dequantize, then matmul. Fast kernels plug in with `register(qtype, device_type)`;
 `kernels.fast` (the compiled CPU kernels) and `kernels.gpu` (Triton, for CUDA) register themselves on the first
 call. `routed_experts` is the same arrangement for a decode-time MoE over a few (token, expert) pairs.
-`V4_KERNELS=reference` forces the references.
+`V4_KERNELS=reference` forces the references. `observing(fn)` shows every product's input to `fn` (v4 imatrix).
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -147,15 +149,42 @@ def use_fast() -> bool:
 
 
 def try_fast(registry: dict, like: torch.Tensor, *args):
-    """The registered fast kernel for `like`'s device called on args, or None (none registered, or it declined)."""
+    """The registered fast kernel for `like`'s device called on args, or None (none registered, or it declined).
+
+    Fused kernels decline while `observing`: they run products whose inputs the observer would not see."""
+    if _observer is not None:
+        return None
     fn = registry.get(like.device.type) if use_fast() else None
     return fn(*args) if fn is not None else None
 
 
-def linear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
-    """x [..., in] f32 → [..., out] f32 through the best registered kernel for w."""
+Observer = Callable[[torch.Tensor, QWeight], None]
+_observer: Observer | None = None
+
+
+@contextmanager
+def observing(fn: Observer) -> Iterator[None]:
+    """Within the block, every weight product calls fn(x, w) with its input first: an importance matrix is made of
+    these inputs. Experts then always go one product per expert (`grouped_experts`), so that each expert's slice
+    of the stacked tensor shows up with only the tokens routed to it."""
+    global _observer
+    prev, _observer = _observer, fn
+    try:
+        yield
+    finally:
+        _observer = prev
+
+
+def _linear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
     fn = _KERNELS.get((w.qtype, x.device.type), reference_linear) if use_fast() else reference_linear
     return fn(x, w)
+
+
+def linear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
+    """x [..., in] f32 → [..., out] f32 through the best registered kernel for w."""
+    if _observer is not None:
+        _observer(x, w)
+    return _linear(x, w)
 
 
 BatchKernel = Callable[[Sequence[tuple[torch.Tensor, QWeight]]], "list[torch.Tensor] | None"]
@@ -182,8 +211,11 @@ register_batch = registrar(_BATCH_KERNELS)
 def linear_many(pairs: Sequence[tuple[torch.Tensor, QWeight]]) -> list[torch.Tensor]:
     """[linear(x, w) for x, w in pairs], in one kernel call where one is registered: at decode a layer's small
     projections cost more in per-call overhead than in arithmetic."""
+    if _observer is not None:
+        for x, w in pairs:
+            _observer(x, w)
     ys = try_fast(_BATCH_KERNELS, pairs[0][0], pairs) if pairs else None
-    return ys if ys is not None else [linear(x, w) for x, w in pairs]
+    return ys if ys is not None else [_linear(x, w) for x, w in pairs]
 
 
 MoeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, QWeight, QWeight, QWeight, float], torch.Tensor]
@@ -219,6 +251,8 @@ def routed_experts(x: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, w1: QW
     w1 / w3 (gate / up) are 3-D [E, I, D] and w2 (down) [E, D, I]. Meant for decode-sized batches; a fast kernel
     reads each selected expert's bytes once without building f32 copies.
     """
+    if _observer is not None:  # the fused kernels never show their inputs
+        return grouped_experts(x, idx, wts, w1, w3, w2, limit)
     y = try_fast(_MOE_KERNELS, x, x, idx, wts, w1, w3, w2, limit)
     return y if y is not None else reference_routed_experts(x, idx, wts, w1, w3, w2, limit)
 

@@ -448,7 +448,7 @@ _BLOCK_QUANTIZERS: dict[QType, Callable[[np.ndarray, np.ndarray | None], np.ndar
 
 # Types `quantize` can write; every block quantizer but Q8_0 honours an importance matrix (ggml's Q8_0 ignores it).
 QUANTIZABLE: tuple[QType, ...] = (QType.F32, QType.F16, QType.BF16, *_BLOCK_QUANTIZERS)
-_IMATRIX_TYPES = tuple(t for t in _BLOCK_QUANTIZERS if t != QType.Q8_0)
+IMATRIX_TYPES = tuple(t for t in _BLOCK_QUANTIZERS if t != QType.Q8_0)
 
 
 def _bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -464,14 +464,16 @@ def quantize(array: np.ndarray, qtype: QType, imatrix: np.ndarray | None = None)
     `imatrix` (optional; not for Q8_0/F16/BF16/F32) holds one non-negative importance per column (length = row
     length). With it, each K-quant runs ggml's importance-weighted search (`quantize_row_*_K_impl`, what
     llama-quantize uses with --imatrix) instead of the reference one, and each I-quant weighs its lattice search
-    by it. I-quants without one weigh errors by x² (llama.cpp refuses the `imatrix_only` types without one).
+    by it. Without one, the I-quants weigh errors by the weights' own magnitudes, as ggml does (quant/iq2.py,
+    quant/iq3.py say exactly how); llama.cpp refuses the `imatrix_only` types without one, and so does
+    `v4 quantize` (quant/convert.py), but the functions here do not.
     """
     qtype = type_info(qtype).qtype
     if qtype not in QUANTIZABLE:
         raise UnsupportedModel(f"no quantizer for {qtype.name}; supported: {', '.join(t.name for t in QUANTIZABLE)}")
-    if imatrix is not None and qtype not in _IMATRIX_TYPES:
+    if imatrix is not None and qtype not in IMATRIX_TYPES:
         raise BadInput(f"an importance matrix does not apply to {qtype.name}",
-                       hint=f"it applies to {', '.join(t.name for t in _IMATRIX_TYPES)}")
+                       hint=f"it applies to {', '.join(t.name for t in IMATRIX_TYPES)}")
     x = np.ascontiguousarray(array, dtype=np.float32)
     if x.ndim == 0:
         x = x.reshape(1)

@@ -87,6 +87,15 @@ class Provenance:
     CONFIG_JSON = "v4.source.config_json"  # the source config.json, verbatim
 
 
+class Quantize:
+    """llama-quantize's record of the importance matrix a file was quantized with (we write the same)."""
+
+    IMATRIX_FILE = "quantize.imatrix.file"
+    IMATRIX_DATASET = "quantize.imatrix.dataset"
+    IMATRIX_N_ENTRIES = "quantize.imatrix.entries_count"
+    IMATRIX_N_CHUNKS = "quantize.imatrix.chunks_count"
+
+
 class Split:
     """llama.cpp's split sets (gguf-split): every part carries these; the first part also all the metadata."""
 

@@ -166,14 +166,15 @@ def test_quantize_errors() -> None:
     with pytest.raises(BadInput):
         quantize(np.zeros((2, 300), np.float32), QType.Q4_K)
     with pytest.raises(UnsupportedModel):
-        quantize(np.zeros((2, 256), np.float32), QType.IQ2_XXS)
+        quantize(np.zeros((2, 256), np.float32), QType.IQ1_S)  # read-only: no quantizer
     with pytest.raises(BadInput):
         quantize(np.zeros((2, 256), np.float32), QType.Q4_K, imatrix=np.ones(128, np.float32))
     with pytest.raises(BadInput):
         quantize(np.zeros((2, 256), np.float32), QType.Q2_K, imatrix=-np.ones(256, np.float32))
     with pytest.raises(BadInput):
         quantize(np.zeros((2, 256), np.float32), QType.Q8_0, imatrix=np.ones(256, np.float32))
-    assert set(QUANTIZABLE) == {QType.F32, QType.F16, QType.BF16, QType.Q8_0, *K_QUANTS}
+    assert set(QUANTIZABLE) == {QType.F32, QType.F16, QType.BF16, QType.Q8_0, *K_QUANTS, QType.IQ4_XS, QType.IQ3_S,
+                                QType.IQ3_XXS, QType.IQ2_S, QType.IQ2_XS, QType.IQ2_XXS, QType.IQ1_M}
 
 
 @pytest.mark.llama

@@ -103,7 +103,10 @@ def test_ram_bandwidth_is_measured():
 def test_flash_128g_cpu_only_1m():
     m = machine(128)
     p = flash_plan(128)
-    assert p.inventory.recipe == "q2k-q3k"  # q3k (127 GB) cannot sit beside 1M of KV and the OS in 128 GB
+    # q3k (127 GB) cannot sit beside 1M of KV and the OS in 128 GB; the imatrix-guided iq3-108 mix can, and the
+    # command the plan gives says how to get the importance matrix it needs
+    assert p.inventory.recipe == "iq3-108"
+    assert any("--imatrix" in n and "v4 imatrix" in n for n in p.notes)
     assert set(p.where.values()) == {RAM} and p.paged == 0 and p.runs
     assert p.ctx == 1_048_576 and p.kv_format == "fp8" and p.kv_bytes == kv_bytes(FLASH, "fp8", 1_048_576)
     assert p.used(RAM) == p.inventory.nbytes + p.kv_bytes
@@ -138,6 +141,9 @@ def test_flash_128g_plus_24g_gpu_1m():
 def test_choose_recipe_for_quantize_fit():
     c = choose_recipe(FLASH_CONFIG, "128G", 1_048_576)
     assert c.recipe == "q2k-q3k" and c.file_bytes + c.kv_bytes + OS_RESERVE <= 128 * G
+    assert c.with_imatrix == "iq3-108"  # named, with how to make the importance matrix it needs
+    assert choose_recipe(FLASH_CONFIG, "128G", 1_048_576, imatrix=True).recipe == "iq3-108"
+    assert choose_recipe(FLASH_CONFIG, "96G", 1_048_576, imatrix=True).recipe == "iq2-80"
     assert list(c.sizes) == list(FIT_ORDER)
     assert choose_recipe(FLASH_CONFIG, "128G", 1_048_576, vram="24G").recipe == "q3k"
     assert choose_recipe(FLASH_CONFIG, "200G", 1_048_576).recipe == "lossless"
@@ -157,10 +163,10 @@ def test_choose_recipe_for_quantize_fit():
 def test_64g_pages_experts_from_disk_at_1m():
     m = machine(64)
     p = flash_plan(64)
-    assert p.inventory.recipe == "q2k" and p.runs and p.paged > 0
+    assert p.inventory.recipe == "iq2-80" and p.runs and p.paged > 0
     assert all(p.where[w.name] != DISK for w in p.inventory.weights if dense(p, w)) and p.where[KV] == RAM
     assert {w.role for w in p.inventory.weights if p.where[w.name] == DISK} <= {N.EXPS, N.EMBED, N.TID2EID}
-    assert p.max_ctx_in_memory is None  # q2k (99 GB) never fits 64 GB
+    assert p.max_ctx_in_memory is None  # iq2-80 (81 GB) never fits 64 GB
     disk_ms = 1e3 * p.read(DISK) / 3e9
     assert disk_ms > 0.5 * 1e3 * p.seconds_per_token  # most of each token's time is spent waiting on the disk
     assert any(n.startswith("Experts page from disk: ") and f"{disk_ms:.0f} ms of the" in n for n in p.notes)
@@ -170,7 +176,7 @@ def test_64g_pages_experts_from_disk_at_1m():
 
 def test_32g_pages_most_experts_and_16g_refuses_with_a_context_that_fits():
     p32, p64 = flash_plan(32), flash_plan(64)
-    assert p32.inventory.recipe == "q2k" and p32.runs and p32.paged > p64.paged
+    assert p32.inventory.recipe == "iq2-80" and p32.runs and p32.paged > p64.paged
     assert p32.tokens_per_second < p64.tokens_per_second
     m16 = machine(16)
     with pytest.raises(DoesNotFit) as e:
@@ -242,30 +248,31 @@ def _run(capsys, *argv) -> list[str]:
 
 def test_cli_128g_cpu(capsys):
     lines = _run(capsys, "flash", "--ram", "128G", "--vram", "0", "--ctx", "1M", "--ram-bw", "90", "--disk", "1T")
-    assert "flash, recipe q2k-q3k on 128.0 GB RAM (CPU only), 1M context" in lines[0]
-    assert lines[lines.index("RAM: 112.1 GB used of 120.0 GB (128.0 GB less 8.0 GB for the OS and runtime)"):] == [
-        "RAM: 112.1 GB used of 120.0 GB (128.0 GB less 8.0 GB for the OS and runtime)",
+    assert "flash, recipe iq3-108 on 128.0 GB RAM (CPU only), 1M context" in lines[0]
+    assert lines[lines.index("RAM: 112.3 GB used of 120.0 GB (128.0 GB less 8.0 GB for the OS and runtime)"):] == [
+        "RAM: 112.3 GB used of 120.0 GB (128.0 GB less 8.0 GB for the OS and runtime)",
         "disk: nothing paged from disk",
         "context: 1M tokens; runs up to 1M; all weights stay in memory up to 1M",
         "KV cache: fp8, 3.7 GB at 1M tokens, 492 MB read per token",
         "decode bound: 8.6 tokens/s (10.4 GB read per token: RAM 10.4 GB at 90 GB/s (given))",
         "  (memory traffic only: published runs reach 25-55% of such bounds)",
-        ("Recipe q2k-q3k (108.4 GB) is the best that runs from memory; lossless (161.9 GB), q8 (156.3 GB), "
-         "q3k (127.2 GB) would page experts from disk. Make it with: v4 quantize flash --recipe q2k-q3k"),
+        ("Recipe iq3-108 (108.6 GB) is the best that runs from memory; lossless (161.9 GB), q8 (156.3 GB), "
+         "q3k (127.2 GB) would page experts from disk. Make it with: v4 quantize flash --recipe iq3-108 --imatrix "
+         "IMATRIX.gguf (from `v4 imatrix MODEL.gguf`, or llama.cpp's imatrix for the model)"),
     ]
     rows = [line.split("│")[1:-1] for line in lines if line.startswith("│")]
     cells = {r[0].strip(): [c.strip() for c in r[1:]] for r in rows}
-    assert cells["routed experts, layers 0–42"] == ["100.3 GB", "RAM", "2.4 GB", "26.1"]
+    assert cells["routed experts, layers 0–42"] == ["100.4 GB", "RAM", "2.4 GB", "26.2"]
     assert cells["KV cache (fp8, 1M tokens)"] == ["3.7 GB", "RAM", "492 MB", "5.5"]
     assert cells["OS + runtime (reserve)"] == ["8.0 GB", "RAM", "-", "-"]
 
 
 def test_cli_64g_says_what_paging_costs(capsys):
     lines = _run(capsys, "flash", "--ram", "64G", "--vram", "0", "--ctx", "1M", "--ram-bw", "90", "--disk", "1T")
-    assert "disk: 48.6 GB of weights paged from disk" in lines
+    assert "disk: 29.8 GB of weights paged from disk" in lines
     assert "context: 1M tokens; runs up to 1M; no context keeps all weights in memory" in lines
-    assert ("Experts page from disk: 48.6 GB of weights stay on disk (mmap) and are read as tokens route to them, "
-            "≈1.1 GB per token at 3.0 GB/s = 380 ms of the 481 ms per token (79% of decode time).") in lines
+    assert ("Experts page from disk: 29.8 GB of weights stay on disk (mmap) and are read as tokens route to them, "
+            "≈0.7 GB per token at 3.0 GB/s = 233 ms of the 334 ms per token (70% of decode time).") in lines
     assert "Disk bandwidth assumed 3.0 GB/s; measure yours and pass --disk-bw." in lines
 
 
@@ -273,7 +280,9 @@ def test_cli_quantize_fit(capsys):
     main(["quantize", "flash", "--fit", "128G", "--ctx", "1M", "--dry-run"])
     err = capsys.readouterr().err
     assert err.splitlines()[0] == ("--fit 128 GB: recipe q2k-q3k (108.4 GB) + fp8 KV at 1,048,576 tokens (3.69 GB) "
-                                   "+ 8 GB for the OS leaves 7.9 GB")
+                                   "+ 8 GB for the OS leaves 7.9 GB; with an importance matrix, iq3-108 (108.6 GB, "
+                                   "better) fits: `v4 imatrix MODEL.gguf -o imatrix.gguf`, then add --imatrix "
+                                   "imatrix.gguf")
 
 
 def test_cli_refuses_with_the_fix(capsys):
@@ -281,7 +290,7 @@ def test_cli_refuses_with_the_fix(capsys):
         main(["plan", "flash", "--ram", "16G", "--vram", "0", "--ctx", "1M", "--ram-bw", "90", "--disk", "1T"])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: flash quantized with q2k at 1M tokens does not fit 16.0 GB RAM")
+    assert err.startswith("error: flash quantized with iq2-80 at 1M tokens does not fit 16.0 GB RAM")
     assert "(would fit: --ctx " in err
 
 

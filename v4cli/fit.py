@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from quant.recipes import FIT_ORDER
+from quant.recipes import FIT_ORDER, RECIPES
 from v4cli.units import parse_size
 from v4cli.errors import DoesNotFit
 from v4cli.plan import (
@@ -30,6 +30,7 @@ class FitChoice:
     ctx: int
     sizes: dict[str, int]
     vram: int = 0
+    with_imatrix: str | None = None  # a better recipe that fits but needs an importance matrix (none was given)
 
     def explain(self) -> str:
         left = self.budget + self.vram - self.file_bytes - self.kv_bytes - OS_RESERVE - (
@@ -37,12 +38,20 @@ class FitChoice:
         gpu = f" + {self.vram / 1e9:.0f} GB GPU" if self.vram else ""
         return (f"--fit {self.budget / 1e9:.0f} GB{gpu}: recipe {self.recipe} ({self.file_bytes / 1e9:.1f} GB) + fp8 "
                 f"KV at {self.ctx:,} tokens ({self.kv_bytes / 1e9:.2f} GB) + {OS_RESERVE / 1e9:.0f} GB for the OS "
-                f"leaves {left / 1e9:.1f} GB")
+                f"leaves {left / 1e9:.1f} GB" + self._imatrix_note())
+
+    def _imatrix_note(self) -> str:
+        if not self.with_imatrix:
+            return ""
+        return (f"; with an importance matrix, {self.with_imatrix} ({self.sizes[self.with_imatrix] / 1e9:.1f} GB, "
+                f"better) fits: `v4 imatrix MODEL.gguf -o imatrix.gguf`, then add --imatrix imatrix.gguf")
 
 
-def choose_recipe(cfg: dict, budget: str | int, ctx: int, vram: str | int = 0) -> FitChoice:
+def choose_recipe(cfg: dict, budget: str | int, ctx: int, vram: str | int = 0, imatrix: bool = False) -> FitChoice:
     """The best-quality recipe (FIT_ORDER) whose file and fp8 KV at `ctx` fit RAM (`budget`) + GPU (`vram`)
-    with nothing paged from disk, after the OS (and GPU) reserves. DoesNotFit names a context that would fit."""
+    with nothing paged from disk, after the OS (and GPU) reserves; without `imatrix`, only recipes that need
+    none (the choice then names the better one an importance matrix would allow). DoesNotFit names a context
+    that would fit."""
     total = parse_size(budget) if isinstance(budget, str) else budget
     gpu = parse_size(vram) if isinstance(vram, str) else vram
     machine = Machine(ram=total, vram=gpu)
@@ -50,11 +59,15 @@ def choose_recipe(cfg: dict, budget: str | int, ctx: int, vram: str | int = 0) -
     invs = {name: Inventory.from_recipe(cfg, name) for name in FIT_ORDER}
     sizes = {name: inv.nbytes for name, inv in invs.items()}
     last = None
+    missed = None  # the first recipe that fits but needs the imatrix we do not have
     for name, inv in invs.items():
         last = plan_at(inv, machine, ctx, fmt)
         if last.runs and not last.paged:
-            return FitChoice(name, total, sizes[name], last.kv_bytes, ctx, sizes, gpu)
-    smallest = FIT_ORDER[-1]
+            if RECIPES[name].needs_imatrix and not imatrix:
+                missed = missed or name
+                continue
+            return FitChoice(name, total, sizes[name], last.kv_bytes, ctx, sizes, gpu, missed)
+    smallest = FIT_ORDER[-1] if imatrix else [n for n in FIT_ORDER if not RECIPES[n].needs_imatrix][-1]
     need = sizes[smallest] + last.kv_bytes + OS_RESERVE + (GPU_RESERVE if gpu else 0)
     hint = "run with experts paged from disk (v4 plan shows the cost)"
     lo, hi = 0, ctx  # the largest context at which the smallest recipe still fits in memory

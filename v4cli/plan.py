@@ -522,7 +522,12 @@ def _machine_words(m: Machine) -> str:
 
 
 def _quantize_cmd(inv: Inventory, recipe: str) -> str:
-    return f"v4 quantize {inv.source or '<checkpoint>'} --recipe {recipe}"
+    from quant.recipes import RECIPES
+
+    cmd = f"v4 quantize {inv.source or '<checkpoint>'} --recipe {recipe}"
+    if RECIPES[recipe].needs_imatrix:
+        cmd += " --imatrix IMATRIX.gguf (from `v4 imatrix MODEL.gguf`, or llama.cpp's imatrix for the model)"
+    return cmd
 
 
 def _smaller_recipe(inv: Inventory, machine: Machine, ctx: int, in_memory: bool) -> str | None:

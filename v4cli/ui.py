@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
+    MofNCompleteColumn,
     Progress,
     TextColumn,
     TimeRemainingColumn,
@@ -31,3 +32,16 @@ def byte_progress(transient: bool = False) -> Progress:
         disable=not sys.stderr.isatty(),
     )
 
+
+
+def count_progress(transient: bool = False) -> Progress:
+    """A done/total progress bar with ETA on stderr, for work counted in steps (chunks, tensors)."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=transient,
+        disable=not sys.stderr.isatty(),
+    )

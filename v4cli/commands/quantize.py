@@ -36,7 +36,10 @@ def _source(src: str) -> tuple[dict, Path | None, str | None]:
 def quantize(
     src: str = typer.Argument(..., help="Checkpoint folder, or a pulled model name (flash)."),
     output: Path | None = typer.Option(None, "-o", "--output", help="Output .gguf (default: in the model store)."),
-    recipe: str | None = typer.Option(None, "--recipe", "-r", help="lossless, q8, q4k, q3k, q2k-q3k, q2k or f32."),
+    recipe: str | None = typer.Option(None, "--recipe", "-r", help="lossless, q8, q4k, q3k, q2k-q3k, q2k, f32, or an "
+                                      "I-quant mix (needs --imatrix): iq3-108, iq2-100, iq2-90, iq2-80."),
+    imatrix: Path | None = typer.Option(None, "--imatrix", help="Importance matrix guiding the low-bit quantizers: "
+                                        "from `v4 imatrix`, or llama.cpp's (GGUF or legacy .dat)."),
     fit: str | None = typer.Option(None, "--fit", help="Choose the best recipe whose file fits this RAM (e.g. 128G)."),
     ctx: str = typer.Option("1M", "--ctx", help="Context the --fit budget must leave room for (fp8 KV): 1M, 384K."),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="Override: PATTERN=TYPE on GGUF names; repeatable."),
@@ -52,15 +55,22 @@ def quantize(
     from v4cli.store import format_bytes
 
     cfg, path, store_name = _source(src)
+    im = None
+    if imatrix is not None:
+        from quant.imatrix import load_imatrix
+
+        im = load_imatrix(imatrix)
     if fit:
         from v4cli.fit import choose_recipe
         from v4cli.plan import parse_ctx
 
-        choice = choose_recipe(cfg, fit, parse_ctx(ctx))
+        choice = choose_recipe(cfg, fit, parse_ctx(ctx), imatrix=im is not None)
         ui.err.print(choice.explain(), soft_wrap=True)
         recipe = recipe or choice.recipe
     r = get_recipe(recipe or "q8", tensor_type)
     if dry_run:
+        if r.needs_imatrix and im is None:
+            ui.err.print(f"note: recipe {r.name} needs --imatrix to be written (sizes below are exact either way)")
         ck = Checkpoint(path) if path is not None and any(path.glob("*.safetensors")) else None  # headers only
         for draft in (False, True) if mtp else (False,):
             inv = None if ck is None else [e for e in official_inventory(cfg, with_mtp=draft) if e.name in ck.tensors]
@@ -81,11 +91,12 @@ def quantize(
         def on_progress(p):
             bar.update(task, completed=p.done_bytes, total=p.total_bytes, description=p.tensor[:40])
 
-        results = [convert(path, output, r, source_repo=store_name, progress=on_progress)]
+        guide = {"imatrix": im, "imatrix_file": None if imatrix is None else imatrix.name}
+        results = [convert(path, output, r, source_repo=store_name, progress=on_progress, **guide)]
         if mtp:
             bar.update(task, completed=0, total=None)
             results.append(convert(path, output.with_name("mtp-" + output.name), r, source_repo=store_name,
-                                   progress=on_progress, mtp=True))
+                                   progress=on_progress, mtp=True, **guide))
     for res in results:
         mb_s = res.in_bytes / 1e6 / max(res.seconds, 1e-9)
         ui.console.print(f"wrote {res.path} ({format_bytes(res.out_bytes)}, {res.tensors} tensors, recipe {r.name}) "

@@ -471,6 +471,7 @@ class DeepseekV4:
     def __init__(self, args: ModelArgs, tensors: Mapping[str, QWeight]):
         w = Weights(tensors)
         self.args = args
+        self.tensors = tensors  # by GGUF name; `v4 imatrix` finds a product's tensor among them
         self.ropes = ropes = {"main": Rope(args.qk_rope_head_dim, args.rope_theta),
                               "compress": Rope(args.qk_rope_head_dim, args.compress_rope_theta, yarn=args)}
         self.embed = w.q(names.root("embed.weight"))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from v4cli.engine import Engine  # noqa: E402
 from v4cli.engine.imatrix import calibration_windows, collect  # noqa: E402
 from v4cli.gguf_file import open_gguf  # noqa: E402
 from v4cli.testing.trained import train_tiny  # noqa: E402
-from v4cli.testing.wild import llama_quantize  # noqa: E402
+from v4cli.testing.wild import layout, quantize_like  # noqa: E402
 
 RECIPES = ("q2k", "q2k-q3k", "q3k", "iq2-80", "iq2-90", "iq2-100", "iq3-108")
 
@@ -65,38 +64,6 @@ def make_imatrix(model_path: Path, out: Path, chunk: int) -> Imatrix:
         pass
     im.save(out)
     return im
-
-
-def layout(path: Path) -> dict[str, str]:
-    """GGUF tensor name → ggml type name."""
-    with open_gguf(path) as gf:
-        return {name: t.qtype.name for name, t in gf.tensors.items()}
-
-
-def llama_same_layout(src: Path, ours: Path, dst: Path, im: Imatrix) -> Path:
-    """llama.cpp's quantizer from `src` to exactly the tensor types of `ours`, with the same importance values."""
-    if dst.exists():
-        return dst
-    with open_gguf(ours) as gf:
-        shapes = {name: t.shape for name, t in gf.tensors.items()}
-    types = layout(ours)
-    overrides = {f"^{re.escape(n)}$": t for n, t in types.items() if len(shapes[n]) >= 2 and t not in ("I32",)}
-    imatrix = {}
-    for name in im.sums:
-        shape = shapes.get(name)
-        if shape is None:
-            continue
-        imp = im.importance(name, shape[-1])
-        # llama.cpp takes one vector per 2-D tensor (ne0) or per expert (ne0·ne2); the grouped output projection's
-        # per-group entries have no place there, and it stays Q8_0 (which ignores importance) in every recipe
-        if imp.shape[0] == (shape[0] if len(shape) == 3 else 1):
-            imatrix[name] = imp.reshape(-1)
-    llama_quantize(src, dst, "Q8_0", imatrix=imatrix, overrides=overrides)
-    got = layout(dst)
-    diff = {n: (t, got.get(n)) for n, t in types.items() if got.get(n) != t and len(shapes[n]) >= 2}
-    if diff:
-        raise SystemExit(f"llama.cpp's file differs in layout from ours: {dict(list(diff.items())[:5])}")
-    return dst
 
 
 def main(argv=None) -> int:
@@ -130,7 +97,7 @@ def main(argv=None) -> int:
         ours = a.work / f"{name}-{a.steps}.gguf"
         if not ours.exists():
             convert(ckpt, ours, get_recipe(name), imatrix=im, imatrix_file="imatrix.gguf")
-        theirs = llama_same_layout(lossless, ours, a.work / f"{name}-{a.steps}-llama.gguf", im)
+        theirs = quantize_like(lossless, ours, a.work / f"{name}-{a.steps}-llama.gguf", im)
         lo = Engine.load(ours, kv_format="f32").logits(held, chunk=256)
         ll = Engine.load(theirs, kv_format="f32").logits(held, chunk=256)
         kl_o, t_o = compare(base, lo)

@@ -44,6 +44,7 @@ def quantize(
     ctx: str = typer.Option("1M", "--ctx", help="Context the --fit budget must leave room for (fp8 KV): 1M, 384K."),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="Override: PATTERN=TYPE on GGUF names; repeatable."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor plan and exact size; write nothing."),
+    threads: int = typer.Option(None, "--threads", min=1, help="Quantizing processes (default: one per CPU core)."),
     mtp: bool = typer.Option(False, "--mtp", help="Also write the MTP draft block as llama.cpp's separate "
                              "draft file, mtp-<output name> beside the output (for v4 eval --mtp)."),
 ) -> None:
@@ -91,7 +92,7 @@ def quantize(
         def on_progress(p):
             bar.update(task, completed=p.done_bytes, total=p.total_bytes, description=p.tensor[:40])
 
-        guide = {"imatrix": im, "imatrix_file": None if imatrix is None else imatrix.name}
+        guide = {"imatrix": im, "imatrix_file": None if imatrix is None else imatrix.name, "workers": threads}
         results = [convert(path, output, r, source_repo=store_name, progress=on_progress, **guide)]
         if mtp:
             bar.update(task, completed=0, total=None)

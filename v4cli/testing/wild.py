@@ -11,14 +11,19 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from quant.imatrix import Imatrix
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 _SDIST = "llama_cpp_python-0.3.36"
@@ -144,6 +149,51 @@ def quantize_layout(src: Path, dst: Path, layout: str, n_layers: int, threads: i
     lay = COMMUNITY_LAYOUTS[layout]
     return llama_quantize(src, dst, lay.base, imatrix=random_imatrix(src) if lay.imatrix else None,
                           overrides=lay.resolved(n_layers), threads=threads)
+
+
+def layout(path: Path) -> dict[str, str]:
+    """GGUF tensor name → ggml type name."""
+    from v4cli.gguf_file import open_gguf
+
+    with open_gguf(path) as gf:
+        return {name: t.qtype.name for name, t in gf.tensors.items()}
+
+
+def same_layout(ours: Path, im: Imatrix | None = None) -> tuple[dict[str, str], dict[str, np.ndarray] | None]:
+    """(llama-quantize tensor-type overrides, its importance data) that make llama.cpp's quantizer write exactly the
+    tensor types of the GGUF `ours`, guided by the same importance values as `im`."""
+    from v4cli.gguf_file import open_gguf
+
+    with open_gguf(ours) as gf:
+        shapes = {name: t.shape for name, t in gf.tensors.items()}
+    overrides = {f"^{re.escape(n)}$": t for n, t in layout(ours).items() if len(shapes[n]) >= 2 and t != "I32"}
+    if im is None:
+        return overrides, None
+    imatrix = {}
+    for name in im.sums:
+        shape = shapes.get(name)
+        if shape is None:
+            continue
+        imp = im.importance(name, shape[-1])
+        # llama.cpp takes one vector per 2-D tensor (ne0) or per expert (ne0·ne2); the grouped output projection's
+        # per-group entries have no place there (it stays Q8_0, which ignores importance, in every recipe)
+        if imp.shape[0] == (shape[0] if len(shape) == 3 else 1):
+            imatrix[name] = imp.reshape(-1)
+    return overrides, imatrix
+
+
+def quantize_like(src: Path, ours: Path, dst: Path, im: Imatrix | None = None, threads: int = 2) -> Path:
+    """llama.cpp's quantizer from `src` to exactly the tensor types of `ours`, with the same importance values:
+    the same layout made by the other tool, to compare quantizers alone."""
+    if dst.exists():
+        return dst
+    overrides, imatrix = same_layout(ours, im)
+    llama_quantize(src, dst, "Q8_0", imatrix=imatrix, overrides=overrides, threads=threads)
+    want, got = layout(ours), layout(dst)
+    diff = {n: (t, got.get(n)) for n, t in want.items() if got.get(n) != t}
+    if diff:
+        raise RuntimeError(f"llama.cpp's file differs in layout from ours: {dict(list(diff.items())[:5])}")
+    return dst
 
 
 def _quantize_child(args: dict) -> int:

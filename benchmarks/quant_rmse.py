@@ -100,6 +100,23 @@ def make_tensors(rows: int, cols: int, seed: int = 0) -> dict[str, np.ndarray]:
     return {"gaussian": g, "student-t3": t3, "llm-like": llm * np.float32(0.02)}
 
 
+def random_importance(cols: int, seed: int = 1) -> np.ndarray:
+    """A positive importance vector with the spread of real ones (a few columns matter far more)."""
+    return (3 * np.random.default_rng(seed).standard_normal(cols) ** 2 + 0.01).astype(np.float32)
+
+
+def decoded(q: np.ndarray, qtype: QType, shape: tuple[int, ...]) -> np.ndarray:
+    """gguf-py's decode of ggml bytes, after checking our torch dequantizer gives the very same values."""
+    import torch
+
+    from kernels.dequant import dequantize
+
+    ref = gq.dequantize(q, qtype)
+    ours = dequantize(torch.from_numpy(np.ascontiguousarray(q)), qtype, shape).numpy()
+    np.testing.assert_array_equal(ours, ref)
+    return ref
+
+
 def rel_rmse(y: np.ndarray, x: np.ndarray, w: np.ndarray | None) -> float:
     w = np.ones((1, x.shape[1]), np.float32) if w is None else w.reshape(1, -1)
     return float(np.sqrt(np.sum(w * (y - x) ** 2, dtype=np.float64) / np.sum(w * x * x, dtype=np.float64)))
@@ -125,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         print("llama_cpp is not installed: showing our numbers only", file=sys.stderr)
     imx = None
     if args.imatrix:
-        imx = (3 * np.random.default_rng(1).standard_normal(args.cols) ** 2 + 0.01).astype(np.float32)
+        imx = random_importance(args.cols)
 
     head = (
         f"{'tensor':<11} {'type':<7} {'ours RMSE':>10} {'ggml RMSE':>10} {'ratio':>7} {'bytes eq':>8} "

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from gguf import quants as gq
 
-from benchmarks.quant_rmse import GgmlQuantizer, make_tensors, rel_rmse
-from kernels.dequant import dequantize
+from benchmarks.quant_rmse import GgmlQuantizer, decoded, make_tensors, random_importance, rel_rmse
 from quant.formats import quantize
 from quant.ggml import QType, byte_shape
 
@@ -31,15 +29,7 @@ def tensors() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def imatrix() -> np.ndarray:
-    return (3 * np.random.default_rng(5).standard_normal(COLS) ** 2 + 0.01).astype(np.float32)
-
-
-def _decode(b: np.ndarray, qtype: QType, shape: tuple[int, ...]) -> np.ndarray:
-    """gguf-py's decode, after checking our torch decoder gives the very same values."""
-    y = gq.dequantize(b, qtype)
-    yt = dequantize(torch.from_numpy(np.ascontiguousarray(b)), qtype, shape).numpy()
-    np.testing.assert_array_equal(y, yt)
-    return y
+    return random_importance(COLS, seed=5)
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -47,7 +37,7 @@ def test_layout_decodes_alike(qtype, tensors, imatrix):
     x = tensors["gaussian"]
     b = quantize(x, qtype, imatrix)
     assert b.dtype == np.uint8 and b.shape == byte_shape(qtype, x.shape)
-    y = _decode(b, qtype, x.shape)
+    y = decoded(b, qtype, x.shape)
     assert y.shape == x.shape
     assert rel_rmse(y, x, imatrix) < SANITY[qtype]
 
@@ -57,7 +47,7 @@ def test_layout_decodes_alike(qtype, tensors, imatrix):
 def test_no_worse_than_ggml(qtype, kind, tensors, imatrix):
     ggml = GgmlQuantizer.load_or_skip()
     x = tensors[kind]
-    ours = rel_rmse(_decode(quantize(x, qtype, imatrix), qtype, x.shape), x, imatrix)
+    ours = rel_rmse(decoded(quantize(x, qtype, imatrix), qtype, x.shape), x, imatrix)
     ref = rel_rmse(gq.dequantize(ggml.quantize(x, qtype, imatrix), qtype), x, imatrix)
     assert ours <= ref, f"{qtype.name} {kind}: ours {ours:.5f} vs ggml {ref:.5f}"
 
@@ -68,7 +58,7 @@ def test_no_imatrix_no_worse_than_ggml(qtype, kind, tensors):
     """Plain RMSE where ggml accepts no imatrix (IQ2_S, IQ1_M)."""
     ggml = GgmlQuantizer.load_or_skip()
     x = tensors[kind]
-    ours = rel_rmse(_decode(quantize(x, qtype), qtype, x.shape), x, None)
+    ours = rel_rmse(decoded(quantize(x, qtype), qtype, x.shape), x, None)
     ref = rel_rmse(gq.dequantize(ggml.quantize(x, qtype), qtype), x, None)
     assert ours <= ref, f"{qtype.name} {kind}: ours {ours:.5f} vs ggml {ref:.5f}"
 
@@ -76,7 +66,7 @@ def test_no_imatrix_no_worse_than_ggml(qtype, kind, tensors):
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_without_imatrix(qtype, tensors):
     x = tensors["gaussian"][:8]
-    y = _decode(quantize(x, qtype), qtype, x.shape)
+    y = decoded(quantize(x, qtype), qtype, x.shape)
     assert rel_rmse(y, x, None) < SANITY_PLAIN[qtype]
 
 
@@ -92,7 +82,7 @@ def test_edge_cases(qtype, imatrix):
     imx[:256] = 0  # a whole block without importance, and scattered zeros
     imx[512::7] = 0
     for w in (imatrix, imx, None):
-        y = _decode(quantize(x, qtype, w), qtype, x.shape)
+        y = decoded(quantize(x, qtype, w), qtype, x.shape)
         assert np.all(np.isfinite(y))
         assert not y[0].any() and not y[2].any() and not y[3, :256].any()
         assert y[1, 300] > 2e3
@@ -106,6 +96,6 @@ def test_zero_importance_columns_still_quantized(imatrix):
     imx = imatrix.copy()
     imx[::2] = 0
     for qtype in TYPES:
-        y = _decode(quantize(x, qtype, imx), qtype, x.shape)
+        y = decoded(quantize(x, qtype, imx), qtype, x.shape)
         # Zero-importance columns carry no error weight, yet they get their nearest value, not garbage.
         assert rel_rmse(y[:, ::2], x[:, ::2], None) < 0.8

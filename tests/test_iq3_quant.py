@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from gguf import quants as gq
 
-from benchmarks.quant_rmse import GgmlQuantizer, make_tensors, rel_rmse
-from kernels.dequant import dequantize
+from benchmarks.quant_rmse import GgmlQuantizer, decoded, make_tensors, random_importance, rel_rmse
 from quant.formats import quantize
 from quant.ggml import QType, byte_shape
 
@@ -26,15 +24,7 @@ def tensors() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def imatrix() -> np.ndarray:
-    return (3 * np.random.default_rng(1).standard_normal(COLS) ** 2 + 0.01).astype(np.float32)
-
-
-def _decode(q: np.ndarray, qtype: QType, shape: tuple[int, ...]) -> np.ndarray:
-    """gguf-py's decode, checked equal to our torch dequantizer's."""
-    ref = gq.dequantize(q, qtype)
-    ours = dequantize(torch.from_numpy(np.ascontiguousarray(q)), qtype, shape).numpy()
-    np.testing.assert_array_equal(ours, ref)
-    return ref
+    return random_importance(COLS, seed=1)
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -43,7 +33,7 @@ def test_layout_decodes_alike(qtype, with_imatrix, tensors, imatrix):
     x = tensors["llm-like"]
     q = quantize(x, qtype, imatrix if with_imatrix else None)
     assert q.dtype == np.uint8 and q.shape == byte_shape(qtype, x.shape)
-    y = _decode(q, qtype, x.shape)
+    y = decoded(q, qtype, x.shape)
     assert y.shape == x.shape and np.isfinite(y).all()
 
 
@@ -72,7 +62,7 @@ def test_all_zero_blocks(qtype, tensors, imatrix):
     x[1, :256] = 0  # one zero block in a row that is otherwise not zero
     x[2, 256:288] = 0  # one zero group inside a block
     for w in (None, imatrix):
-        y = _decode(quantize(x, qtype, w), qtype, x.shape)
+        y = decoded(quantize(x, qtype, w), qtype, x.shape)
         assert np.isfinite(y).all()
         assert not y[0].any() and not y[1, :256].any()
         # A zero group in a live block keeps the block's smallest codes: small, not exactly zero for the lattices.
@@ -85,7 +75,7 @@ def test_huge_outlier(qtype, tensors, imatrix):
     x[:, 100] = 1e4
     ggml = GgmlQuantizer.find()
     for w in (None, imatrix):
-        y = _decode(quantize(x, qtype, w), qtype, x.shape)
+        y = decoded(quantize(x, qtype, w), qtype, x.shape)
         assert np.isfinite(y).all()
         np.testing.assert_allclose(y[:, 100], 1e4, rtol=0.05)
         # The outlier's block has to spend its scale range on it; the other blocks are unaffected.
@@ -102,7 +92,7 @@ def test_huge_outlier(qtype, tensors, imatrix):
 def test_extreme_magnitudes(qtype, magnitude, tensors, imatrix):
     x = (tensors["gaussian"][:4] * np.float32(magnitude)).astype(np.float32)
     for w in (None, imatrix):
-        y = _decode(quantize(x, qtype, w), qtype, x.shape)
+        y = decoded(quantize(x, qtype, w), qtype, x.shape)
         assert np.isfinite(y).all()
         if magnitude < 1:  # below f16's range: d rounds to zero, as in ggml
             assert not y.any()
@@ -116,7 +106,7 @@ def test_zeros_in_imatrix(qtype, tensors, imatrix):
     w = imatrix.copy()
     w[::3] = 0  # scattered zero columns
     w[64:128] = 0  # two whole groups without importance
-    y = _decode(quantize(x, qtype, w), qtype, x.shape)
+    y = decoded(quantize(x, qtype, w), qtype, x.shape)
     assert np.isfinite(y).all()
     # Fully unimportant groups are still quantized as if every value mattered equally, not left arbitrary.
     assert rel_rmse(y[:, 64:128], x[:, 64:128], None) < 1.2 * SANITY[qtype]

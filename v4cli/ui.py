@@ -19,29 +19,17 @@ console = Console(stderr=False)
 err = Console(stderr=True)
 
 
-def byte_progress(transient: bool = False) -> Progress:
-    """A bytes/speed/ETA progress bar on stderr (stdout stays clean for pipes)."""
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=transient,
-        disable=not sys.stderr.isatty(),
-    )
+def _progress(columns: tuple, transient: bool) -> Progress:
+    """A progress bar on stderr (stdout stays clean for pipes), shown only on a terminal."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), *columns, TimeRemainingColumn(),
+                    console=err, transient=transient, disable=not sys.stderr.isatty())
 
+
+def byte_progress(transient: bool = False) -> Progress:
+    """Bytes, speed and ETA: downloads, conversions."""
+    return _progress((DownloadColumn(), TransferSpeedColumn()), transient)
 
 
 def count_progress(transient: bool = False) -> Progress:
-    """A done/total progress bar with ETA on stderr, for work counted in steps (chunks, tensors)."""
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=transient,
-        disable=not sys.stderr.isatty(),
-    )
+    """Done/total steps and ETA, for work counted in steps (chunks, tensors)."""
+    return _progress((MofNCompleteColumn(),), transient)

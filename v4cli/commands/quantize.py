@@ -67,6 +67,8 @@ def quantize(
 
         choice = choose_recipe(cfg, fit, parse_ctx(ctx), imatrix=im is not None)
         ui.err.print(choice.explain(), soft_wrap=True)
+        if dry_run:
+            _print_candidates(choice)
         recipe = recipe or choice.recipe
     r = get_recipe(recipe or "q8", tensor_type)
     if dry_run:
@@ -102,6 +104,17 @@ def quantize(
         mb_s = res.in_bytes / 1e6 / max(res.seconds, 1e-9)
         ui.console.print(f"wrote {res.path} ({format_bytes(res.out_bytes)}, {res.tensors} tensors, recipe {r.name}) "
                          f"in {res.seconds:.1f} s ({mb_s:.0f} MB/s of input)")
+
+
+def _print_candidates(choice) -> None:
+    """--fit's candidates, best first, with their exact sizes."""
+    from quant.recipes import RECIPES
+
+    t = Table("recipe", "size", "needs --imatrix", "", title="--fit candidates, best first")
+    for name, size in choice.sizes.items():
+        mark = "chosen" if name == choice.recipe else ("fits with --imatrix" if name == choice.with_imatrix else "")
+        t.add_row(name, f"{size / 1e9:.2f} GB", "yes" if RECIPES[name].needs_imatrix else "", mark)
+    ui.console.print(t)
 
 
 def _print_plan(tensors, recipe) -> None:

@@ -11,7 +11,9 @@ The tiny-128 checkpoint (llama.cpp's compression ratios, 16 indexer heads) is tr
 (v4cli/testing/trained.py); its experts' rows (256) are whole I-quant blocks, so every expert is quantized to the
 recipe's type, while the narrow attention projections fall back to Q8_0 as they would in any 256-block type.
 
-    python benchmarks/recipe_quality.py [--work /tmp/v4-recipe-quality] [--steps 800] [--tokens 1024]
+    python benchmarks/recipe_quality.py [--work /tmp/v4-recipe-quality] [--steps 2500] [--tokens 1024]
+
+(2500 steps: ~35 minutes on 2 cores; the training loss ends near 5.8 nats, the held-out loss near 9.5.)
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from v4cli.gguf_file import open_gguf  # noqa: E402
 from v4cli.testing.trained import train_tiny  # noqa: E402
 from v4cli.testing.wild import layout, quantize_like  # noqa: E402
 
+TIE = 1e-3  # KL ratios within this of 1 are ties: the same algorithm, float sums in another order
 RECIPES = ("q2k", "q2k-q3k", "q3k", "iq2-80", "iq2-90", "iq2-100", "iq3-108")
 
 
@@ -69,7 +72,7 @@ def make_imatrix(model_path: Path, out: Path, chunk: int) -> Imatrix:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/v4-recipe-quality"))
-    ap.add_argument("--steps", type=int, default=800, help="training steps for the trained checkpoint")
+    ap.add_argument("--steps", type=int, default=2500, help="training steps for the trained checkpoint")
     ap.add_argument("--tokens", type=int, default=1024, help="held-out tokens scored")
     ap.add_argument("--chunk", type=int, default=128, help="imatrix chunk size (tokens)")
     ap.add_argument("--recipes", default=",".join(RECIPES))
@@ -105,9 +108,10 @@ def main(argv=None) -> int:
         same = "yes" if layout(ours) == layout(theirs) else "no"
         print(f"{name:9s} {ours.stat().st_size / 1e3:8.0f} {same:>7s} {kl_o:8.4f} {kl_l:9.4f} {kl_o / kl_l:6.3f} "
               f"{t_o:10.3f} {t_l:11.3f} {nll(lo, held):9.3f} {nll(ll, held):10.3f}", flush=True)
-        if kl_o > kl_l:
-            worse.append(name)
-    print(f"ours worse than llama.cpp's quantizer on: {', '.join(worse) or 'none'}  ({time.perf_counter() - t0:.0f} s)")
+        if kl_o > kl_l * (1 + TIE):
+            worse.append(f"{name} ({kl_o / kl_l:.3f})")
+    print(f"ours worse than llama.cpp's quantizer (KL ratio > {1 + TIE}) on: {', '.join(worse) or 'none'}  "
+          f"({time.perf_counter() - t0:.0f} s)")
     return 0
 
 

@@ -111,7 +111,10 @@ def main() -> None:
         convert(ckpt, lossless, get_recipe("lossless"))
     im_path = a.work / f"imatrix-{a.imatrix_chunks}.gguf"
     if not im_path.exists():
-        _make_imatrix(lossless, im_path, a.imatrix_chunks)
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's benchmarks
+        from benchmarks.recipe_quality import make_imatrix
+
+        make_imatrix(lossless, im_path, 128, a.imatrix_chunks)
     try:
         import llama_cpp  # noqa: F401
         have_llama = True
@@ -143,23 +146,6 @@ def main() -> None:
     print("llama.cpp requantizes our lossless GGUF (the same weights) to exactly our file's tensor types, with the "
           f"same importance values ({a.imatrix_chunks} chunks of 128 tokens), on {a.threads} threads; ours runs "
           f"{a.threads} quantizing processes.")
-
-
-def _make_imatrix(model: Path, out: Path, chunks: int) -> None:
-    from quant.imatrix import Imatrix
-    from v4cli.commands.imatrix import calibration_text
-    from v4cli.engine import Engine
-    from v4cli.engine.imatrix import calibration_windows, collect
-    from v4cli.gguf_file import open_gguf
-
-    text, names = calibration_text([])
-    eng = Engine.load(model, kv_format="f32")
-    with open_gguf(model) as gf:
-        windows = calibration_windows(text, eng.tokenizer, gf.metadata, gf.args.bos_token_id, 128)[:chunks]
-    im = Imatrix({}, {}, names, 0, 128)
-    for _ in collect(eng.model, eng.model.tensors, windows, im):
-        pass
-    im.save(out)
 
 
 if __name__ == "__main__":

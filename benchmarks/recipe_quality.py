@@ -37,15 +37,10 @@ from v4cli.engine.imatrix import calibration_windows, collect  # noqa: E402
 from v4cli.gguf_file import open_gguf  # noqa: E402
 from v4cli.testing.trained import train_tiny  # noqa: E402
 from v4cli.testing.wild import layout, quantize_like  # noqa: E402
+from benchmarks.wild_agreement import compare  # noqa: E402
 
 TIE = 1e-3  # KL ratios within this of 1 are ties: the same algorithm, float sums in another order
 RECIPES = ("q2k", "q2k-q3k", "q3k", "iq2-80", "iq2-90", "iq2-100", "iq3-108")
-
-
-def compare(ref: torch.Tensor, cand: torch.Tensor) -> tuple[float, float]:
-    """Mean KL(ref ‖ cand) over positions and top-1 agreement, from [T, V] logits."""
-    lp, lq = torch.log_softmax(ref.double(), -1), torch.log_softmax(cand.double(), -1)
-    return (lp.exp() * (lp - lq)).sum(-1).mean().item(), (ref.argmax(-1) == cand.argmax(-1)).double().mean().item()
 
 
 def nll(logits: torch.Tensor, ids: list[int]) -> float:
@@ -54,14 +49,14 @@ def nll(logits: torch.Tensor, ids: list[int]) -> float:
     return -lp.gather(1, torch.tensor(ids[1:])[:, None]).mean().item()
 
 
-def make_imatrix(model_path: Path, out: Path, chunk: int) -> Imatrix:
-    """`v4 imatrix` on the built-in calibration text, in process."""
+def make_imatrix(model_path: Path, out: Path, chunk: int, chunks: int | None = None) -> Imatrix:
+    """`v4 imatrix` on the built-in calibration text (its first `chunks` chunks), in process; kept at `out`."""
     if out.exists():
         return load_imatrix(out)
     text, names = calibration_text([])
     eng = Engine.load(model_path, kv_format="f32")
     with open_gguf(model_path) as gf:
-        windows = calibration_windows(text, eng.tokenizer, gf.metadata, gf.args.bos_token_id, chunk)
+        windows = calibration_windows(text, eng.tokenizer, gf.metadata, gf.args.bos_token_id, chunk)[:chunks]
     im = Imatrix({}, {}, names, 0, chunk)
     for _ in collect(eng.model, eng.model.tensors, windows, im):
         pass

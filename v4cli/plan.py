@@ -10,7 +10,6 @@ Nothing here loads weights: an inventory comes from a GGUF header or, for a reci
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import time
 from collections.abc import Iterable, Sequence
@@ -24,6 +23,7 @@ from quant import names as N
 from quant.config import ModelArgs
 from v4cli.errors import BadInput, DoesNotFit
 from v4cli.placement import COMPONENTS, GPU_RESERVE, PlacementPlan
+from v4cli.units import parse_ctx  # noqa: F401  (planner callers import it from here)
 
 OS_RESERVE = 8 * 10**9  # the OS, the runner and the page cache's working set beside the model (RAM)
 DISK_BW_ASSUMED = 3e9  # bytes/s, a PCIe 3/4 NVMe reading ~8 MB expert slices; say so when used
@@ -38,24 +38,6 @@ TIERS = (GPU, RAM, DISK)
 _TIER = {"cuda:0": GPU, "cpu": RAM, "mmap": DISK}  # placement.py's device names
 
 # ---------------------------------------------------------------------------------------------- contexts
-
-
-_CTX_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20}
-
-
-def parse_ctx(text: str | int) -> int:
-    """'1M' → 1,048,576; '384K' → 393,216; '65536' or '65,536' → 65,536. K and M are powers of two."""
-    if isinstance(text, int):
-        value: float = text
-    else:
-        m = re.fullmatch(r"\s*([0-9][0-9_,]*(?:\.[0-9]+)?)\s*([kKmM]?)\s*", text)
-        if not m:
-            raise BadInput(f"cannot read context length {text!r}", hint="write it like 1M, 384K or 65536")
-        value = float(m.group(1).replace(",", "").replace("_", "")) * _CTX_UNITS[m.group(2).upper()]
-    if value < 1 or value != int(value):
-        raise BadInput(f"context length {text!r} must be a whole number of tokens ≥ 1",
-                       hint="write it like 1M, 384K or 65536")
-    return int(value)
 
 
 def format_ctx(n: int) -> str:

@@ -195,7 +195,7 @@ def test_walk_rules_match_git(tmp_path):
     git(root, "init", "-q")
     by_git = set(git(root, "ls-files", "-z", "-o", "--exclude-standard").split("\0")) - {""}
     shutil.rmtree(root / ".git")
-    walked, _ = ingest._walk(str(root))
+    walked = ingest._walk(str(root)).files
     assert set(walked) == by_git
     # spot checks so a shared misreading of the rules cannot pass unnoticed
     assert "d/keep.o" in by_git and "x.o" not in by_git and "d/top.txt" in by_git and "top.txt" not in by_git
@@ -370,7 +370,7 @@ def test_junction_check(small, tok, plain, monkeypatch):
     assert not ingest._junctions_split(plain, ["abc", "def"])
     assert not ingest._junctions_split(plain, ["x\n", "\ny"])
     # a footer without its newline lets ">" and "<" meet in one pre-token: the cheap check must notice
-    monkeypatch.setattr(ingest, "_FOOTER", "</file>")
+    monkeypatch.setattr(ingest, "_FOOTER", "</{tag}>")
     ctx = build_context([small], tok, base=small)
     whole = plain.encode(ctx.text, add_special_tokens=False).ids
     concat = [i for p in ctx.pieces for i in p.ids]

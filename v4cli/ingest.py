@@ -20,12 +20,13 @@ import re
 import shutil
 import stat
 import subprocess
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from v4cli.errors import BadInput, NotFoundError
+from v4cli.errors import BadInput, NotFoundError, V4Warning
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -42,6 +43,19 @@ BINARY = "binary"
 SECRET = "secret"
 UNREADABLE = "unreadable"
 NOT_FILE = "not a regular file"
+OUTSIDE = "symlink out of the folder"
+
+
+class IngestWarning(V4Warning):
+    """Ingestion went on a weaker path than asked (git refused a repo); shown as one `warning:` line."""
+
+
+class NothingToRead(BadInput):
+    """Every path given was empty or left out; `skipped` holds each skip with its reason."""
+
+    def __init__(self, message: str, hint: str | None, skipped: list[Skip]):
+        super().__init__(message, hint)
+        self.skipped = skipped
 
 
 class ContextTooLarge(BadInput):
@@ -327,41 +341,127 @@ def decode_text(data: bytes) -> str | None:
     return text.removeprefix("\ufeff")
 
 
-def _git(args: list[str], cwd: str) -> bytes | None:
+@dataclass
+class _Listing:
+    """One directory's view, posix paths relative to it: files to consider, ignored entries with the deciding
+    rule, and directories that could not be listed, with the error."""
+
+    files: list[str]
+    ignored: list[tuple[str, str]]
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+
+
+class _GitRefused(Exception):
+    """git is installed and the folder is in a work tree, but git would not list it; the message says why."""
+
+
+def _git(args: list[str], cwd: str) -> tuple[bytes, str]:
+    """(stdout, stderr) of a git command that succeeded; _GitRefused with git's own first line otherwise."""
     try:
-        proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, check=False)
-    except OSError:
-        return None
-    return proc.stdout if proc.returncode == 0 else None
+        # C locale: the stderr lines parsed below are git's English ones
+        proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, check=False,
+                              env={**os.environ, "LC_ALL": "C"})
+    except OSError as e:
+        raise _GitRefused(f"git could not run: {e.strerror or e}") from e
+    err = proc.stderr.decode("utf-8", "replace")
+    if proc.returncode != 0:
+        first = next((ln for ln in err.splitlines() if ln.strip()), f"git {args[0]} exited {proc.returncode}")
+        raise _GitRefused(first.removeprefix("fatal: ").strip())
+    return proc.stdout, err
 
 
-def _git_files(root: str) -> tuple[list[str], list[str], str, str] | None:
-    """(files, ignored entries, toplevel, root relative to toplevel) from git, or None outside a repo."""
-    if shutil.which("git") is None:
-        return None
-    top = _git(["rev-parse", "--show-toplevel"], root)
-    if top is None:
-        return None
-    listed = _git(["ls-files", "-z", "-c", "-o", "--exclude-standard"], root)
-    ignored = _git(["ls-files", "-z", "-o", "-i", "--exclude-standard", "--directory"], root)
-    if listed is None or ignored is None:
-        return None
+# git goes on past a directory it cannot open and only says so on stderr, relative to the toplevel
+_GIT_UNREADABLE = re.compile(r"^warning: could not open directory '(.*)': (.*)$", re.MULTILINE)
+
+
+def _git_files(root: str) -> tuple[_Listing, str, str]:
+    """(listing, toplevel, root relative to toplevel) from git; _GitRefused when git will not list `root`."""
+    top, _ = _git(["rev-parse", "--show-toplevel"], root)
+    listed, err1 = _git(["ls-files", "-z", "-c", "-o", "--exclude-standard"], root)
+    ignored, err2 = _git(["ls-files", "-z", "-o", "-i", "--exclude-standard", "--directory"], root)
     top_s = os.path.realpath(top.decode().strip())
     prefix = os.path.relpath(os.path.realpath(root), top_s).replace(os.sep, "/")
+    prefix = "" if prefix == "." else prefix
     split = lambda b: [os.fsdecode(p) for p in b.split(b"\0") if p]
     # --directory still lists files inside a reported directory when that directory holds its own
     # .gitignore; keep only the outermost entry
     dirs = [p for p in split(ignored) if p.endswith("/")]
     outer = [p for p in split(ignored) if not any(p != d and p.startswith(d) for d in dirs)]
-    return list(dict.fromkeys(split(listed))), outer, top_s, "" if prefix == "." else prefix
+    unreadable: dict[str, str] = {}
+    for m in _GIT_UNREADABLE.finditer(err1 + err2):
+        rel = m.group(1) if not prefix else m.group(1).removeprefix(prefix + "/")
+        unreadable.setdefault(rel if rel.endswith("/") else rel + "/", m.group(2))
+    listing = _Listing(list(dict.fromkeys(split(listed))), [(p, "git: --exclude-standard") for p in outer],
+                       sorted(unreadable.items()))
+    return listing, top_s, prefix
 
 
-def _walk(root: str) -> tuple[list[str], list[tuple[str, str]]]:
+def _work_tree_top(root: str) -> str | None:
+    """The nearest directory at or above `root` holding `.git` (a directory, or a file for worktrees and
+    submodules): a work tree whether or not git agrees to read it."""
+    d = os.path.realpath(root)
+    while True:
+        if os.path.lexists(os.path.join(d, ".git")):
+            return d
+        parent = os.path.dirname(d)
+        if parent == d:
+            return None
+        d = parent
+
+
+def _git_dir(top: str) -> str:
+    """The directory holding info/exclude: `.git`, or for a worktree the common dir its `.git` file points to."""
+    dot = os.path.join(top, ".git")
+    if os.path.isdir(dot):
+        return dot
+    try:
+        with open(dot, encoding="utf-8") as f:
+            gitdir = f.read().strip().removeprefix("gitdir:").strip()
+    except OSError:
+        return dot
+    gitdir = os.path.join(top, gitdir)
+    try:
+        with open(os.path.join(gitdir, "commondir"), encoding="utf-8") as f:
+            return os.path.join(gitdir, f.read().strip())
+    except OSError:
+        return gitdir
+
+
+def _global_excludes(cwd: str) -> str:
+    """git's core.excludesFile, else its default `$XDG_CONFIG_HOME/git/ignore` (`~/.config/git/ignore`)."""
+    try:
+        out, _ = _git(["config", "--get", "--path", "core.excludesFile"], cwd)
+        if out.strip():
+            return os.path.expanduser(os.fsdecode(out.strip()))
+    except _GitRefused:
+        pass  # unset (git exits 1) or no git: git's own default applies
+    xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(xdg, "git", "ignore")
+
+
+def _repo_rules(top: str, prefix: str) -> list[IgnoreRule]:
+    """What git would apply above the walk, lowest precedence first, in toplevel coordinates: the global
+    excludes file, `.git/info/exclude`, then `.gitignore`/`.ignore` of each directory from the toplevel down
+    to (not including) the walked folder."""
+    ex = _global_excludes(top)
+    rules = parse_ignore_file(ex, "", ex)
+    rules += parse_ignore_file(os.path.join(_git_dir(top), "info", "exclude"), "", ".git/info/exclude")
+    parts = prefix.split("/") if prefix else []
+    for d in ["/".join(parts[:k]) for k in range(len(parts))]:
+        for name in (".gitignore", ".ignore"):
+            rules += parse_ignore_file(os.path.join(top, d, name), d, f"{d}/{name}" if d else name)
+    return rules
+
+
+def _walk(root: str, top: str | None = None) -> _Listing:
     """Files under `root` (posix, relative) honouring .gitignore then .ignore at every level, and the
-    ignored entries with the deciding rule. Symlinked directories are not followed."""
-    files: list[str] = []
-    ignored: list[tuple[str, str]] = []
-    stack: list[tuple[str, list[IgnoreRule]]] = [("", [])]
+    ignored entries with the deciding rule. Symlinked directories are not followed. Inside a work tree at
+    `top` (git refused it, or is missing) the repo's own rules above `root` apply too, as git would."""
+    prefix = os.path.relpath(os.path.realpath(root), top).replace(os.sep, "/") if top else "."
+    prefix = "" if prefix == "." else prefix
+    to_top = (lambda p: f"{prefix}/{p}" if p else prefix) if prefix else (lambda p: p)
+    out = _Listing([], [])
+    stack: list[tuple[str, list[IgnoreRule]]] = [("", _repo_rules(top, prefix) if top else [])]
     while stack:
         rel, inherited = stack.pop()
         here = os.path.join(root, rel) if rel else root
@@ -369,10 +469,11 @@ def _walk(root: str) -> tuple[list[str], list[tuple[str, str]]]:
         for name in (".gitignore", ".ignore"):  # .ignore after .gitignore so it takes precedence
             p = os.path.join(here, name)
             if os.path.isfile(p):
-                rules += parse_ignore_file(p, rel, f"{rel}/{name}" if rel else name)
+                rules += parse_ignore_file(p, to_top(rel), f"{rel}/{name}" if rel else name)
         try:
             entries = sorted(os.scandir(here), key=lambda e: e.name)
-        except OSError:
+        except OSError as e:
+            out.unreadable.append((rel + "/", e.strerror or str(e)))
             continue
         subdirs = []
         for e in entries:
@@ -380,15 +481,15 @@ def _walk(root: str) -> tuple[list[str], list[tuple[str, str]]]:
             is_dir = e.is_dir(follow_symlinks=False)
             if is_dir and e.name == ".git":
                 continue
-            rule = match_rules(rules, sub, is_dir)
+            rule = match_rules(rules, to_top(sub), is_dir)
             if rule is not None and not rule.negate:
-                ignored.append((sub + "/" if is_dir else sub, rule.source))
+                out.ignored.append((sub + "/" if is_dir else sub, rule.source))
             elif is_dir:
                 subdirs.append(sub)
             else:
-                files.append(sub)
+                out.files.append(sub)
         stack.extend((d, rules) for d in reversed(subdirs))
-    return files, ignored
+    return out
 
 
 def _git_ignore_rules(top: str, prefix: str, listed: list[str]) -> list[IgnoreRule]:
@@ -411,17 +512,28 @@ def _git_ignore_rules(top: str, prefix: str, listed: list[str]) -> list[IgnoreRu
     return rules
 
 
-def _list_dir(root: str) -> tuple[list[str], list[tuple[str, str]]]:
-    """(files, ignored entries with detail), posix paths relative to `root`: git's view when `root`
-    is inside a work tree (tracked + untracked-not-ignored), else a walk with gitignore rules."""
-    got = _git_files(root)
-    if got is None:
-        return _walk(root)
-    listed, git_ignored, top, prefix = got
-    ignored = [(p, "git: --exclude-standard") for p in git_ignored]
+def _list_dir(root: str) -> _Listing:
+    """Posix paths relative to `root`: git's view when `root` is inside a work tree (tracked +
+    untracked-not-ignored), else a walk with gitignore rules. A work tree git will not read (dubious
+    ownership, git missing) is walked with the repo's own rules, and a warning says why."""
+    top = _work_tree_top(root)
+    try:
+        if shutil.which("git") is None:
+            raise _GitRefused("git is not installed")
+        listing, top, prefix = _git_files(root)
+    except _GitRefused as e:
+        if top is None:
+            return _walk(root)  # not a work tree: git has nothing to add
+        why = str(e)
+        fix = (f"; to let git read it: git config --global --add safe.directory {top}" if "dubious ownership" in why
+               else "")
+        warnings.warn(f"git did not list {root} ({why}); read it with v4's own .gitignore, .git/info/exclude and "
+                      f"global excludes rules instead{fix}", IngestWarning, stacklevel=3)
+        return _walk(root, top)
+    listed, ignored = listing.files, listing.ignored
     rules = _git_ignore_rules(top, prefix, listed)
     if not rules:
-        return listed, ignored
+        return listing
     files: list[str] = []
     dir_cache: dict[str, IgnoreRule | None] = {}
     to_top = (lambda p: f"{prefix}/{p}") if prefix else (lambda p: p)
@@ -444,7 +556,7 @@ def _list_dir(root: str) -> tuple[list[str], list[tuple[str, str]]]:
             files.append(p)
         elif (hit[0], hit[1].source) not in ignored:
             ignored.append((hit[0], hit[1].source))
-    return files, ignored
+    return _Listing(files, ignored, listing.unreadable)
 
 
 def _display(abspath: str, base: str) -> str:
@@ -487,16 +599,20 @@ def collect(
     includes, excludes = GlobSet(include), GlobSet(exclude)
 
     skipped: list[Skip] = []
-    candidates: list[tuple[str, str]] = []  # (abspath, display path)
+    # (abspath, display path, the real path of the folder it was found in: None for a file named explicitly)
+    candidates: list[tuple[str, str, str | None]] = []
     for a in absolute:
         if not os.path.isdir(a):
-            candidates.append((a, _display(a, base)))
+            candidates.append((a, _display(a, base), None))
             continue
-        files, ignored = _list_dir(a)
-        for rel, detail in ignored:
+        listing = _list_dir(a)
+        for rel, detail in listing.ignored:
             skipped.append(Skip(_display(os.path.join(a, rel.rstrip("/")), base) + ("/" if rel.endswith("/") else ""),
                                 IGNORED, detail))
-        for rel in files:
+        for rel, detail in listing.unreadable:
+            skipped.append(Skip(_display(os.path.join(a, rel.rstrip("/")), base) + "/", UNREADABLE, detail))
+        real_root = os.path.realpath(a)
+        for rel in listing.files:
             full = os.path.join(a, rel)
             shown = _display(full, base)
             if (pat := excludes.match(shown)) is not None:
@@ -504,12 +620,17 @@ def collect(
             elif includes and includes.match(shown) is None:
                 skipped.append(Skip(shown, NOT_INCLUDED))
             else:
-                candidates.append((full, shown))
+                candidates.append((full, shown, real_root))
 
     accepted: list[SourceFile] = []
     seen: set[str] = set()
-    for full, shown in candidates:
+    for full, shown, real_root in candidates:
         real = os.path.realpath(full)
+        # a link (or a linked parent) inside a folder must not pull in what lies outside it: /etc/shadow,
+        # ~/.aws/credentials, ../secrets.txt, under the link's harmless name
+        if real_root is not None and os.path.commonpath([real, real_root]) != real_root:
+            skipped.append(Skip(shown, OUTSIDE, f"-> {real}"))
+            continue
         if real in seen:
             continue
         seen.add(real)
@@ -521,7 +642,8 @@ def collect(
         if not stat.S_ISREG(st.st_mode):
             skipped.append(Skip(shown, NOT_FILE))
             continue
-        if (why := secret_name(shown)) is not None:
+        # the name rules see both names: `notes.txt -> .env` is as secret as `.env`
+        if (why := secret_name(shown) or secret_name(real)) is not None:
             skipped.append(Skip(shown, SECRET, why))
             continue
         try:
@@ -649,6 +771,24 @@ class Piece:
         return len(self.ids)
 
 
+# Escaped in names: what json.dumps leaves raw but a reader (or str.splitlines) could take for a line break or
+# a header's end, and lone surrogates (undecodable bytes in a file name), which would not even tokenize.
+_UNSAFE_CHARS = re.compile("[\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_CLOSING = re.compile(r"<\s*/\s*file(?:_(\d+))?", re.IGNORECASE)
+
+
+def quote_name(name: str) -> str:
+    """`name` as a JSON string: a `"`, a newline or a control character in a file name cannot end the
+    header's attribute or start a new line, so no name can forge another file's header or tree line."""
+    q = json.dumps(name, ensure_ascii=False)
+    return _UNSAFE_CHARS.sub(lambda m: f"\\u{ord(m.group()):04x}", q)
+
+
+def _tree_name(name: str) -> str:
+    q = quote_name(name)
+    return name if q[1:-1] == name else q  # plain names stay bare; only a name that needs escaping is quoted
+
+
 def render_tree(paths: Iterable[str]) -> str:
     """The path tree at the top of the context: paths only (no sizes, no mtimes), sorted, indented."""
     root: dict = {}
@@ -661,7 +801,7 @@ def render_tree(paths: Iterable[str]) -> str:
     def walk(node: dict, depth: int) -> None:
         for name in sorted(node):
             child = node[name]
-            lines.append("  " * depth + (name + "/" if child else name))
+            lines.append("  " * depth + _tree_name(name) + ("/" if child else ""))
             walk(child, depth + 1)
 
     walk(root, 0)
@@ -669,18 +809,28 @@ def render_tree(paths: Iterable[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _header(path: str) -> str:
-    return f'<file path="{path}">\n'
-
-
-_FOOTER = "</file>\n"
+def block_tag(content: str) -> str:
+    """The block's tag: `file`, or `file_N` (smallest N) when the content holds something like a closing
+    `</file>`, so no content can close its own block and forge the next one. Chosen from the block's own
+    content only: a file's block is byte-identical whatever else is in the context (the prefix cache)."""
+    found = {m.group(1) for m in _CLOSING.finditer(content)}
+    if not found:
+        return "file"
+    n = 1
+    while str(n) in found:
+        n += 1
+    return f"file_{n}"
 
 
 def render_block(path: str, content: str, marker: str = "") -> str:
     """One file block; content always ends with a newline so the footer starts its own line."""
     if content and not content.endswith("\n"):
         content += "\n"
-    return _header(path) + content + marker + _FOOTER
+    tag = block_tag(content + marker)
+    return f"<{tag} path={quote_name(path)}>\n" + content + marker + _FOOTER.format(tag=tag)
+
+
+_FOOTER = "</{tag}>\n"
 
 
 @dataclass
@@ -726,6 +876,20 @@ class DryRun:
         dirs = [x for x in self.tree.iter() if x.is_dir and x is not self.tree]
         return sorted(dirs, key=lambda x: (-x.tokens, x.path))[:n]
 
+    def to_json(self) -> dict:
+        """The report as plain data for `v4 ask --dry-run --json`; files largest first, like the table."""
+        files = [x for x in self.tree.iter() if not x.is_dir]
+        return {
+            "files": [{"path": x.path, "tokens": x.tokens} for x in sorted(files, key=lambda x: (-x.tokens, x.path))],
+            "other": [{"piece": label, "tokens": n} for label, n in self.other],
+            "left_out": [{"path": s.path, "reason": s.reason, "detail": s.detail} for s in self.skipped],
+            "truncated": [{"path": t.path, "kept_lines": t.kept_lines, "kept_tokens": t.kept_tokens,
+                           "total_tokens": t.total_tokens, "size_bytes": t.size_bytes} for t in self.truncated],
+            "total_tokens": self.total_tokens,
+            "budget": self.budget,
+            "fits": self.total_tokens <= self.budget,
+        }
+
 
 @dataclass
 class Context:
@@ -756,6 +920,13 @@ class Context:
         if self._whole_ids is not None:
             return len(self._whole_ids)
         return sum(p.n_tokens for p in self.pieces)
+
+    def summary(self, extra_tokens: int = 0) -> str:
+        """One line for every run: "N files, T tokens, M left out" (T with the caller's prompt wrapping)."""
+        n = sum(p.kind == "file" for p in self.pieces)
+        line = (f"{n:,} file{'' if n == 1 else 's'}, {self.n_tokens + extra_tokens:,} tokens, "
+                f"{len(self.skipped):,} left out")
+        return line + (f", {len(self.truncated):,} truncated" if self.truncated else "")
 
     def report(self) -> DryRun:
         """The token tree per directory and file, plus the non-file pieces, skips and truncations."""
@@ -849,6 +1020,19 @@ def _budget_error(report: DryRun, cap: int | None, extra: int) -> ContextTooLarg
     return ContextTooLarge("; ".join(lines), hint, report)
 
 
+def _nothing_read(paths: Sequence[str | os.PathLike], skipped: list[Skip], show: int = 8) -> NothingToRead:
+    where = ", ".join(os.fspath(p) for p in paths)
+    if not skipped:
+        return NothingToRead(f"no file to read in {where}: it is empty", 'pass other paths: v4 ask PATH... "question"',
+                             [])
+    listed = ", ".join(f"{s.path} ({s.reason}{': ' + s.detail if s.detail else ''})" for s in skipped[:show])
+    more = f", and {len(skipped) - show} more" if len(skipped) > show else ""
+    hint = ('a file named on the command line is read despite ignore rules: v4 ask FILE... "question"'
+            if any(s.reason in (IGNORED, EXCLUDED, NOT_INCLUDED) for s in skipped)
+            else 'pass other paths: v4 ask PATH... "question"')
+    return NothingToRead(f"no file to read in {where}: all {len(skipped)} left out: {listed}{more}", hint, skipped)
+
+
 def build_context(
     paths: Sequence[str | os.PathLike],
     tokenizer: Tokenizer,
@@ -859,6 +1043,7 @@ def build_context(
     base: str | os.PathLike | None = None,
     extra_tokens: int = 0,
     enforce_budget: bool = True,
+    allow_empty: bool = False,
     progress: Progress | None = None,
 ) -> Context:
     """Collect, lay out and tokenize the context for `v4 ask`.
@@ -866,7 +1051,8 @@ def build_context(
     Layout: the path tree, then one block per file ordered by (mtime, path) so an edit only changes the
     tail from the edited file on, then stdin as the pseudo-file `<stdin>` (never capped), then the
     question. `extra_tokens` counts the caller's prompt wrapping against the budget. Raises
-    ContextTooLarge (with the full report) when over budget, unless `enforce_budget` is False (dry run).
+    ContextTooLarge (with the full report) when over budget, unless `enforce_budget` is False (dry run), and
+    NothingToRead when the paths gave no file and there is no stdin, unless `allow_empty`.
     `progress(done, total)` is called in bytes as tokenization advances.
     """
     budget = options.budget
@@ -880,6 +1066,8 @@ def build_context(
         coll = Collection([], [])
     else:
         raise BadInput("nothing to read", hint="pass files or directories, or pipe text on stdin")
+    if paths and not coll.files and not stdin and not allow_empty:
+        raise _nothing_read(paths, coll.skipped)
     files = sorted(coll.files, key=lambda f: (f.mtime_ns, f.path))
 
     texts = [render_tree(f.path for f in files)] if files else []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import replace
 
@@ -10,7 +11,7 @@ import typer
 from rich.text import Text
 
 from v4cli import ui
-from v4cli.chat import flags as F
+from v4cli.commands.options import MODEL, RunOptions, options
 from v4cli.errors import BadInput, NotFoundError, V4Error
 from v4cli.prompt.encoding import Mode
 
@@ -49,33 +50,19 @@ def _tokenizer_and_ctx(model: str | None, ctx: str | None, kv_format: str, dry_r
     return path, tokenizer, n_ctx
 
 
+@options(run=RunOptions)
 def ask_cmd(
     args: list[str] = typer.Argument(..., metavar="PATH... QUESTION",
                                      help="Files and directories to read (`-` = stdin), then the question."),
-    model: str = typer.Option(None, "--model", "-m",
-                              help="A GGUF path or store name (default: $V4_MODEL, else the store's only GGUF)."),
+    model: str | None = MODEL,
     include: list[str] = typer.Option([], "--include", help="Only files matching this glob (gitignore syntax)."),
     exclude: list[str] = typer.Option([], "--exclude", help="Leave out files matching this glob (gitignore syntax)."),
     max_file_tokens: int = typer.Option(100_000, "--max-file-tokens", min=1,
                                         help="Cut any file to this many tokens (its head is kept)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the token tree and exclusions; load no model."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON record: answer, reasoning, usage, timings."),
-    mode: Mode = F.MODE,
-    system: str = F.SYSTEM,
-    temperature: float = F.TEMPERATURE,
-    top_p: float = F.TOP_P,
-    top_k: int = F.TOP_K,
-    min_p: float = F.MIN_P,
-    seed: int = F.SEED,
-    max_tokens: int = F.MAX_TOKENS,
-    kv_format: str = F.KV_FORMAT,
-    device: str = F.DEVICE,
-    engine: str = F.ENGINE,
-    threads: int = F.THREADS,
-    ctx: str = F.CTX,
-    hide_thinking: bool = F.HIDE_THINKING,
-    chunk: int = F.CHUNK,
-    cache_size: str = F.CACHE_SIZE,
+    *,
+    run: RunOptions,
 ) -> None:
     """Answer QUESTION about PATHs and/or stdin (`cat f | v4 ask "q"`, `v4 ask - src/ "q"`).
 
@@ -91,43 +78,50 @@ def ask_cmd(
         sys.exit(130)
 
 
-def _ask(args, model, include, exclude, max_file_tokens, dry_run, json_out, mode, system, temperature, top_p, top_k,
-         min_p, seed, max_tokens, kv_format, device, engine, threads, ctx, hide_thinking, chunk, cache_size) -> None:
+def _ask(args, model, include, exclude, max_file_tokens, dry_run, json_out, run: RunOptions) -> None:
     from v4cli.chat.answer import Reply, ask_marks, load_engine, open_session, run_turn, wrap_ids
     from v4cli.chat.conversation import PromptEncoder
     from v4cli.chat.render import StreamView, busy, dry_run_lines, status_line
     from v4cli.ingest import IngestOptions, build_context
     from v4cli.prompt.encoding import MAX_MIN_CONTEXT, check_context
 
-    mode = Mode(mode)
+    mode, max_tokens = Mode(run.mode), run.max_tokens
     question = args[-1].strip()
     if not question or question == STDIN_ARG:
         raise BadInput("the last argument must be the question", hint='v4 ask PATH... "question"')
+    if os.path.lexists(args[-1]):
+        # a forgotten question would otherwise turn the last path into the question
+        raise BadInput(f"the last argument {args[-1]!r} is a path, not a question", hint='v4 ask PATH... "QUESTION"')
     paths = args[:-1]
     stdin = _read_stdin(explicit=STDIN_ARG in paths)
     paths = [p for p in paths if p != STDIN_ARG]
     if not paths and stdin is None:
         raise BadInput("nothing to read", hint='pass files or directories, or pipe text: cat f | v4 ask "question"')
-    sampling = F.sampling(temperature, top_p, top_k, min_p, seed, max_tokens)
+    sampling = run.sampling()
 
-    path, tokenizer, n_ctx = _tokenizer_and_ctx(model, ctx, kv_format, dry_run)
+    path, tokenizer, n_ctx = _tokenizer_and_ctx(model, run.ctx, run.kv_format, dry_run)
     if max_tokens >= n_ctx:
         raise BadInput(f"--max-tokens {max_tokens:,} leaves no room for the context in {n_ctx:,} tokens",
                        hint="lower --max-tokens or raise --ctx")
     encoder = PromptEncoder(tokenizer)
-    head, tail = wrap_ids(encoder, mode, system)
+    head, tail = wrap_ids(encoder, mode, run.system)
     options = IngestOptions(include=tuple(include), exclude=tuple(exclude), max_file_tokens=max_file_tokens,
                             context_limit=n_ctx, answer_reserve=max_tokens)
     with ui.byte_progress(transient=True) as bar:  # bytes of text, speed, ETA
         task = bar.add_task("tokenizing", total=None)
         context = build_context(paths, tokenizer, question=question, stdin=stdin, options=options,
                                 extra_tokens=len(head) + len(tail), enforce_budget=not dry_run,
+                                allow_empty=dry_run,
                                 progress=lambda done, total: bar.update(task, completed=done, total=total))
+    ui.err.print(Text(context.summary(len(head) + len(tail)), style="dim"), soft_wrap=True)
     if dry_run:
         report = context.report()
         extra = len(head) + len(tail)
         report = replace(report, other=[*report.other, ("prompt format", extra)],
                          total_tokens=report.total_tokens + extra)
+        if json_out:
+            sys.stdout.write(json.dumps(report.to_json(), ensure_ascii=False) + "\n")
+            return
         for line in dry_run_lines(report):
             ui.console.print(line, markup=False, highlight=False, soft_wrap=True)
         return
@@ -138,15 +132,15 @@ def _ask(args, model, include, exclude, max_file_tokens, dry_run, json_out, mode
         if (warning := check_context(mode, n_ctx)) is not None:
             ui.err.print(Text(warning, style="yellow"), soft_wrap=True)
     with busy(ui.err, f"loading {path.name}"):
-        eng = load_engine(path, engine, kv_format, device, threads, n_ctx)
+        eng = load_engine(path, run.engine, run.kv_format, run.device, run.threads, n_ctx)
     ids = head + context.ids + tail
     marks = [m for m in ask_marks(len(head), context.pieces) if m < len(ids)]
     reply = Reply(mode)
-    view = StreamView(mode, ui.console, ui.err, hide_thinking)
+    view = StreamView(mode, ui.console, ui.err, run.hide_thinking)
     try:
         with view:  # Ctrl-C propagates: the error boundary exits 130
-            run_turn(open_session(eng, chunk, cache_size), ids, sampling, reply, marks, None if json_out else view.event,
-                     view.progress)
+            run_turn(open_session(eng, run.chunk, run.cache_size), ids, sampling, reply, marks,
+                     None if json_out else view.event, view.progress)
     except (RuntimeError, MemoryError) as e:
         raise V4Error(f"generation failed: {e}") from e
     if json_out:

@@ -6,16 +6,35 @@ library, and render. Library errors (`V4Error`) become one line naming what to d
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import pkgutil
 import sys
 import warnings
 
+import click
 import typer
+import typer.core
 
 from v4cli import __version__, commands
+from v4cli.commands.options import normalize_flag
 from v4cli.errors import V4Error, V4Warning
+
+
+def _keep_argument_help(init):
+    """click 8.5 gave Argument its own `help`, reset by click's __init__ after typer (≤0.25) has set it: without
+    this, no argument's help reaches --help or docs/cli.md. A no-op once typer passes help through."""
+
+    @functools.wraps(init)
+    def __init__(self, *args, help: str | None = None, **kwargs):
+        init(self, *args, help=help, **kwargs)
+        self.help = self.help or help
+
+    return __init__
+
+
+typer.core.TyperArgument.__init__ = _keep_argument_help(typer.core.TyperArgument.__init__)
 
 app = typer.Typer(
     name="v4",
@@ -23,6 +42,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
+    context_settings={"token_normalize_func": normalize_flag},
+    # click ≥ 8.4 (NoSuchCommand) already ends the error with "Did you mean"; typer's would say it a second time
+    suggest_commands=not hasattr(click.exceptions, "NoSuchCommand"),
 )
 
 
@@ -40,7 +62,9 @@ def _root(
 
 
 for _mod in sorted(m.name for m in pkgutil.iter_modules(commands.__path__)):
-    importlib.import_module(f"v4cli.commands.{_mod}").register(app)
+    _register = getattr(importlib.import_module(f"v4cli.commands.{_mod}"), "register", None)
+    if _register is not None:  # options.py declares shared flags, no command
+        _register(app)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):

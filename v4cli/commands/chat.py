@@ -1,4 +1,4 @@
-"""`v4 chat [MODEL]`: an interactive terminal chat that reuses the prefilled prefix from turn to turn."""
+"""`v4 chat [-m MODEL]`: an interactive terminal chat that reuses the prefilled prefix from turn to turn."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import typer
 from rich.text import Text
 
 from v4cli import ui
-from v4cli.chat import flags as F
+from v4cli.commands.options import MODEL, MODEL_POSITIONAL, RunOptions, options, pick_model
 from v4cli.errors import V4Error
 from v4cli.prompt.encoding import Mode
 
@@ -25,25 +25,8 @@ def _error(e: V4Error) -> None:
     ui.err.print(Text(msg, style="red"), soft_wrap=True)
 
 
-def chat_cmd(
-    model: str = typer.Argument(None, help="A GGUF path or store name (default: $V4_MODEL, else the store's only GGUF)."),
-    mode: Mode = F.MODE,
-    system: str = F.SYSTEM,
-    temperature: float = F.TEMPERATURE,
-    top_p: float = F.TOP_P,
-    top_k: int = F.TOP_K,
-    min_p: float = F.MIN_P,
-    seed: int = F.SEED,
-    max_tokens: int = F.MAX_TOKENS,
-    kv_format: str = F.KV_FORMAT,
-    device: str = F.DEVICE,
-    engine: str = F.ENGINE,
-    threads: int = F.THREADS,
-    ctx: str = F.CTX,
-    hide_thinking: bool = F.HIDE_THINKING,
-    chunk: int = F.CHUNK,
-    cache_size: str = F.CACHE_SIZE,
-) -> None:
+@options(run=RunOptions)
+def chat_cmd(model: str | None = MODEL, positional: str | None = MODEL_POSITIONAL, *, run: RunOptions) -> None:
     """Chat with a model. Type /help for commands; Ctrl-C stops an answer, Ctrl-D leaves."""
     from v4cli.chat import slash
     from v4cli.chat.answer import Chat, InterruptLatch, load_engine, open_session, plan_context, resolve_model
@@ -51,18 +34,18 @@ def chat_cmd(
     from v4cli.chat.render import StreamView, busy, status_line
     from v4cli.prompt.encoding import check_context
 
-    sampling = F.sampling(temperature, top_p, top_k, min_p, seed, max_tokens)
-    path = resolve_model(model)
-    n_ctx = plan_context(path, ctx, kv_format)
+    sampling = run.sampling()
+    path = resolve_model(pick_model(model, positional))
+    n_ctx = plan_context(path, run.ctx, run.kv_format)
     with busy(ui.err, f"loading {path.name}"):
-        eng = load_engine(path, engine, kv_format, device, threads, n_ctx)
-    chat = Chat(open_session(eng, chunk, cache_size), PromptEncoder(eng.tokenizer), Conversation(Mode(mode), system),
-                sampling, n_ctx, path.name)
+        eng = load_engine(path, run.engine, run.kv_format, run.device, run.threads, n_ctx)
+    chat = Chat(open_session(eng, run.chunk, run.cache_size), PromptEncoder(eng.tokenizer),
+                Conversation(Mode(run.mode), run.system), sampling, n_ctx, path.name)
     interactive = sys.stdin.isatty()
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
     _say(f"{path.name} · mode {chat.conversation.mode.value} · context {n_ctx:,} tokens · /help for commands")
-    if (warning := check_context(mode, n_ctx)) is not None:
+    if (warning := check_context(run.mode, n_ctx)) is not None:
         _say(warning, style="yellow")
 
     def read_line(prompt: str) -> str:
@@ -87,7 +70,7 @@ def chat_cmd(
                     break
                 continue
             with InterruptLatch() as latch, StreamView(chat.conversation.mode, ui.console, ui.err,
-                                                       hide_thinking) as view:
+                                                       run.hide_thinking) as view:
                 reply = chat.turn(slash.message_text(line), view.event, view.progress, latch)
             if reply.interrupted:
                 _say("[interrupted]", style="yellow")

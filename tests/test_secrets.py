@@ -52,15 +52,22 @@ CASES = [
     # indented under a YAML block scalar
     ("private key", 3, "tls:\n  key: |\n" + pem("EC PRIVATE KEY", indent="    "),
      "tls:\n  key: |\n    " + D5 + "BEGIN EC PRIVATE KEY" + D5 + "\n    <redacted>\n"),
+    # OpenSSH bodies open with runs of A (not a placeholder); a documentation sample with an elided body is not a key
+    ("private key", 1, D5 + "BEGIN OPENSSH PRIVATE KEY" + D5 + "\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAAB"
+     + BODY[0] + "\n", '"PrivateKey": "' + D5 + "BEGIN RSA PRIVATE KEY" + D5 + "\\n" + BODY[0][:44] + "..."
+     + BODY[1][:7] + "\\n" + D5 + "END RSA PRIVATE KEY" + D5 + '\\n"\n'),
+    # AWS marks its published sample keys EXAMPLE
+    ("private key", 2, "k: |\n  " + D5 + "BEGIN RSA PRIVATE KEY" + D5 + "\n  " + BODY[1] + "\n",
+     "k: |\n  " + D5 + "BEGIN RSA PRIVATE KEY" + D5 + "\n  EXAMPLE" + BODY[1][7:] + "\n"),
     # encrypted PKCS#8 (detect-secrets 1.5.0 misses it) and legacy encrypted PKCS#1 with RFC 1421 headers
     ("private key", 3, "\n\n" + pem("ENCRYPTED PRIVATE KEY"), "see ENCRYPTED PRIVATE KEY blocks in RFC 5958\n"),
     ("private key", 2, "x\n" + D5 + "BEGIN RSA PRIVATE KEY" + D5 + "\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES,00\n",
      "x\n" + D5 + "BEGIN RSA PRIVATE KEY" + D5 + "\n(body elided)\n"),
     ("PGP private key", 2, "\n" + D5 + "BEGIN PGP PRIVATE KEY BLOCK" + D5 + "\nVersion: GnuPG v2\n\n" + BODY[0] + "\n",
      'ARMOR = ("' + D5 + "BEGIN PGP PRIVATE KEY BLOCK" + D5 + '")\n'),
-    ("SSH2 private key", 1, "---- BEGIN SSH2 ENCRYPTED PRIVATE KEY ----\nComment: \"k\"\n" + BODY[0] + "\n",
+    ("SSH2 private key", 1, "-" * 4 + " BEGIN SSH2 ENCRYPTED PRIVATE KEY " + "-" * 4 + "\nComment: k\n" + BODY[0] + "\n",
      "The ---- BEGIN SSH2 ENCRYPTED PRIVATE KEY ---- marker starts an SSH.com key.\n"),
-    ("PuTTY private key", 1, "PuTTY-User-Key-File-3: ssh-ed25519\nEncryption: none\nComment: k\n",
+    ("PuTTY private key", 1, "PuTTY-User-" + "Key-File-3: ssh-ed25519\nEncryption: none\nComment: k\n",
      "PuTTY-User-Key-File-2 is the header of .ppk files; see the PuTTY manual.\n"),
     ("AWS access key ID", 2, f'[default]\naws_access_key_id = "{AWS_ID}"\n',
      # AWS's documented sample key, and an ID-shaped run inside a longer token

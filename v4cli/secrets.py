@@ -109,18 +109,27 @@ class Finding:
     line: int
 
 
+# A real token's random part never says EXAMPLE (AWS's documented sample keys do) nor repeats one character
+# five times (`xxxxx`, `00000`: placeholders in docs); both checks cost recall only ~1e-6 per random token.
+_PLACEHOLDER = re.compile(r"EXAMPLE|(.)\1{4}", re.IGNORECASE)
+# Key bodies are DER or OpenSSH structures, full of `AAAAA` runs: only the EXAMPLE marker applies there.
+_SAMPLE = re.compile("EXAMPLE")
+
+
 @dataclass(frozen=True)
 class Rule:
-    """A content rule: a regex whose optional `secret` group is the random part checked for placeholders."""
+    """A content rule: a regex whose `secret` group, if it matched, must not look like a placeholder."""
 
     name: str
     pattern: re.Pattern[str]
+    placeholder: re.Pattern[str] = _PLACEHOLDER
 
 
-# Between a PEM/PGP/SSH2 header and its body: real newlines, JSON/C `\n` escapes, indentation, and the quotes,
-# commas and `+` of a key split over string literals. A header followed by anything else is a mention, not a key.
+# Between a key's header and its body: real newlines, JSON/C `\n` escapes, indentation, and the quotes, commas
+# and `+` of a key split over string literals. A header followed by anything else is a mention, not a key.
 _GAP = r"""(?:\\r|\\n|["'\s,+])*"""
-_B64 = r"[A-Za-z0-9+/]{32}"
+# The body's first line, whole: an elided sample (`MIIEow...fvY4`) is not a key.
+_BODY = r"""(?P<secret>[A-Za-z0-9+/=]{32,})(?:\\r|\\n|["'\s]|$)"""
 # Headers are assembled from parts so this file does not itself look like it holds a key.
 _D5 = "-" * 5
 
@@ -135,12 +144,15 @@ def _rule(name: str, pattern: str) -> Rule:
     return Rule(name, re.compile(pattern))
 
 
+def _key(name: str, header: str, fields: str) -> Rule:
+    """A key block: its header, then either one of its armor `fields` or a whole first line of body."""
+    return Rule(name, re.compile(header + _GAP + f"(?:(?:{fields}):|{_BODY})"), _SAMPLE)
+
+
 RULES: tuple[Rule, ...] = (
-    _rule("private key", _D5 + "BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY" + _D5 + _GAP + f"(?:Proc-Type:|{_B64})"),
-    _rule("PGP private key", _D5 + "BEGIN PGP PRIVATE KEY BLOCK" + _D5 + _GAP
-          + f"(?:(?:Version|Comment|Hash|Charset):|{_B64})"),
-    _rule("SSH2 private key", "-" * 4 + " BEGIN SSH2 ENCRYPTED PRIVATE KEY " + "-" * 4 + _GAP
-          + f"(?:Comment:|Subject:|{_B64})"),
+    _key("private key", _D5 + "BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY" + _D5, "Proc-Type"),
+    _key("PGP private key", _D5 + "BEGIN PGP PRIVATE KEY BLOCK" + _D5, "Version|Comment|Hash|Charset"),
+    _key("SSH2 private key", "-" * 4 + " BEGIN SSH2 ENCRYPTED PRIVATE KEY " + "-" * 4, "Comment|Subject"),
     _rule("PuTTY private key", r"PuTTY-User-Key-File-\d+: *[\w@.-]+" + _GAP + "Encryption:"),
     _rule("AWS access key ID", r"(?P<secret>(?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])" + _starts_word(4) + r"[A-Z0-9]{16})"
           r"(?![A-Za-z0-9_])"),
@@ -166,15 +178,9 @@ RULES: tuple[Rule, ...] = (
     _rule("npm token", r"(?P<secret>npm_" + _starts_word(4) + r"[A-Za-z0-9]{36})(?![A-Za-z0-9_])"),
 )
 
-# A real token's random part never says EXAMPLE (AWS's documented sample keys do) nor repeats one character
-# five times (`xxxxx`, `00000`: placeholders in docs); both checks cost recall only ~1e-6 per random token.
-_PLACEHOLDER = re.compile(r"EXAMPLE|(.)\1{4}", re.IGNORECASE)
-
-
 def _real(rule: Rule, m: re.Match[str]) -> bool:
-    if "secret" not in rule.pattern.groupindex:
-        return True
-    return _PLACEHOLDER.search(m.group("secret")) is None
+    secret = m.groupdict().get("secret")
+    return secret is None or rule.placeholder.search(secret) is None
 
 
 def scan_text(text: str) -> list[Finding]:

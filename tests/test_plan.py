@@ -254,11 +254,12 @@ def test_cli_128g_cpu(capsys):
         "disk: nothing paged from disk",
         "context: 1M tokens; runs up to 1M; all weights stay in memory up to 1M",
         "KV cache: fp8, 3.7 GB at 1M tokens, 492 MB read per token",
-        "decode bound: 8.6 tokens/s (10.4 GB read per token: RAM 10.4 GB at 90 GB/s (given))",
+        "decode bound: 8.6 tokens/s, reading 10.4 GB per token: RAM 10.4 GB at 90 GB/s (given)",
         "  (memory traffic only: published runs reach 25-55% of such bounds)",
         ("Recipe iq3-108 (108.6 GB) is the best that runs from memory; lossless (161.9 GB), q8 (156.3 GB), "
          "q3k (127.2 GB) would page experts from disk. Make it with: v4 quantize flash --recipe iq3-108 --imatrix "
          "IMATRIX.gguf (from `v4 imatrix MODEL.gguf`, or llama.cpp's imatrix for the model)"),
+        "described machine: RAM as given, GPU memory as given.",
     ]
     rows = [line.split("│")[1:-1] for line in lines if line.startswith("│")]
     cells = {r[0].strip(): [c.strip() for c in r[1:]] for r in rows}
@@ -304,6 +305,44 @@ def test_cli_gguf(capsys, tiny):
         "disk: nothing paged from disk",
         "context: 64K tokens; runs up to 1M; all weights stay in memory up to 1M",
         "KV cache: bf16, 7 MB at 64K tokens, 3 MB read per token",
-        f"decode bound: {p.tokens_per_second:.1f} tokens/s (75 MB read per token: RAM 75 MB at 90 GB/s (given))",
+        f"decode bound: {p.tokens_per_second:.1f} tokens/s, reading 75 MB per token: RAM 75 MB at 90 GB/s (given)",
         "  (memory traffic only: published runs reach 25-55% of such bounds)",
+        "described machine: RAM as given, GPU memory as given.",
     ]
+
+
+def _no_measuring(*_a, **_k):
+    raise AssertionError("a described machine must not be measured here")
+
+
+def test_cli_described_machine_says_what_it_assumed(capsys, monkeypatch):
+    """--ram/--vram describe another machine: this one's bandwidth is not measured and its free disk is not used."""
+    import v4cli.plan as plan_mod
+
+    monkeypatch.setattr(plan_mod, "measure_ram_bw", _no_measuring)
+    monkeypatch.setattr(plan_mod, "_free_disk", lambda _p: 1)  # this machine's disk: full
+    lines = _run(capsys, "--ram", "128G", "--vram", "0", "--ctx", "1M")
+    assert "decode bound: 8.6 tokens/s, reading 10.4 GB per token: RAM 10.4 GB at 90 GB/s (assumed)" in lines
+    assert not [line for line in lines if "free." in line]  # no "only 0.0 GB is free" from this machine's disk
+    assert lines[-1] == ("described machine: RAM as given, GPU memory as given; RAM bandwidth assumed 90 GB/s "
+                         "(--ram-bw); free disk not checked (--disk).")
+
+
+def test_cli_this_machine_is_measured(capsys, monkeypatch):
+    import v4cli.plan as plan_mod
+
+    monkeypatch.setattr(plan_mod, "measure_ram_bw", lambda: 45e9)
+    monkeypatch.setattr(plan_mod, "_gpu_memory", lambda: 0)
+    monkeypatch.setattr("psutil.virtual_memory", lambda: type("VM", (), {"total": 128 * G})())
+    monkeypatch.setattr(plan_mod, "_free_disk", lambda _p: 10 * G)
+    lines = _run(capsys, "-m", "flash", "--ctx", "1M")
+    assert "RAM 10.4 GB at 45 GB/s (measured)" in [line for line in lines if line.startswith("decode")][0]
+    assert "The GGUF needs 108.6 GB of disk in the store; only 10.0 GB is free." in lines
+    assert not [line for line in lines if line.startswith("described machine")]
+
+
+def test_cli_paging_recipe_is_called_the_smallest(capsys):
+    lines = _run(capsys, "flash", "--ram", "64G", "--vram", "0", "--ctx", "1M", "--ram-bw", "90", "--disk", "1T")
+    why = next(line for line in lines if line.startswith("Recipe "))
+    assert why.startswith("Recipe iq2-80 (81.2 GB) is the smallest, and even it pages experts from disk; lossless")
+    assert "would page more." in why and "runs at all" not in why

@@ -576,7 +576,7 @@ def _notes(p: Plan, mem_max: int) -> list[str]:
     if p.read(DISK) and m.source.get("disk_bw") == "assumed":
         out.append(f"Disk bandwidth assumed {_gb(m.disk_bw)}/s; measure yours and pass --disk-bw.")
     if p.read(GPU) and m.source.get("vram_bw") == "assumed":
-        out.append(f"GPU bandwidth assumed {_gb(m.vram_bw)}/s (no GPU here to measure); pass --vram-bw.")
+        out.append(f"GPU bandwidth assumed {_gb(m.vram_bw)}/s; measure yours and pass --vram-bw.")
     return out
 
 
@@ -598,10 +598,11 @@ def plan_source(cfg: dict, machine: Machine, ctx: int | None = None, kv_format: 
                   candidates[-1])
     p = plan_model(chosen, machine, ctx, kv_format)
     better = candidates[: candidates.index(chosen)]
-    why = f"Recipe {chosen.recipe} ({_gb(chosen.nbytes)}) is the best that "
-    why += "runs from memory" if not p.paged else "runs at all (it is the smallest)"
+    why = f"Recipe {chosen.recipe} ({_gb(chosen.nbytes)}) is "
+    why += "the best that runs from memory" if not p.paged else "the smallest, and even it pages experts from disk"
     if better:
-        why += "; " + ", ".join(f"{inv.recipe} ({_gb(inv.nbytes)})" for inv in better) + " would page experts from disk"
+        why += "; " + ", ".join(f"{inv.recipe} ({_gb(inv.nbytes)})" for inv in better)
+        why += " would page experts from disk" if not p.paged else " would page more"
     notes = [why + f". Make it with: {_quantize_cmd(chosen, chosen.recipe)}"]
     if machine.disk_free is not None and machine.disk_free < chosen.nbytes:
         notes.append(f"The GGUF needs {_gb(chosen.nbytes)} of disk in the store; only {_gb(machine.disk_free)} is free.")

@@ -5,7 +5,13 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
+from dataclasses import replace
+
 from v4cli import ui
+from v4cli.commands.options import CTX, MODEL_POSITIONAL, RAM, VRAM, kv_option, model_option, pick_model
+from v4cli.units import parse_size
+
+DEFAULT_MODEL = "flash"  # planned without a download: its layout is known from config alone
 
 _WHERE = {"gpu": "GPU", "ram": "RAM", "disk": "disk"}
 _BW = {"gpu": "vram_bw", "ram": "ram_bw", "disk": "disk_bw"}  # Machine.source keys
@@ -48,28 +54,54 @@ def _bw(text: str | None, flag: str) -> float | None:
 
 
 def plan(
-    model: str = typer.Argument("flash", help="flash, a pulled name, a checkpoint folder or a .gguf file."),
-    ram: str | None = typer.Option(None, "--ram", help="RAM to plan for, e.g. 128G (default: this machine's)."),
-    vram: str | None = typer.Option(None, "--vram", help="GPU memory, e.g. 24G; 0 for CPU only (default: detected)."),
-    ctx: str | None = typer.Option(None, "--ctx", help="Context: 1M, 384K, 65536 (default: the largest that fits)."),
-    kv: str = typer.Option("auto", "--kv", help="KV cache format: auto, fp8 or bf16."),
-    ram_bw: str | None = typer.Option(None, "--ram-bw", help="RAM bandwidth in GB/s (default: measured, ~0.5 s)."),
-    vram_bw: str | None = typer.Option(None, "--vram-bw", help="GPU bandwidth in GB/s (default: measured)."),
+    model: str | None = model_option(f"{DEFAULT_MODEL}, a pulled name, a checkpoint folder or a .gguf file "
+                                     f"(default: {DEFAULT_MODEL})."),
+    positional: str | None = MODEL_POSITIONAL,
+    ram: int | None = RAM,
+    vram: int | None = VRAM,
+    ctx: int | None = CTX,
+    kv: str = kv_option("auto", "auto, fp8 or bf16"),
+    ram_bw: str | None = typer.Option(None, "--ram-bw", help="RAM bandwidth in GB/s (default: measured here, "
+                                      "assumed for a described machine)."),
+    vram_bw: str | None = typer.Option(None, "--vram-bw", help="GPU bandwidth in GB/s (default: measured here, "
+                                       "assumed for a described machine)."),
     disk_bw: str | None = typer.Option(None, "--disk-bw", help="Disk read bandwidth in GB/s (default: 3, assumed)."),
-    disk: str | None = typer.Option(None, "--disk", help="Free disk for the store (default: detected)."),
+    disk: int | None = typer.Option(None, "--disk", parser=parse_size, metavar="SIZE",
+                                    help="Free disk for the store (default: this machine's; not checked for a "
+                                         "described machine)."),
 ) -> None:
-    """Plan a model on this machine (or the one described): recipe, placement, KV, context, decode speed."""
-    from v4cli.units import parse_size
-    from v4cli.plan import detect_machine, parse_ctx, plan_for
+    """Plan a model on this machine, or on one described by --ram/--vram: recipe, placement, KV, context, speed."""
+    from v4cli.plan import plan_for
 
-    machine = detect_machine(
-        ram=parse_size(ram) if ram is not None else None,
-        vram=parse_size(vram) if vram is not None else None,
-        ram_bw=_bw(ram_bw, "--ram-bw"), vram_bw=_bw(vram_bw, "--vram-bw"), disk_bw=_bw(disk_bw, "--disk-bw"),
-        disk_free=parse_size(disk) if disk is not None else None,
-    )
-    p = plan_for(model, machine, parse_ctx(ctx) if ctx is not None else None, kv)
+    machine, assumed = describe_machine(ram, vram, _bw(ram_bw, "--ram-bw"), _bw(vram_bw, "--vram-bw"),
+                                        _bw(disk_bw, "--disk-bw"), disk)
+    p = plan_for(pick_model(model, positional) or DEFAULT_MODEL, machine, ctx, kv)
     render(p)
+    if assumed:
+        _line(assumed)
+
+
+def describe_machine(ram, vram, ram_bw, vram_bw, disk_bw, disk):
+    """(Machine, None) for this machine; for one described by --ram or --vram, (Machine, the sentence saying what
+    was assumed). A described machine is not this one: this one's measured bandwidths and free disk say nothing about
+    it, so bandwidths not given are the stated defaults and free disk is unknown unless --disk gives it."""
+    from v4cli.plan import detect_machine
+
+    described = ram is not None or vram is not None
+    machine = detect_machine(ram=ram, vram=vram, ram_bw=ram_bw, vram_bw=vram_bw, disk_bw=disk_bw, disk_free=disk,
+                             measure=not described)
+    if not described:
+        return machine, None
+    if disk is None:
+        machine = replace(machine, disk_free=None, source={**machine.source, "disk_free": "unknown"})
+    # the plan's notes already name an assumed GPU or disk bandwidth wherever it matters
+    line = "described machine: " + ", ".join(f"{what} {'as given' if given is not None else 'of this machine'}"
+                                             for what, given in (("RAM", ram), ("GPU memory", vram)))
+    if ram_bw is None:
+        line += f"; RAM bandwidth assumed {_rate(machine.ram_bw)} (--ram-bw)"
+    if disk is None:
+        line += "; free disk not checked (--disk)"
+    return machine, line + "."
 
 
 def render(p) -> None:
@@ -106,7 +138,7 @@ def render(p) -> None:
     parts = ", ".join(f"{_WHERE[t]} {_size(p.read(t))} at {_rate(m.bandwidth(t))} ({m.source.get(_BW[t], 'given')})"
                       for t in TIERS if p.read(t))
     total = sum(p.read(t) for t in TIERS)
-    _line(f"decode bound: {p.tokens_per_second:.1f} tokens/s ({_size(total)} read per token: {parts})")
+    _line(f"decode bound: {p.tokens_per_second:.1f} tokens/s, reading {_size(total)} per token: {parts}")
     _line("  (memory traffic only: published runs reach 25-55% of such bounds)")
     for note in p.notes:
         _line(note)

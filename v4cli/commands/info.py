@@ -11,11 +11,11 @@ from rich.table import Table
 from quant import keys as K
 from quant.config import ModelArgs
 from v4cli import kvsize, ui
-from v4cli.errors import GGUFError, NotFoundError
+from v4cli.commands.options import RAM, VRAM, ctx_option, kv_option, model_option, pick_model
+from v4cli.errors import BadInput, GGUFError, NotFoundError
 from v4cli.gguf_file import open_gguf
 from v4cli.store import format_bytes
 from v4cli.placement import DEFAULT_RECIPE_TYPES, PlacementPlan, inventory_for
-from v4cli.units import parse_size
 
 KV_CONTEXTS = (4096, 32768, 131072, 1048576)
 KV_SHOWN = ("bf16", "fp8")
@@ -141,20 +141,19 @@ def _checkpoint_info(path: Path, plan: bool, plan_kw: dict) -> None:
 
 
 def info(
-    target: str = typer.Argument(..., metavar="PATH", help="A .gguf file or split set, a checkpoint or a store name."),
+    model: str | None = model_option("A .gguf file or split set, a checkpoint folder or a store name."),
+    positional: str | None = typer.Argument(None, metavar="PATH", help="Same as -m PATH."),
     plan: bool = typer.Option(False, "--plan", help="Show where each component would live."),
-    gpu_mem: str | None = typer.Option(None, "--gpu-mem", help="GPU memory to plan for, e.g. 24G (default: detect)."),
-    cpu_mem: str | None = typer.Option(None, "--cpu-mem", help="RAM to plan for, e.g. 128G (default: detect)."),
-    ctx: int = typer.Option(32768, "--ctx", min=1, help="Context length the plan sizes the KV cache for."),
-    kv_format: str = typer.Option("bf16", "--kv-format", help=f"KV cache format: {', '.join(kvsize.KV_FORMATS)}."),
+    vram: int | None = VRAM,
+    ram: int | None = RAM,
+    ctx: int = ctx_option(32768, "Context length the plan sizes the KV cache for, like 32K or 1M."),
+    kv_format: str = kv_option("bf16", ", ".join(kvsize.KV_FORMATS)),
 ) -> None:
     """Describe a GGUF file or checkpoint: config, tensor types, provenance, KV sizes, placement."""
-    plan_kw = {
-        "ctx": ctx,
-        "kv_format": kv_format,
-        "gpu_mem": parse_size(gpu_mem) if gpu_mem is not None else None,
-        "cpu_mem": parse_size(cpu_mem) if cpu_mem is not None else None,
-    }
+    target = pick_model(model, positional)
+    if target is None:
+        raise BadInput("no model named", hint="v4 info -m PATH (a .gguf file, a checkpoint folder or a store name)")
+    plan_kw = {"ctx": ctx, "kv_format": kv_format, "gpu_mem": vram, "cpu_mem": ram}
     path = _resolve(target)
     if path.is_dir() and (path / "config.json").is_file():
         _checkpoint_info(path, plan, plan_kw)

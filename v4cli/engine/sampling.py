@@ -26,9 +26,9 @@ class SamplingParams:
         if self.temperature < 0:
             raise BadInput(f"temperature must be ≥ 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise BadInput(f"top_p must be in (0, 1], got {self.top_p}")
+            raise BadInput(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0 or not 0 <= self.min_p < 1 or self.max_tokens < 0:
-            raise BadInput("top_k and max_tokens must be ≥ 0 and min_p in [0, 1)")
+            raise BadInput("--top-k and --max-tokens must be ≥ 0 and --min-p in [0, 1)")
 
 
 class Sampler:

@@ -65,7 +65,7 @@ CASES = [
      "x\n" + D5 + "BEGIN RSA PRIVATE KEY" + D5 + "\n(body elided)\n"),
     ("PGP private key", 2, "\n" + D5 + "BEGIN PGP PRIVATE KEY BLOCK" + D5 + "\nVersion: GnuPG v2\n\n" + BODY[0] + "\n",
      'ARMOR = ("' + D5 + "BEGIN PGP PRIVATE KEY BLOCK" + D5 + '")\n'),
-    ("SSH2 private key", 1, "-" * 4 + " BEGIN SSH2 ENCRYPTED PRIVATE KEY " + "-" * 4 + "\nComment: k\n" + BODY[0] + "\n",
+    ("SSH2 private key", 1, "-" * 4 + " BEGIN SSH2 ENCRYPTED PRIVATE KEY " + "-" * 4 + "\nComment: k\n" + BODY[0],
      "The ---- BEGIN SSH2 ENCRYPTED PRIVATE KEY ---- marker starts an SSH.com key.\n"),
     ("PuTTY private key", 1, "PuTTY-User-" + "Key-File-3: ssh-ed25519\nEncryption: none\nComment: k\n",
      "PuTTY-User-Key-File-2 is the header of .ppk files; see the PuTTY manual.\n"),

@@ -169,7 +169,7 @@ RULES: tuple[Rule, ...] = (
     _rule("Stripe live key", r"k_live_(?<=[rs]k_live_)" + _starts_word(8) + r"(?P<secret>[A-Za-z0-9]{24,})"),
     # T3BlbkFJ is base64 for "OpenAI", embedded in every OpenAI key format so far.
     _rule("OpenAI key", r"sk-" + _starts_word(3)
-          + r"(?P<secret>[A-Za-z0-9_-]{0,200}?[A-Za-z0-9]{20}T3BlbkFJ[A-Za-z0-9]{20})"),
+          + r"(?P<secret>[A-Za-z0-9_-]{20,200}T3BlbkFJ[A-Za-z0-9]{20})"),
     _rule("Anthropic key", r"(?P<secret>sk-ant-(?:api|admin)[0-9]{2}-[A-Za-z0-9_-]{80,})"),
     _rule("Hugging Face token", r"(?P<secret>hf_" + _starts_word(3) + r"(?=[A-Za-z]{0,33}[A-Z])(?=[A-Za-z]{0,33}[a-z])"
           r"[A-Za-z]{34})(?![A-Za-z0-9_])"),

@@ -183,6 +183,36 @@ def test_bad_input_exits_2(repo, capsys, monkeypatch, tiny_gguf, argv, message):
     assert code == 2 and message in err
 
 
+def test_dry_run_json_is_json_and_every_run_says_what_it_read(repo, capsys, monkeypatch):
+    code, out, err = run(["ask", "proj", "What does main return?", "--dry-run", "--json"], capsys, monkeypatch)
+    assert code == 0, err
+    rec = json.loads(out)
+    assert {f["path"] for f in rec["files"]} == {"proj/.gitignore", "proj/README.md", "proj/src/app.py",
+                                                 "proj/src/pkg/deep/util.py"}
+    assert {(x["path"], x["reason"]) for x in rec["left_out"]} == {
+        ("proj/.env", "secret"), ("proj/logo.png", "binary"), ("proj/build/", "ignored"), ("proj/debug.log", "ignored")}
+    assert rec["fits"] and rec["total_tokens"] == sum(f["tokens"] for f in rec["files"]) + sum(
+        o["tokens"] for o in rec["other"])
+    assert f"4 files, {rec['total_tokens']:,} tokens, 4 left out" in err  # the one-line summary, on stderr
+
+
+def test_nothing_read_is_an_error_before_any_model_load(repo, capsys, monkeypatch, tiny_gguf):
+    monkeypatch.setattr(answer, "load_engine", no_load)
+    (repo.parent / "empty").mkdir()
+    code, out, err = run(["ask", "-m", str(tiny_gguf("q8")), "empty", "q?"], capsys, monkeypatch)
+    assert code == 2 and out == "" and "no file to read in empty: it is empty" in err
+    code, out, err = run(["ask", "-m", str(tiny_gguf("q8")), "proj/logo.png", "proj/.env", "q?"], capsys, monkeypatch)
+    assert code == 2 and out == ""
+    assert "all 2 left out: proj/.env (secret: dotenv file), proj/logo.png (binary: NUL byte)" in err
+
+
+@pytest.mark.parametrize("argv", [["ask", "proj"], ["ask", "proj/src", "proj/README.md"]])
+def test_forgotten_question_is_named(repo, capsys, monkeypatch, argv):
+    code, _, err = run(argv, capsys, monkeypatch)
+    assert code == 2
+    assert f"the last argument '{argv[-1]}' is a path, not a question" in err and 'v4 ask PATH... "QUESTION"' in err
+
+
 def test_missing_model_is_bad_input(repo, capsys, monkeypatch):
     code, _, err = run(["ask", "proj", "q?"], capsys, monkeypatch)
     assert code == 2 and "no model given and the store holds no GGUF" in err

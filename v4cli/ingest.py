@@ -12,7 +12,6 @@ so a file can never inject a turn boundary. The caller wraps the ids: BOS, `<｜
 
 from __future__ import annotations
 
-import fnmatch
 import itertools
 import json
 import os
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from v4cli.errors import BadInput, NotFoundError, V4Warning
+from v4cli.secrets import scan_text, secret_name
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -305,26 +305,6 @@ class GlobSet:
 
 # --------------------------------------------------------------------------------------------------
 # collecting files
-
-_SECRET_NAMES = {".env", ".netrc", ".npmrc", ".pypirc", ".git-credentials"}
-_SECRET_GLOBS = (".env.*", "id_rsa*", "id_ed25519*", "id_ecdsa*", "id_dsa*", "*.pem", "*.key", "*.p12", "*.pfx",
-                 "credentials*.json")
-# Built from parts so this source file is not itself flagged as holding a key.
-_PRIVATE_KEY = re.compile("^-----BEGIN (?:[A-Z0-9]+ )*" + "PRIVATE KEY-----", re.MULTILINE)
-
-
-def secret_name(path: str) -> str | None:
-    """Why a path's name marks it as a secret (never read), or None."""
-    name = path.rsplit("/", 1)[-1]
-    if name in _SECRET_NAMES:
-        return f"credential file {name}"
-    if path == ".aws/credentials" or path.endswith("/.aws/credentials"):
-        return "AWS credentials"
-    for g in _SECRET_GLOBS:
-        if fnmatch.fnmatchcase(name, g):
-            return f"matches {g}"
-    return None
-
 
 def decode_text(data: bytes) -> str | None:
     """UTF-8 text of `data`, or None if it looks binary: a NUL in the first 8 KB, or more than
@@ -643,7 +623,8 @@ def collect(
             skipped.append(Skip(shown, NOT_FILE))
             continue
         # the name rules see both names: `notes.txt -> .env` is as secret as `.env`
-        if (why := secret_name(shown) or secret_name(real)) is not None:
+        real_name = os.path.relpath(real, real_root).replace(os.sep, "/") if real_root is not None else real
+        if (why := secret_name(shown) or secret_name(real_name)) is not None:
             skipped.append(Skip(shown, SECRET, why))
             continue
         try:
@@ -658,8 +639,9 @@ def collect(
         if text is None:
             skipped.append(Skip(shown, BINARY, "NUL byte" if b"\0" in data[:SNIFF_BYTES] else "not UTF-8"))
             continue
-        if _PRIVATE_KEY.search(text):
-            skipped.append(Skip(shown, SECRET, "contains a private key"))
+        # skipped whole, not redacted: a file with a credential never reaches the prompt or the prefix cache
+        if findings := scan_text(text):
+            skipped.append(Skip(shown, SECRET, f"{findings[0].rule} on line {findings[0].line}"))
             continue
         accepted.append(SourceFile(shown, full, st.st_mtime_ns, size, text, complete))
     skipped.sort(key=lambda s: s.path)

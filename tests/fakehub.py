@@ -13,13 +13,20 @@ Switches, settable while serving: `fail_once[path] = n` (send n body bytes, then
 `require_token = "hf_x"` (gated: downloads need `Authorization: Bearer hf_x`), `private = True` (the API needs
 the token too), `redirect_lfs = True` (LFS downloads 302 to a CDN path, like the real Hub). `requests` logs every
 request (method, path, Range, Authorization).
+
+A mirror or proxy that is not the Hub: `no_hashes = True` (the listing gives sizes only), `listing[path] = {...}`
+(keys merged into that file's listing entry, e.g. a forged `lfs.sha256`), `hold[path] = n` (send n body bytes,
+then pause `hold_s` seconds, once), and `add_file(repo_id, name, data)`, which lists any name, `../x` included,
+and serves it at the URL a client actually requests for it (dot segments resolved), as a catch-all mirror would.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -112,6 +119,10 @@ class FakeHub:
         self.require_token: str | None = None
         self.private = False
         self.redirect_lfs = False
+        self.no_hashes = False
+        self.listing: dict[str, dict] = {}
+        self.hold: dict[str, int] = {}
+        self.hold_s = 1.0
         self.requests: list[Logged] = []
         self.served: list[Served] = []
         self._lock = threading.Lock()
@@ -132,6 +143,12 @@ class FakeHub:
         repo.revisions.update(revisions)
         self.repos[repo_id] = repo
         return repo
+
+    def add_file(self, repo_id: str, name: str, data: bytes) -> RepoFile:
+        """List `name` (any string, unchecked) in `repo_id` and serve `data` for it."""
+        f = RepoFile(name, data, name.endswith(LFS_SUFFIXES))
+        self.repos[repo_id].files[name] = f
+        return f
 
     def downloads(self, path: str | None = None) -> list[Served]:
         """File bodies sent (optionally of one repo file), in order; redirects are not counted."""
@@ -214,6 +231,12 @@ def _make_handler(hub: FakeHub):
                 return self._api(parts[2:], query)
             if len(parts) >= 5 and parts[2] == "resolve":
                 return self._resolve(parts[0], parts[1], parts[3], "/".join(parts[4:]))
+            for repo in hub.repos.values():
+                for f in repo.files.values():
+                    # what a client's URL normalization makes of a hostile name (add_file)
+                    if any(url.path == posixpath.normpath(f"/{repo.repo_id}/resolve/{rev}/{f.path}")
+                           for rev in repo.revisions):
+                        return self._serve(repo, f, {"X-Repo-Commit": repo.commit})
             if len(parts) >= 4 and parts[0] == "__cdn":
                 repo = hub.repos.get(f"{parts[1]}/{parts[2]}")
                 path = "/".join(parts[3:])
@@ -246,9 +269,12 @@ def _make_handler(hub: FakeHub):
             for f in repo.files.values():
                 s = {"rfilename": f.path}
                 if blobs:
-                    s.update(size=len(f.data), blobId=f.git_oid)
-                    if f.lfs:
-                        s["lfs"] = {"sha256": f.sha256, "size": len(f.data), "pointerSize": len(f.pointer)}
+                    s["size"] = len(f.data)
+                    if not hub.no_hashes:
+                        s["blobId"] = f.git_oid
+                        if f.lfs:
+                            s["lfs"] = {"sha256": f.sha256, "size": len(f.data), "pointerSize": len(f.pointer)}
+                    s.update(hub.listing.get(f.path, {}))
                 siblings.append(s)
             return {
                 "id": repo.repo_id, "modelId": repo.repo_id, "sha": repo.commit, "private": hub.private,
@@ -322,6 +348,7 @@ def _make_handler(hub: FakeHub):
                 return
             with hub._lock:
                 cut = hub.fail_once.pop(f.path, None)
+                held = hub.hold.pop(f.path, None)
                 hub.served.append(
                     Served(f.path, unquote(urlsplit(self.path).path), rng, self.headers.get("Authorization"))
                 )
@@ -330,6 +357,11 @@ def _make_handler(hub: FakeHub):
                 self.wfile.flush()
                 self.close_connection = True  # the client sees the body end early
                 return
+            if held is not None:
+                self.wfile.write(body[:held])
+                self.wfile.flush()
+                time.sleep(hub.hold_s)  # a slow link: the client has written `held` bytes and waits for more
+                body = body[held:]
             self.wfile.write(body)
 
     return Handler

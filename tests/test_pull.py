@@ -113,8 +113,7 @@ def test_interrupted_pull_resumes_with_range(fake, repo, monkeypatch, redirect):
     assert not (_store_dir() / MANIFEST).exists()
     with pytest.raises(NotFoundError, match="only partly pulled"):
         Store().resolve("flash")
-    sha = hashlib.sha256((repo / SHARD).read_bytes()).hexdigest()
-    part = _store_dir() / PARTIAL / f"{sha}.part"
+    (part,) = (_store_dir() / PARTIAL).glob("*.part")
     have = part.stat().st_size
     assert have == 3 * 4096 < size
 
@@ -414,3 +413,147 @@ def test_cli_pull_errors(fake, capsys):
         ),
     )
     assert _main(["pull", "./no/such/dir"], capsys) == (2, "", "error: ./no/such/dir does not exist\n")
+
+
+# ---- hostile endpoints (issue 21) ------------------------------------------------------------------------------
+
+
+def _tree(root: Path) -> set[str]:
+    """Every file and link under `root`, but the per-model lock files a pull always creates."""
+    return {p.relative_to(root).as_posix() for p in root.rglob("*")
+            if (p.is_file() or p.is_symlink()) and ".locks" not in p.parts}
+
+
+@pytest.mark.parametrize("hostile", ["../../../x.safetensors", "encoding/../../../../x.py", "ABSOLUTE"])
+def test_listing_name_leaving_the_store_is_refused_before_any_write(fake, env, capsys, hostile):
+    name = str(env / "abs" / "x.safetensors") if hostile == "ABSOLUTE" else hostile
+    fake.add_file(FLASH.repo_id, name, b"import os  # planted by a hostile mirror\n" * 100)
+    before = _tree(env)
+    code, out, err = _main(["pull", "flash"], capsys)
+    assert (code, out) == (2, "")
+    why = "is an absolute path" if hostile == "ABSOLUTE" else "has an empty, '.' or '..' segment"
+    assert err == (f"error: file name from {fake.endpoint} {name!r} {why}; refusing it "
+                   "(the source is corrupt or hostile: check the URL)\n")
+    assert _tree(env) == before  # nothing written anywhere: not the planted file, not even the model folder
+    assert fake.downloads() == []
+
+
+def test_listing_hash_that_is_not_hex_is_refused_before_any_write(fake, env, repo):
+    size = (repo / SHARD).stat().st_size
+    fake.listing[SHARD] = {"lfs": {"sha256": "../../../../pwned", "size": size, "pointerSize": 130}}
+    before = _tree(env)
+    with pytest.raises(BadInput, match=rf"sha256 of {SHARD} '../../../../pwned' is not 64 hex characters"):
+        hub.pull("flash")
+    assert _tree(env) == before and fake.downloads() == []
+
+
+def test_symlink_in_the_model_folder_cannot_redirect_writes(fake, env, capsys):
+    elsewhere = env / "elsewhere"
+    elsewhere.mkdir()
+    _store_dir().mkdir(parents=True)
+    (_store_dir() / "encoding").symlink_to(elsewhere)
+    code, out, err = _main(["pull", "flash", "--workers", "1"], capsys)
+    assert code == 2
+    assert err == (f"error: file name from {fake.endpoint} 'encoding/encoding_dsv4.py' resolves outside "
+                   f"{_store_dir()}; refusing it (a symlink inside the folder points out of it: remove it)\n")
+    assert list(elsewhere.iterdir()) == [] and fake.downloads() == []
+
+
+def test_symlink_in_the_model_folder_cannot_redirect_stale_deletes(fake, env, repo):
+    name = f"hf:{FLASH.repo_id}"  # follows main
+    folder = hub.pull(name, max_workers=1).path
+    victim = env / "elsewhere"
+    shutil.move(folder / "encoding", victim)
+    (folder / "encoding").symlink_to(victim)
+    shutil.rmtree(repo / "encoding")
+    fake.add_repo(FLASH.repo_id, repo)  # a new commit without encoding/, so its file is stale
+    with pytest.raises(BadInput, match="stored file name 'encoding/encoding_dsv4.py' resolves outside"):
+        hub.pull(name, max_workers=1)
+    assert (victim / "encoding_dsv4.py").is_file()
+    assert (folder / MANIFEST).is_file()  # refused before the folder was touched: still the complete old pull
+
+
+def test_unsafe_name_in_an_old_manifest_is_not_deleted_as_stale(fake, env):
+    # What an older v4 recorded after pulling from a hostile mirror, at another revision.
+    victim = env / "v4" / "victim.txt"
+    victim.parent.mkdir(parents=True)
+    victim.write_text("not the store's to delete")
+    _store_dir().mkdir(parents=True)
+    (_store_dir() / MANIFEST).write_text(json.dumps({
+        "name": "flash", "repo_id": FLASH.repo_id, "revision": "1" * 40,
+        "files": {"../../victim.txt": {"size": 25, "sha256": None, "git_oid": None}},
+    }))
+    with pytest.raises(BadInput, match=r"stored file name '../../victim.txt' has an empty, '.' or '..' segment; "
+                                       r"refusing it \(recorded by an earlier pull of flash\)") as e:
+        hub.pull("flash", max_workers=1)
+    assert e.value.hint == "v4 rm flash, then v4 pull flash"
+    assert victim.read_text() == "not the store's to delete"
+    assert fake.downloads() == []
+
+
+def test_endpoint_without_hashes_is_refused_unless_no_verify(fake, env, repo, capsys):
+    fake.no_hashes = True  # a plain mirror or proxy: sizes, no LFS sha256, no git blob ids
+    before = _tree(env)
+    assert _main(["pull", "flash"], capsys) == (4, "", (
+        f"error: {fake.endpoint} gives no hash for 9 of 9 files of {FLASH.repo_id} (config.json, "
+        "encoding/encoding_dsv4.py, generation_config.json, ...), so they cannot be verified (use an endpoint that "
+        "sends hashes, or v4 pull flash --no-verify to accept them checked by size only)\n"))
+    assert _tree(env) == before and fake.downloads() == []
+
+    total = sum((repo / p).stat().st_size for p in PULLED)
+    what = f"9 files, {format_bytes(total)} from {FLASH.repo_id}@60d8d70"
+    res = CliRunner().invoke(app, ["pull", "flash", "--no-verify", "--workers", "2"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines() == [
+        f"pulled flash: {what} ({format_bytes(total)} downloaded)",
+        "unverified: 9 of 9 files had no hash and were checked by size only",
+        f"stored in {_store_dir()}",
+    ]
+    manifest = json.loads((_store_dir() / MANIFEST).read_text())
+    assert manifest["unverified"] == PULLED
+    assert all(r["sha256"] is None and r["git_oid"] is None for r in manifest["files"].values())
+
+    res = CliRunner().invoke(app, ["ls"])
+    (row,) = [line for line in res.stdout.splitlines() if line.startswith("flash ")]
+    assert row.split()[3:5] == ["complete,", "unverified"]
+    res = CliRunner().invoke(app, ["pull", "flash", "--offline"])
+    assert res.stdout.splitlines()[:2] == [
+        f"flash checked offline: {what}", "unverified: 9 of 9 files had no hash and were checked by size only"]
+
+
+def test_equal_size_files_in_parallel_and_resumed_never_share_a_partial(env, monkeypatch):
+    """Without hashes both files' content key is their size: one shared partial, two writers, a spliced resume."""
+    import numpy as np
+
+    src = env / "pair"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for f in ("a.safetensors", "b.safetensors"):
+        (src / f).write_bytes(rng.bytes(65536))
+    monkeypatch.setattr(hf_constants, "DOWNLOAD_CHUNK_SIZE", 4096)
+    got: dict[str, int] = {}
+    last = [0]
+
+    def ctrl_c_once_both_have_8k(p):
+        got[p.current] = got.get(p.current, 0) + p.bytes_done - last[0]
+        last[0] = p.bytes_done
+        if got.get("a.safetensors", 0) >= 8192 and got.get("b.safetensors", 0) >= 8192:
+            raise KeyboardInterrupt
+
+    with FakeHub() as h:
+        h.add_repo("someone/Pair", src)
+        h.no_hashes = True
+        # Each file's first 8 KiB arrive together, then the link stalls: both workers are mid-file at once.
+        h.hold = {"a.safetensors": 8192, "b.safetensors": 8192}
+        monkeypatch.setenv("HF_ENDPOINT", h.endpoint)
+        with pytest.raises(KeyboardInterrupt):
+            hub.pull("hf:someone/Pair", no_verify=True, max_workers=2, on_progress=ctrl_c_once_both_have_8k)
+        folder = Store().model_dir("hf:someone/Pair")
+        assert sorted(p.stat().st_size for p in (folder / PARTIAL).glob("*.part")) == [8192, 8192]
+
+        r = hub.pull("hf:someone/Pair", no_verify=True, max_workers=2)
+        assert [d.range for d in h.downloads("a.safetensors")] == [None, "bytes=8192-"]
+        assert [d.range for d in h.downloads("b.safetensors")] == [None, "bytes=8192-"]
+    for f in ("a.safetensors", "b.safetensors"):
+        assert (r.path / f).read_bytes() == (src / f).read_bytes()
+    assert r.unverified == 2

@@ -4,13 +4,18 @@ huggingface_hub supplies the metadata (`HfApi.model_info(files_metadata=True)`: 
 ids), URLs, auth headers and its retrying HTTP GET. We keep our own partial files because
 `hf_hub_download` (2.x) writes each attempt to a process-unique temp file that it deletes on failure, so an
 interrupted 160 GB pull would restart every unfinished shard from byte 0. Ours live in
-`<model>/.v4-partial/<hash>.part` and are continued with a Range request by the next run.
+`<model>/.v4-partial/<hash of name and content>.part` and are continued with a Range request by the next run.
+
+Our own download path also bypasses huggingface_hub's name checks, so every name from the listing (and from
+an earlier pull's manifest) goes through `safepath` before it becomes a path, and every hash through
+`hex_digest`: a hostile mirror or proxy can make a pull fail, never write or delete outside the model folder.
 """
 
 from __future__ import annotations
 
 import errno
 import fnmatch
+import hashlib
 import os
 import shutil
 import threading
@@ -22,7 +27,8 @@ from pathlib import Path
 from v4cli import __version__
 from v4cli.errors import BadInput, DiskSpaceError, DownloadError, NotFoundError, V4Error
 from v4cli.registry import HubSpec, LocalSpec, resolve_name
-from v4cli.store import FileRecord, Manifest, Store, check_file, format_bytes, hash_file
+from v4cli.safepath import UnsafePath, hex_digest, inside, safe_relpath
+from v4cli.store import PARTIAL, FileRecord, Manifest, Store, check_file, format_bytes, hash_file
 
 DISK_MARGIN = 0.02  # keep 2% headroom over the bytes still to download
 
@@ -51,6 +57,7 @@ class PullResult:
     downloaded_bytes: int
     up_to_date: bool
     offline: bool = False
+    unverified: int = 0  # files the endpoint gave no hash for, accepted on size alone (--no-verify)
 
 
 ProgressFn = Callable[[PullProgress], None]
@@ -81,12 +88,15 @@ def pull(
     endpoint: str | None = None,
     offline: bool | None = None,
     verify: bool = False,
+    no_verify: bool = False,
     max_workers: int = 4,
     on_progress: ProgressFn | None = None,
 ) -> PullResult:
     """Pull a model into the store; offline, only verify what is there. Idempotent and resumable.
 
     `verify=True` re-hashes files already present instead of trusting an earlier verification.
+    `no_verify=True` accepts files the endpoint gives no hash for, on size alone; the manifest lists them as
+    unverified. Without it such an endpoint is refused before anything is downloaded.
     """
     spec = resolve_name(name) if isinstance(name, str) else name
     if isinstance(spec, LocalSpec):
@@ -98,7 +108,7 @@ def pull(
         return _verify_offline(spec, store, on_progress)
     endpoint = (endpoint or default_endpoint()).rstrip("/")
     with store.lock(spec.name):
-        return _Pull(spec, store, token, endpoint, verify, max_workers, on_progress).run()
+        return _Pull(spec, store, token, endpoint, verify, no_verify, max_workers, on_progress).run()
 
 
 # ---- online --------------------------------------------------------------------------------------------------
@@ -185,12 +195,13 @@ class _SilentBar:
 
 
 class _Pull:
-    def __init__(self, spec, store, token, endpoint, verify, max_workers, on_progress):
+    def __init__(self, spec, store, token, endpoint, verify, no_verify, max_workers, on_progress):
         self.spec: HubSpec = spec
         self.store: Store = store
         self.token = token
         self.endpoint: str = endpoint
         self.verify = verify
+        self.no_verify = no_verify
         self.max_workers = max(1, max_workers)
         self.on_progress = on_progress
         self.dir = store.model_dir(spec.name)
@@ -208,10 +219,13 @@ class _Pull:
         for s in info.siblings or []:
             if not any(fnmatch.fnmatchcase(s.rfilename, p) for p in self.spec.patterns):
                 continue
-            if s.size is None:
-                raise DownloadError(f"the Hub sent no size for {s.rfilename} in {self.spec.repo_id}")
-            sha = s.lfs.sha256 if s.lfs is not None else None
-            files.append(FileRecord(s.rfilename, s.size, sha256=sha, git_oid=None if sha else s.blob_id))
+            # Everything below becomes a path (the file, its partial) or names one: checked before any write.
+            path = safe_relpath(s.rfilename, f"file name from {self.endpoint}")
+            if not isinstance(s.size, int) or s.size < 0:
+                raise DownloadError(f"the Hub sent no valid size for {path} in {self.spec.repo_id}")
+            sha = hex_digest(s.lfs.sha256, 64, f"sha256 of {path}") if s.lfs is not None else None
+            oid = hex_digest(s.blob_id, 40, f"git blob id of {path}") if sha is None and s.blob_id else None
+            files.append(FileRecord(path, s.size, sha256=sha, git_oid=oid))
         if not files:
             raise NotFoundError(
                 f"{self.spec.repo_id}@{_short(info.sha)} has no files matching {', '.join(self.spec.patterns)}",
@@ -219,7 +233,17 @@ class _Pull:
             )
         if not info.sha:
             raise DownloadError(f"the Hub sent no commit id for {self.spec.repo_id}")
-        return info.sha, sorted(files, key=lambda r: r.path)
+        files.sort(key=lambda r: r.path)
+        unhashed = [r.path for r in files if r.expected_digest() is None]
+        if unhashed and not self.no_verify:
+            # Size alone cannot tell a corrupted or substituted file from the real one.
+            raise DownloadError(
+                f"{self.endpoint} gives no hash for {len(unhashed)} of {len(files)} files of {self.spec.repo_id} "
+                f"({', '.join(unhashed[:3])}{', ...' if len(unhashed) > 3 else ''}), so they cannot be verified",
+                hint=f"use an endpoint that sends hashes, or v4 pull {self.spec.name} --no-verify "
+                     "to accept them checked by size only",
+            )
+        return info.sha, files
 
     def known_good(self, old: Manifest | None, prev: dict | None, revision: str) -> dict[str, FileRecord]:
         """Files verified by an earlier pull (complete manifest, or an unfinished pull of this revision)."""
@@ -244,8 +268,24 @@ class _Pull:
                 carried.update(old.files)
             else:
                 stale |= set(old.files)
-        carried = {p: r for p, r in carried.items() if p not in plan and (self.dir / p).is_file()}
-        return carried, stale - plan - set(carried)
+        carried = {p: r for p, r in carried.items() if p not in plan and self._stored(p).is_file()}
+        stale = stale - plan - set(carried)
+        for p in stale:
+            self._stored(p)  # refused now, before anything is written, rather than at deletion time
+        return carried, stale
+
+    def _stored(self, name: str) -> Path:
+        """A file an earlier pull recorded (possibly an older v4 that took any name), checked like a Hub name."""
+        try:
+            safe_relpath(name, "stored file name")
+        except UnsafePath as e:
+            raise UnsafePath(f"{e} (recorded by an earlier pull of {self.spec.name})",
+                             hint=f"v4 rm {self.spec.name}, then v4 pull {self.spec.name}") from None
+        return inside(self.dir, name, "stored file name")
+
+    def _dest(self, r: FileRecord) -> Path:
+        # Again after resolving symlinks: a link already in the folder must not carry the write outside it.
+        return inside(self.dir, r.path, f"file name from {self.endpoint}")
 
     # -- run --
 
@@ -253,6 +293,7 @@ class _Pull:
         revision, files = self.remote_files()
         self.revision = revision
         name = self.spec.name
+        inside(self.dir, PARTIAL, "partial folder")  # state.json and the partials are written there
         old = self.store.read_manifest(name)
         prev = self.store.read_state(name)
         good = self.known_good(old, prev, revision)
@@ -262,7 +303,7 @@ class _Pull:
             g = good.get(r.path)
             # Files verified by an earlier pull are trusted by size; any other file already there is hashed.
             trusted = g is not None and g.key == r.key
-            dest = self.dir / r.path
+            dest = self._dest(r)
             if dest.is_file() and check_file(dest, r, full=self.verify or not trusted) is None:
                 done.append(r)
             else:
@@ -294,7 +335,7 @@ class _Pull:
         self._download_all(todo, tracker, state)
 
         for p in stale:
-            (self.dir / p).unlink(missing_ok=True)  # files of another revision that this one does not have
+            self._stored(p).unlink(missing_ok=True)  # files of another revision that this one does not have
         manifest = Manifest(name, self.spec.repo_id, revision, merged, requested_revision=self.spec.revision)
         self.store.write_manifest(manifest)
         shutil.rmtree(self.partial, ignore_errors=True)
@@ -303,11 +344,15 @@ class _Pull:
     def _result(self, manifest: Manifest, downloaded: int, up_to_date: bool) -> PullResult:
         return PullResult(
             self.spec.name, manifest.repo_id, manifest.revision, self.dir, len(manifest.files),
-            manifest.total_bytes, downloaded, up_to_date,
+            manifest.total_bytes, downloaded, up_to_date, unverified=len(manifest.unverified),
         )
 
     def _part_path(self, r: FileRecord) -> Path:
-        return self.partial / f"{r.key}.part"
+        # One partial per file and content: two files never share one, even of equal size or content (parallel
+        # workers would interleave; a resume would splice), and a partial never resumes content the listing
+        # no longer names. Hashing keeps the name short and plain whatever the file's path.
+        tag = hashlib.sha256(f"{r.path}\0{r.key}".encode()).hexdigest()
+        return inside(self.dir, f"{PARTIAL}/{tag}.part", "partial file")
 
     def _check_disk(self, todo: list[FileRecord]) -> None:
         remaining = 0
@@ -393,7 +438,7 @@ class _Pull:
                 f"{r.path} from {self.spec.repo_id} failed verification ({what}); the bad copy was deleted",
                 hint=f"run v4 pull {self.spec.name} again; if it repeats, the mirror or proxy is altering files",
             )
-        dest = self.dir / r.path
+        dest = self._dest(r)
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(part, dest)  # same filesystem: the complete file appears in one step
 
@@ -488,7 +533,7 @@ def _verify_offline(spec: HubSpec, store: Store, on_progress: ProgressFn | None)
     bad: list[str] = []
     bad_paths: set[str] = set()
     for p, r in sorted(manifest.files.items()):
-        problem = check_file(folder / p, r)
+        problem = check_file(inside(folder, p, "stored file name"), r)
         if problem:
             bad.append(f"{p} ({problem})")
             bad_paths.add(p)
@@ -508,4 +553,4 @@ def _verify_offline(spec: HubSpec, store: Store, on_progress: ProgressFn | None)
             hint=f"unset HF_HUB_OFFLINE, then v4 pull {name} --verify",
         )
     return PullResult(name, manifest.repo_id, manifest.revision, folder, len(manifest.files),
-                      manifest.total_bytes, 0, True, offline=True)
+                      manifest.total_bytes, 0, True, offline=True, unverified=len(manifest.unverified))

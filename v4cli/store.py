@@ -3,7 +3,8 @@
 Layout under the root (`$V4_HOME`, else `$XDG_CACHE_HOME/v4`, else `~/.cache/v4`):
 
     models/<folder>/                 the checkpoint files, in the repo's own layout
-    models/<folder>/v4-manifest.json written last, atomically: its presence means "complete and verified"
+    models/<folder>/v4-manifest.json written last, atomically: its presence means "complete"; every file is
+                                     verified except those it lists as `unverified` (the endpoint gave no hash)
     models/<folder>/.v4-partial/     while a pull is in progress: plan + resumable `<hash>.part` files
     models/.locks/<folder>.lock      one pull or removal of a model at a time
     gguf/<name>-<recipe>.gguf        outputs of `v4 quantize`
@@ -181,9 +182,17 @@ class Manifest:
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files.values())
 
+    @property
+    def unverified(self) -> list[str]:
+        """Files accepted on size alone (`v4 pull --no-verify`: the endpoint gave no hash to check them against).
+
+        Derived from the records, so it also covers manifests written before this list existed."""
+        return sorted(p for p, r in self.files.items() if r.expected_digest() is None)
+
     def to_json(self) -> dict:
         d = asdict(self)
         d["files"] = {p: {k: v for k, v in asdict(r).items() if k != "path"} for p, r in sorted(self.files.items())}
+        d["unverified"] = self.unverified  # for readers of the file; recomputed from the records on load
         return d
 
     @classmethod
@@ -212,6 +221,7 @@ class StoreEntry:
     repo_id: str | None = None
     revision: str | None = None
     files: int = 0
+    unverified: int = 0  # of a complete model: files accepted on size alone
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -373,7 +383,7 @@ class Store:
                 if manifest is not None:
                     out.append(
                         StoreEntry(name, "model", d, manifest.total_bytes, True, manifest.repo_id,
-                                   manifest.revision, len(manifest.files))
+                                   manifest.revision, len(manifest.files), len(manifest.unverified))
                     )
                 else:
                     state = self.read_state(name) or {}

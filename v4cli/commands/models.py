@@ -23,6 +23,10 @@ def pull_cmd(
     verify: bool = typer.Option(
         False, "--verify", help="Re-hash files already present instead of trusting earlier checks."
     ),
+    no_verify: bool = typer.Option(
+        False, "--no-verify",
+        help="Accept files the endpoint gives no hash for, checked by size only (recorded as unverified).",
+    ),
     workers: int = typer.Option(4, "--workers", min=1, max=16, help="Files downloaded in parallel."),
 ) -> None:
     """Download a model into the store (resumable, verified)."""
@@ -36,14 +40,16 @@ def pull_cmd(
             )
 
         result = pull(name, token=token, offline=True if offline else None, verify=verify,
-                      max_workers=workers, on_progress=show)
+                      no_verify=no_verify, max_workers=workers, on_progress=show)
     what = f"{result.files} files, {format_bytes(result.total_bytes)} from {result.repo_id}@{result.revision[:7]}"
     if result.offline:
-        _line(f"{result.name} verified offline: {what}")
+        _line(f"{result.name} {'checked' if result.unverified else 'verified'} offline: {what}")
     elif result.up_to_date:
         _line(f"{result.name} is up to date: {what}")
     else:
         _line(f"pulled {result.name}: {what} ({format_bytes(result.downloaded_bytes)} downloaded)")
+    if result.unverified:
+        _line(f"unverified: {result.unverified} of {result.files} files had no hash and were checked by size only")
     _line(f"stored in {result.path}")
 
 
@@ -62,7 +68,8 @@ def ls_cmd() -> None:
         return
     rows = [("NAME", "SIZE", "STATUS", "SOURCE")]
     for e in entries:
-        status = "gguf" if e.kind == "gguf" else ("complete" if e.complete else "partial")
+        status = "gguf" if e.kind == "gguf" else ("partial" if not e.complete else
+                                                  "complete, unverified" if e.unverified else "complete")
         rows.append((e.name, format_bytes(e.size), status, _source(e)))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:

@@ -543,8 +543,10 @@ def _display(abspath: str, base: str) -> str:
     return os.path.relpath(abspath, base).replace(os.sep, "/")
 
 
-def _read(abspath: str, limit: int | None) -> tuple[bytes, int]:
-    with open(abspath, "rb") as f:
+def _read(real: str, limit: int | None) -> tuple[bytes, int]:
+    """(up to `limit` bytes, size) of the resolved path `real`; a link swapped in since it was checked fails
+    (O_NOFOLLOW) rather than reading whatever the new link points to."""
+    with open(os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb") as f:
         size = os.fstat(f.fileno()).st_size
         return f.read(limit if limit is not None else -1), size
 
@@ -628,7 +630,7 @@ def collect(
             skipped.append(Skip(shown, SECRET, why))
             continue
         try:
-            data, size = _read(full, read_limit)
+            data, size = _read(real, read_limit)
         except OSError as e:
             skipped.append(Skip(shown, UNREADABLE, e.strerror or str(e)))
             continue

@@ -4,6 +4,7 @@ writer killed mid-entry leaves the cache usable."""
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import signal
@@ -28,6 +29,7 @@ from v4cli.engine.prefix_cache import (
     _prefix_key,
     _token_bytes,
     cache_root,
+    clear,
     list_models,
     model_fingerprint,
     parse_cache_size,
@@ -35,6 +37,8 @@ from v4cli.engine.prefix_cache import (
 )
 from v4cli.engine.session import Session
 from v4cli.errors import BadInput
+from v4cli.model import cache as model_cache
+from v4cli.model.cache import STATE_LAYOUT, BadState
 from v4cli.testing.tiny import random_token_ids
 
 FP = "ab" * 32
@@ -264,6 +268,121 @@ def test_entry_from_another_model_copied_in_is_refused(tmp_path):
     os.replace(src.path, pc.folder / src.path.name)
     with pytest.warns(PrefixCacheWarning, match="another model"):
         assert pc.lookup(p) is None
+
+
+# --- states that cannot be restored ------------------------------------------------------------------------------
+# Each entry below has a sound header and checksum (PrefixCache.save writes it), so only restoring its payload can
+# tell it is bad; before the check every one was loaded into the live cache and crashed the run or answered wrong.
+
+
+def _state_bytes(eng, tokens, edit=None, layout=STATE_LAYOUT) -> bytes:
+    cache = eng.new_cache()
+    eng.prefill(tokens, cache, 16)
+    sd = cache.state_dict()
+    if edit is not None:
+        edit(sd)
+    buf = io.BytesIO()
+    torch.save({"layout": layout, "kv_format": eng.kv_format, "state": sd}, buf)
+    return buf.getvalue()
+
+
+def _renamed(sd):  # the same tensors under another layout's names
+    for k in [k for k in sd if ".window." in k]:
+        sd[k.replace(".window.", ".swa.")] = sd.pop(k)
+
+
+def _edit(key, fn):
+    return lambda sd: sd.__setitem__(key, fn(sd[key]))
+
+
+HOSTILE = {  # name: (tokens the state is of, edit of its state_dict, layout), saved as the entry for 24 tokens
+    "garbage": None,
+    "other layout": (24, _renamed, STATE_LAYOUT + 1),
+    "wrong shape": (24, _edit("0.window.x", lambda x: x[:, :-1]), STATE_LAYOUT),
+    "wrong dtype": (24, _edit("2.compressor.buf_kv", lambda x: x.double()), STATE_LAYOUT),
+    "position != token count": (20, None, STATE_LAYOUT),
+    "counter != position": (24, _edit("2.compressor.count", lambda c: c + 1), STATE_LAYOUT),
+}
+
+
+@pytest.mark.parametrize("kind", list(HOSTILE))
+def test_unrestorable_state_is_warned_deleted_and_prefilled_from_scratch(engines, tmp_path, kind):
+    eng = engines["f32"]
+    prompt = random_token_ids(40, seed=30)
+    spec = HOSTILE[kind]
+    payload = blob(5000) if spec is None else _state_bytes(eng, prompt[: spec[0]], spec[1], spec[2])
+    pc = PrefixCache.for_engine(eng, root=tmp_path)
+    pc.save(prompt[:24], payload)
+    (entry,) = pc.entries()
+    s = Session(eng, store=PrefixCache.for_engine(eng, root=tmp_path), chunk=16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = [r.token for r in s.generate(prompt, GREEDY) if isinstance(r, TokenRecord)]
+    assert [str(w.message) for w in caught if w.category is PrefixCacheWarning] == [
+        next(str(w.message) for w in caught if "state not restorable" in str(w.message))]  # exactly one, this one
+    assert not entry.path.exists() and s.reused == 0
+    assert out == [r.token for r in eng.generate(prompt, GREEDY) if isinstance(r, TokenRecord)]
+
+
+def test_bad_state_falls_back_to_the_next_longest_entry(engines, tmp_path):
+    eng = engines["f32"]
+    prompt = random_token_ids(40, seed=31)
+    pc = PrefixCache.for_engine(eng, root=tmp_path)
+    pc.save(prompt[:10], _state_bytes(eng, prompt[:10]))
+    pc.save(prompt[:24], _state_bytes(eng, prompt[:20]))
+    s = Session(eng, store=pc, chunk=16)
+    with pytest.warns(PrefixCacheWarning, match="pos is 20, expected 24"):
+        out = [r.token for r in s.generate(prompt, GREEDY) if isinstance(r, TokenRecord)]
+    assert s.reused == 10 and [e.n_tokens for e in pc.entries()] == [10]
+    assert out == [r.token for r in eng.generate(prompt, GREEDY) if isinstance(r, TokenRecord)]
+
+
+def test_refused_state_leaves_the_cache_unchanged(engines):
+    eng = engines["fp8"]
+    prompt = random_token_ids(30, seed=32)
+    live = eng.new_cache()
+    eng.prefill(prompt[:9], live, 16)
+    before = {k: v.clone() for k, v in live.state_dict().items()}
+    bad = _state_bytes(eng, prompt[:21], _edit("3.compressor.entries.e", lambda e: e.to(torch.int16)))
+    with pytest.raises(BadState, match=r"layer 3 compressor: entries\.e is torch\.int16"):
+        live.load_bytes(bad, 21)
+    after = live.state_dict()
+    assert live.pos == 9 and before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    live.load_bytes(_state_bytes(eng, prompt[:21]), 21)  # a sound one of the same run restores
+    assert live.pos == 21
+
+
+def test_entry_of_another_state_layout_is_a_miss(engines, tmp_path, monkeypatch):
+    eng = engines["f32"]
+    prompt = random_token_ids(40, seed=33)
+    monkeypatch.setattr(model_cache, "STATE_LAYOUT", STATE_LAYOUT + 1)  # a future v4 writes...
+    writer = PrefixCache.for_engine(eng, root=tmp_path)
+    writer.save(prompt[:24], _state_bytes(eng, prompt[:24], layout=STATE_LAYOUT + 1))
+    monkeypatch.setattr(model_cache, "STATE_LAYOUT", STATE_LAYOUT)  # ...and this one reads
+    reader = PrefixCache.for_engine(eng, root=tmp_path)
+    with no_warnings():
+        assert reader.lookup(prompt, restore=lambda b, n: eng.new_cache().load_bytes(b, n)) is None
+    assert reader.folder != writer.folder and len(writer.entries()) == 1  # a miss: the future's entry stays
+
+
+def test_names_on_disk_must_be_ours(tmp_path):
+    pc = PrefixCache(tmp_path / "cache", FP, 10**6)
+    p = random_token_ids(12, seed=34)
+    pc.save(p, blob(100))
+    (entry,) = pc.entries()
+    # other scripts' digits and upper-case hex look like an entry to a lax pattern (int("٠٠٠٠٠٠٠٠١٢") == 12)
+    os.link(entry.path, pc.folder / ("\u0660" * 8 + "\u0661\u0662" + entry.path.name[10:]))
+    os.link(entry.path, pc.folder / entry.path.name.upper().replace(".V4PC", SUFFIX))
+    # a model folder that is a symlink: clearing the cache must not delete the entries where it points
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / entry.path.name
+    victim.write_bytes(b"someone else's file")
+    (tmp_path / "cache" / OTHER_FP[:16]).symlink_to(outside)
+    assert [e.path for e in pc.entries()] == [entry.path]
+    assert [m.fingerprint for m in list_models(tmp_path / "cache")] == [FP[:16]]
+    assert clear(tmp_path / "cache") == (1, entry.size)
+    assert victim.read_bytes() == b"someone else's file"
 
 
 # --- crash safety ------------------------------------------------------------------------------------------------

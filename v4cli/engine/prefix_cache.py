@@ -14,7 +14,10 @@ covers the whole folder, all models together, and evicts the least recently used
 Entry file: a fixed header (magic, version, fingerprint, kv format, n_tokens, payload length, sha256 over
 header + tokens + payload), the tokens as little-endian u32, then `ModelCache.to_bytes()`, which is already in
 the run's KV format. A corrupt, truncated or foreign entry is reported through `warnings` (PrefixCacheWarning)
-and deleted, never loaded.
+and deleted, never loaded; so is one whose checksum holds but whose state the model's cache refuses to restore
+(another state layout, garbage, wrong keys, shapes, dtypes or position): `lookup` restores through the caller's
+`restore`, which checks everything before the live cache is touched, and the run prefills from scratch instead.
+Names read from disk are used only when they are exactly what this module writes (ASCII digits, lowercase hex).
 """
 
 from __future__ import annotations
@@ -27,10 +30,10 @@ import shutil
 import struct
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 
@@ -51,11 +54,14 @@ SUFFIX = ".v4pc"
 MODEL_JSON = "model.json"
 # magic, version, reserved, fingerprint (hex, padded), kv format (padded), n_tokens, payload bytes, sha256
 _HEADER = struct.Struct("<4sHH64s8sQQ32s")
-_NAME = re.compile(r"^(\d{10})-([0-9a-f]{32})" + re.escape(SUFFIX) + "$")
-_FINGERPRINT = re.compile(r"^[0-9a-f]{16,64}$")
+# [0-9], not \d: \d also matches other scripts' digits, which int() would accept
+_NAME = re.compile(r"([0-9]{10})-([0-9a-f]{32})" + re.escape(SUFFIX))
+_FOLDER = re.compile(r"[0-9a-f]{16}")
+_FINGERPRINT = re.compile(r"[0-9a-f]{16,64}")
 _WRITE_CHUNK = 16 << 20
 _SAMPLES = 64  # tensors whose first bytes go into the fingerprint
 _SAMPLE_BYTES = 4096
+T = TypeVar("T")
 
 
 class PrefixCacheWarning(V4Warning):
@@ -81,10 +87,12 @@ def model_fingerprint(gguf, kv_format: str, device: str = "cpu") -> str:
     offset; of every part of a split set), the total size, and the first 4 KiB of up to 64 tensors spread over the
     file or set: a re-quantization or a different checkpoint with the same layout changes those bytes. A full-file
     hash would read 150+ GB at every start. The device is included because a state computed by other kernels would
-    not continue like this run.
+    not continue like this run; the state layout because a state of another layout cannot be restored at all.
     """
+    from v4cli.model.cache import STATE_LAYOUT  # here: listing and writing entries need no torch
+
     h = hashlib.sha256(b"v4 prefix cache\0")
-    h.update(f"{gguf.size}\0{kv_format}\0{device}\0".encode())
+    h.update(f"{gguf.size}\0{kv_format}\0{device}\0state layout {STATE_LAYOUT}\0".encode())
     # a split set: every part's header, samples spread over all parts (one file hashes as it always did)
     tensors = [(i, t) for i, part in enumerate(gguf.parts)
                for t in sorted(part.tensors.values(), key=lambda t: t.offset)]
@@ -163,10 +171,13 @@ def _scan(folder: Path) -> list[CacheEntry]:
     except FileNotFoundError:
         return out
     for d in items:
-        m = _NAME.match(d.name)
+        m = _NAME.fullmatch(d.name)
         if not m:
             continue
         try:
+            # a symlink or a FIFO is no entry of ours: reading it could leave the folder or block
+            if not d.is_file(follow_symlinks=False):
+                continue
             st = d.stat()
         except FileNotFoundError:  # evicted by another process since the listdir
             continue
@@ -176,21 +187,28 @@ def _scan(folder: Path) -> list[CacheEntry]:
 
 def _read_info(folder: Path) -> dict:
     try:
-        return json.loads((folder / MODEL_JSON).read_text())
-    except (FileNotFoundError, ValueError):
+        info = json.loads((folder / MODEL_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _model_dirs(top: Path) -> list[Path]:
+    """The model folders under `top`: real directories named as PrefixCache names them (never a symlink, whose
+    entries `clear` and eviction would otherwise delete wherever it points)."""
+    try:
+        items = list(os.scandir(top))
+    except FileNotFoundError:
+        return []
+    return sorted(Path(d.path) for d in items if _FOLDER.fullmatch(d.name) and d.is_dir(follow_symlinks=False))
 
 
 def list_models(root: Path | None = None) -> list[CacheModel]:
     """Every model folder under the prefix cache, with its entries (newest first), by name."""
-    top = cache_root(root)
-    if not top.is_dir():
-        return []
     out = []
-    for d in sorted(top.iterdir()):
-        if d.is_dir() and not d.name.startswith("."):
-            entries = sorted(_scan(d), key=lambda e: (-e.last_used, e.path.name))
-            out.append(CacheModel(d.name, d, _read_info(d), entries))
+    for d in _model_dirs(cache_root(root)):
+        entries = sorted(_scan(d), key=lambda e: (-e.last_used, e.path.name))
+        out.append(CacheModel(d.name, d, _read_info(d), entries))
     return sorted(out, key=lambda m: (m.name, m.fingerprint))
 
 
@@ -246,7 +264,7 @@ class PrefixCache:
 
     def __init__(self, root: Path, fingerprint: str, max_bytes: int, *, kv_format: str = "",
                  info: dict | None = None, lock_timeout: float = 30.0):
-        if not _FINGERPRINT.match(fingerprint):
+        if not _FINGERPRINT.fullmatch(fingerprint):
             raise BadInput(f"prefix-cache fingerprint {fingerprint!r} must be 16 to 64 lowercase hex digits")
         self.top = Path(root)
         self.fingerprint, self.kv_format, self.max_bytes = fingerprint, kv_format, max_bytes
@@ -273,11 +291,17 @@ class PrefixCache:
         """This model's entries, newest first."""
         return sorted(_scan(self.folder), key=lambda e: (-e.last_used, e.path.name))
 
-    def lookup(self, tokens: Sequence[int], longer_than: int = 0) -> tuple[int, bytes] | None:
-        """The longest saved prefix of `tokens` longer than `longer_than` tokens: (its length, the state bytes)."""
+    def lookup(self, tokens: Sequence[int], longer_than: int = 0,
+               restore: Callable[[bytes, int], T] | None = None) -> tuple[int, bytes | T] | None:
+        """The longest saved prefix of `tokens` longer than `longer_than` tokens: (its length, the state bytes).
+
+        With `restore(state bytes, n tokens)`, the second item is what it returns, and an entry it refuses with
+        BadState is warned about, deleted and passed over for the next longest, as a corrupt file is."""
         cands = [e for e in _scan(self.folder) if longer_than < e.n_tokens <= len(tokens)]
         if not cands:
             return None
+        if restore is not None:
+            from v4cli.model.cache import BadState  # here: listing and writing entries need no torch
         tb = _token_bytes(tokens)
         keys = prefix_keys(tb, [e.n_tokens for e in cands])
         for e in sorted(cands, key=lambda e: -e.n_tokens):
@@ -287,8 +311,15 @@ class PrefixCache:
             # a token mismatch under an equal hash is a collision: a sound entry for another prompt, left alone
             if got is None or got[0] != tb[: 4 * e.n_tokens]:
                 continue
+            state: bytes | T = got[1]
+            if restore is not None:
+                try:
+                    state = restore(got[1], e.n_tokens)
+                except BadState as err:
+                    self._reject(e.path, f"state not restorable: {err}")
+                    continue
             self._touch(e.path)
-            return e.n_tokens, got[1]
+            return e.n_tokens, state
         return None
 
     def _header(self, n: int, payload_len: int, digest: bytes = b"\0" * 32) -> bytes:
@@ -304,9 +335,17 @@ class PrefixCache:
             return None
         if problem is None:
             return got
-        warnings.warn(f"prefix cache: ignoring {e.path.name} ({problem}); deleted", PrefixCacheWarning, stacklevel=3)
-        self._delete(e.path)
+        self._reject(e.path, problem)
         return None
+
+    def _reject(self, path: Path, problem: str) -> None:
+        """One warning line for a bad entry, which is deleted (a read-only cache keeps it: the run goes on)."""
+        try:
+            self._delete(path)
+            done = "deleted"
+        except OSError as e:
+            done = f"could not delete it: {e.strerror or e}"
+        warnings.warn(f"prefix cache: ignoring {path.name} ({problem}); {done}", PrefixCacheWarning, stacklevel=4)
 
     def _read_checked(self, f: BinaryIO, e: CacheEntry) -> tuple[str | None, tuple[bytes, bytes] | None]:
         head = f.read(_HEADER.size)
@@ -395,7 +434,7 @@ class PrefixCache:
 
     def _evict(self, need: int) -> None:
         """Delete least recently used entries (all models) until `need` more bytes fit in max_bytes."""
-        everything = [e for d in self.top.iterdir() if d.is_dir() for e in _scan(d)]
+        everything = [e for d in _model_dirs(self.top) for e in _scan(d)]
         total = sum(e.size for e in everything)
         for e in sorted(everything, key=lambda e: (e.last_used, e.path.name)):
             if total + need <= self.max_bytes:

@@ -16,6 +16,7 @@ from v4cli.engine.generate import DEFAULT_CHUNK, Engine
 from v4cli.engine.records import DoneRecord, TokenRecord
 from v4cli.engine.sampling import SamplingParams
 from v4cli.errors import BadInput
+from v4cli.model.cache import ModelCache
 
 Progress = Callable[[int, int], None]  # (tokens prefilled so far, tokens to prefill)
 
@@ -23,8 +24,10 @@ Progress = Callable[[int, int], None]  # (tokens prefilled so far, tokens to pre
 class PrefixStore(Protocol):
     """Where snapshots outlive the process (the disk prefix cache implements this)."""
 
-    def lookup(self, tokens: Sequence[int], longer_than: int = 0) -> tuple[int, bytes] | None:
-        """The longest saved prefix of `tokens` longer than `longer_than`: (its length, the cache bytes), or None.
+    def lookup(self, tokens: Sequence[int], longer_than: int = 0,
+               restore: Callable[[bytes, int], ModelCache] | None = None) -> tuple[int, object] | None:
+        """The longest saved prefix of `tokens` longer than `longer_than`: (its length, `restore(its bytes, its
+        length)`), or None. An entry `restore` refuses with BadState is dropped and the next longest tried.
         (`longer_than` spares reading a state that the live cache already beats.)"""
 
     def save(self, tokens: Sequence[int], state: bytes) -> None:
@@ -83,16 +86,22 @@ class Session:
             n = len(snap.tokens)
             if n > max(best, 0) and n <= len(want) and common_prefix(snap.tokens, want) == n:
                 best, source = n, snap.state
-        if self.store is not None:
-            hit = self.store.lookup(want, longer_than=max(best, 0))
-            if hit is not None and hit[0] > max(best, 0):
-                best, source = hit
-        if source is not None:
-            self.cache = self.engine.new_cache()
-            self.cache.load_bytes(source)
+        # a disk entry is restored into a fresh cache and checked there, so a bad one costs only its own prefill
+        hit = self.store.lookup(want, max(best, 0), self._restored) if self.store is not None else None
+        if hit is not None and hit[0] > max(best, 0):
+            best, self.cache = hit
+            self.tokens = list(want[:best])
+        elif source is not None:
+            self.cache = self._restored(source, best)
             self.tokens = list(want[:best])
         elif best < 0:
             self.reset()
+
+    def _restored(self, state: bytes, n_tokens: int) -> ModelCache:
+        """A new cache holding `state`, the state after `n_tokens` tokens (BadState if it is not one)."""
+        cache = self.engine.new_cache()
+        cache.load_bytes(state, n_tokens)
+        return cache
 
     def snapshot(self) -> None:
         """Remember the current state (in memory, and in the store if any)."""

@@ -3,7 +3,9 @@
 Per layer: the sliding window of raw kv (the last `window-1` rows), and for CSA/HCA layers each compressor's
 emitted entries, its partial-window buffers (fp32) and, for the overlapped CSA compressors, the previous
 window's Ca half. Memory grows with the tokens held, not with the maximum context. The state can be
-snapshotted (`state_dict`/`to_bytes`) and restored exactly; it cannot be rewound without recomputation.
+snapshotted (`state_dict`/`to_bytes`) and restored exactly; it cannot be rewound without recomputation. A
+snapshot read back (`load_bytes`) is checked key by key against this cache's layout before anything is changed:
+it may come from a file written by another version or by someone else.
 
 KV storage formats (`kv_format`): "f32" (exact, for tests), "bf16", and "fp8": the non-rope dims as FP8 e4m3
 with one power-of-two scale per 64 values, the rope dims in BF16, and indexer keys in FP4 (e2m1, one
@@ -25,6 +27,13 @@ FP8_BLOCK = 64
 FP4_BLOCK = 32
 _FP4_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 _FP4_MIDS = (_FP4_GRID[1:] + _FP4_GRID[:-1]) / 2
+# The layout of `state_dict`: key names and each key's dtype and shape. Bump it when either changes: `to_bytes`
+# records it and the prefix cache's fingerprint includes it, so a snapshot of another layout is never restored.
+STATE_LAYOUT = 1
+
+
+class BadState(BadInput):
+    """A snapshot this cache cannot restore: not a snapshot, another layout or format, or inconsistent values."""
 
 
 def _blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
@@ -212,9 +221,25 @@ class Rows:
     def state(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self._view(0, self.n).items()} | {"n": torch.tensor(self.n)}
 
+    def check(self, sd: dict, n: int, where: str) -> None:
+        """BadState unless `sd` is what `state()` gives for n rows of this codec and dim."""
+        _count(sd, "n", n, where)
+        if n == 0 and set(sd) == {"n"}:  # nothing appended yet: no parts
+            return
+        want = self.codec.encode(torch.zeros(1, self.dim))  # one row: every part's dtype and row shape
+        _keys(sd, {"n", *want}, where)
+        for k, t in want.items():
+            if t.dim():
+                _tensor(sd, k, t.dtype, (n, *t.shape[1:]), where)
+            else:  # a per-store constant (the unpadded dim): the same value
+                _tensor(sd, k, t.dtype, (), where)
+                if sd[k].item() != t.item():
+                    raise BadState(f"{where}{k} is {sd[k].item()}, expected {t.item()}")
+
     def load(self, sd: dict[str, torch.Tensor]) -> None:
         self.n, self.start = int(sd["n"]), 0
-        self.parts = {k: v.clone() for k, v in sd.items() if k != "n"}
+        # a contiguous copy: appends write into these buffers in place
+        self.parts = {k: v.clone(memory_format=torch.contiguous_format) for k, v in sd.items() if k != "n"}
 
 
 @dataclass
@@ -222,6 +247,7 @@ class CompressorState:
     """One compressor's running state: entries emitted, the unfinished window, the previous window's Ca half."""
 
     entries: Rows
+    ratio: int  # tokens per window (the model's Compressor for this state has the same)
     buf_kv: torch.Tensor | None = None  # [< ratio, width] f32 projections of tokens not yet in a window
     buf_score: torch.Tensor | None = None
     prev_kv: torch.Tensor | None = None  # [ratio, dim] Ca half of the last complete window (CSA only)
@@ -243,10 +269,30 @@ class CompressorState:
         sd["count"] = torch.tensor(self.count)
         return sd
 
+    def check(self, sd: dict, pos: int, where: str) -> None:
+        """BadState unless `sd` is what `state()` gives after `pos` tokens: one entry per closed window, the
+        unfinished window's rows in the buffers, and (overlapped windows) the last closed window's Ca half."""
+        m, d = self.ratio, self.entries.dim
+        count, rest = divmod(pos, m)
+        overlap = m == 4  # as the model's Compressor: CSA (ratio 4) windows overlap, their projections 2d wide
+        entries = _sub(sd, "entries.")
+        self.entries.check(entries, count, where + "entries.")
+        _count(sd, "count", count, where)
+        keys = {f"entries.{k}" for k in entries} | {"count"}
+        if rest or "buf_kv" in sd:  # absent before the first token; may be empty at a window boundary
+            for name in ("buf_kv", "buf_score"):
+                _tensor(sd, name, torch.float32, (rest, 2 * d if overlap else d), where)
+            keys |= {"buf_kv", "buf_score"}
+        if overlap and count:
+            for name in ("prev_kv", "prev_score"):
+                _tensor(sd, name, torch.float32, (m, d), where)
+            keys |= {"prev_kv", "prev_score"}
+        _keys(sd, keys, where)
+
     def load(self, sd: dict[str, torch.Tensor]) -> None:
         self.entries.load({k[len("entries."):]: v for k, v in sd.items() if k.startswith("entries.")})
         for n in self._TENSORS:
-            setattr(self, n, sd[n].clone() if n in sd else None)
+            setattr(self, n, sd[n].clone(memory_format=torch.contiguous_format) if n in sd else None)
         self.count = int(sd["count"])
 
 
@@ -305,20 +351,75 @@ class ModelCache:
             for name, part in lc.parts().items():
                 part.load(_sub(sd, f"{i}.{name}."))
 
+    def check_state(self, sd: dict, pos: int) -> None:
+        """BadState unless `sd` is exactly what `state_dict` gives for this model and format after `pos` tokens:
+        the same keys, dtypes and shapes, and counters that agree with `pos` (restoring it cannot fail or drift)."""
+        _count(sd, "pos", pos, "")
+        covered = {"pos"}
+        for i, lc in enumerate(self.layers):
+            prefix = f"{i}.window."
+            lc.window.check(_sub(sd, prefix), min(pos, lc.window_len), f"layer {i} window: ")
+            covered |= {k for k in sd if k.startswith(prefix)}
+            for name, part in lc.parts().items():
+                prefix = f"{i}.{name}."
+                part.check(_sub(sd, prefix), pos, f"layer {i} {name}: ")
+                covered |= {k for k in sd if k.startswith(prefix)}
+        if stray := sorted(map(str, set(sd) - covered)):
+            raise BadState(f"unexpected keys {stray[:3]}: a state of another model")
+
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
-        torch.save({"kv_format": self.kv_format, "state": self.state_dict()}, buf)
+        torch.save({"layout": STATE_LAYOUT, "kv_format": self.kv_format, "state": self.state_dict()}, buf)
         return buf.getvalue()
 
-    def load_bytes(self, data: bytes) -> None:
-        obj = torch.load(io.BytesIO(data), weights_only=True)
-        if obj["kv_format"] != self.kv_format:
-            raise BadInput(f"snapshot is kv format {obj['kv_format']}, this cache is {self.kv_format}")
-        self.load_state_dict(obj["state"])
+    def load_bytes(self, data: bytes, n_tokens: int | None = None) -> None:
+        """Restore `to_bytes` output (the state after `n_tokens` tokens, when given); BadState, with this cache
+        unchanged, if it is anything else."""
+        device = self.layers[0].window.device if self.layers else "cpu"
+        try:
+            obj = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+        except Exception as e:  # untrusted bytes: zip, pickle and storage errors all mean "not a snapshot"
+            raise BadState(f"not a saved state ({type(e).__name__})") from None
+        if not isinstance(obj, dict) or obj.get("layout") != STATE_LAYOUT:
+            layout = obj.get("layout") if isinstance(obj, dict) else None
+            raise BadState(f"state layout {layout}, this v4 uses {STATE_LAYOUT}")
+        if obj.get("kv_format") != self.kv_format:
+            raise BadState(f"snapshot is kv format {obj.get('kv_format')}, this cache is {self.kv_format}")
+        sd = obj.get("state")
+        if not isinstance(sd, dict):
+            raise BadState("the snapshot holds no state")
+        pos = n_tokens if n_tokens is not None else _scalar(sd, "pos", "")
+        self.check_state(sd, pos)
+        self.load_state_dict(sd)
 
 
 def _sub(sd: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return {k[len(prefix):]: v for k, v in sd.items() if isinstance(k, str) and k.startswith(prefix)}
+
+
+def _tensor(sd: dict, key: str, dtype: torch.dtype, shape: tuple[int, ...], where: str) -> None:
+    v = sd.get(key)
+    if not isinstance(v, torch.Tensor):
+        raise BadState(f"{where}{key} is {'missing' if v is None else type(v).__name__}, expected a tensor")
+    if v.dtype != dtype or tuple(v.shape) != tuple(shape):
+        raise BadState(f"{where}{key} is {v.dtype} {list(v.shape)}, expected {dtype} {list(shape)}")
+
+
+def _scalar(sd: dict, key: str, where: str) -> int:
+    _tensor(sd, key, torch.int64, (), where)
+    return int(sd[key])
+
+
+def _count(sd: dict, key: str, value: int, where: str) -> None:
+    if (got := _scalar(sd, key, where)) != value:
+        raise BadState(f"{where}{key} is {got}, expected {value}")
+
+
+def _keys(sd: dict, want: set[str], where: str) -> None:
+    if set(sd) != want:
+        extra, missing = sorted(map(str, set(sd) - want)), sorted(want - set(sd))
+        raise BadState(f"{where}" + "; ".join(f"{k} {v[:3]}" for k, v in (("unexpected", extra),
+                                                                         ("missing", missing)) if v))
 
 
 def kv_bytes_per_token(args, kv_format: str) -> float:

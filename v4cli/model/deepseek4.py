@@ -489,9 +489,9 @@ class DeepseekV4:
             dev = blk.device
             lc = LayerCache(Rows(kv_c, a.head_dim, dev), a.sliding_window - 1)
             if a.compress_ratios[i]:
-                lc.compressor = CompressorState(Rows(kv_c, a.head_dim, dev))
+                lc.compressor = CompressorState(Rows(kv_c, a.head_dim, dev), a.compress_ratios[i])
             if a.is_csa(i):
-                lc.indexer = CompressorState(Rows(idx_c, a.index_head_dim, dev))
+                lc.indexer = CompressorState(Rows(idx_c, a.index_head_dim, dev), 4)  # as Indexer's compressor
             layers.append(lc)
         return ModelCache(layers, kv_format)
 

@@ -5,7 +5,8 @@ extensions folder (`$TORCH_EXTENSIONS_DIR`, else ~/.cache/torch_extensions), key
 flags and compiler, and later uses load the cached library. That folder, unlike `$V4_HOME`, does not move when
 tests point `V4_HOME` at a temporary directory, so one build serves every session. A plain C ABI instead of a torch extension keeps the one-time build to
 seconds (torch/extension.h alone costs ~30 s on two cores). `load()` raises KernelBuildError when no compiler is
-found or the build fails; callers keep the torch reference then.
+found or the build fails; callers keep the torch reference then. The engine loads the library when it loads a model
+(v4cli/engine/loader.py), so the compile is part of loading, never of a timed prefill; `on_build` lets the CLI show it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +45,15 @@ class KernelBuildError(V4Error):
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
+BUILD_NOTE = "building CPU kernels, once"
+_reporter: Callable[[str], AbstractContextManager] | None = None
+
+
+def on_build(reporter: Callable[[str], AbstractContextManager] | None) -> None:
+    """Wrap every compile in `reporter(BUILD_NOTE)` (the CLI: a note and a spinner on stderr); None: compile silently.
+    A cached library is loaded without it."""
+    global _reporter
+    _reporter = reporter
 
 
 def _compiler() -> str:
@@ -80,15 +92,20 @@ def build(force: bool = False) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=lib.stem, suffix=".so.tmp", dir=out_dir)
     os.close(fd)
     try:
-        cmd = [cxx, *FLAGS, *(str(SRC_DIR / n) for n in SOURCES if n.endswith(".cpp")), "-o", tmp]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if res.returncode != 0:
-            raise KernelBuildError(f"compiling the CPU kernels failed:\n{res.stderr.strip()[-2000:]}")
+        with (_reporter or nullcontext)(BUILD_NOTE):
+            _compile(cxx, tmp)
         os.replace(tmp, lib)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return lib
+
+
+def _compile(cxx: str, out: str) -> None:
+    cmd = [cxx, *FLAGS, *(str(SRC_DIR / n) for n in SOURCES if n.endswith(".cpp")), "-o", out]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise KernelBuildError(f"compiling the CPU kernels failed:\n{res.stderr.strip()[-2000:]}")
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:

@@ -17,7 +17,8 @@ import click
 import typer
 import typer.core
 
-from v4cli import __version__, commands
+from kernels import cpu_ext
+from v4cli import __version__, commands, ui
 from v4cli.commands.options import normalize_flag
 from v4cli.errors import V4Error, V4Warning
 
@@ -78,6 +79,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, _de
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry: run the app behind the one error boundary."""
     warnings.showwarning = _show_warning
+    cpu_ext.on_build(ui.working)  # the one-time kernel compile is shown while it runs, not silent
     try:
         # without standalone mode click *returns* the exit code of typer.Exit and of Ctrl-C (130)
         rc = app(args=argv, prog_name="v4", standalone_mode=False)

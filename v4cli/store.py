@@ -8,6 +8,7 @@ Layout under the root (`$V4_HOME`, else `$XDG_CACHE_HOME/v4`, else `~/.cache/v4`
     models/<folder>/.v4-partial/     while a pull is in progress: plan + resumable `<hash>.part` files
     models/.locks/<folder>.lock      one pull or removal of a model at a time
     gguf/<name>-<recipe>.gguf        outputs of `v4 quantize`
+    demo/tiny-<recipe>.gguf          `v4 demo`'s tiny random-weight model (kind "demo"), beside its checkpoint
 
 `<folder>` is the registry name (`flash`) or `hf--OWNER--REPO` for `hf:OWNER/REPO`.
 """
@@ -214,7 +215,7 @@ class StoreEntry:
     """One row of `v4 ls`."""
 
     name: str
-    kind: str  # "model" | "gguf"
+    kind: str  # "model" | "gguf" | "demo"
     path: Path
     size: int
     complete: bool
@@ -242,6 +243,10 @@ class Store:
     @property
     def gguf_dir(self) -> Path:
         return self.root / "gguf"
+
+    @property
+    def demo_dir(self) -> Path:
+        return self.root / "demo"
 
     @staticmethod
     def folder_name(name: str) -> str:
@@ -392,17 +397,26 @@ class Store:
                         StoreEntry(name, "model", d, sum(p.stat().st_size for p in files), False,
                                    state.get("repo_id"), state.get("revision"), len(state.get("files", {})))
                     )
-        if self.gguf_dir.is_dir():
-            for p in sorted(self.gguf_dir.glob("*.gguf")):
-                out.append(StoreEntry(p.name, "gguf", p, p.stat().st_size, True, files=1))
+        for kind, folder in (("gguf", self.gguf_dir), ("demo", self.demo_dir)):
+            if folder.is_dir():
+                for p in sorted(folder.glob("*.gguf")):
+                    out.append(StoreEntry(p.name, kind, p, p.stat().st_size, True, files=1))
         return out
 
-    def entry(self, name: str) -> StoreEntry:
-        """The stored model (by store name, e.g. `flash`, `hf:owner/repo`) or GGUF output (by file name)."""
-        entries = self.list()
-        for e in entries:
-            if e.kind == "gguf" and e.name == name:
+    def file_entry(self, name: str) -> StoreEntry | None:
+        """The GGUF output or demo model `name` (its file name, `.gguf` optional), else None."""
+        for e in self.list():
+            if e.kind in ("gguf", "demo") and name in (e.name, e.path.stem):
                 return e
+        return None
+
+    def entry(self, name: str) -> StoreEntry:
+        """The stored model (by store name, e.g. `flash`, `hf:owner/repo`) or GGUF file (by file name, `.gguf`
+        optional: `v4 quantize` names outputs NAME-RECIPE, so a stem never shadows a model's name)."""
+        found = self.file_entry(name)
+        if found is not None:
+            return found
+        entries = self.list()
         spec = resolve_name(name) if not name.endswith(".gguf") else None
         if isinstance(spec, LocalSpec):
             raise BadInput(f"{name} is a local path, not a stored model", hint="v4 ls shows what the store holds")
@@ -418,6 +432,10 @@ class Store:
         e = self.entry(name)
         if e.kind == "gguf":
             e.path.unlink()
+        elif e.kind == "demo":
+            e.path.unlink()
+            if not any(self.demo_dir.glob("*.gguf")):  # the checkpoint only feeds the demo's GGUFs
+                shutil.rmtree(self.demo_dir)
         else:
             with self.lock(e.name):
                 shutil.rmtree(e.path)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import time
+from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import (
@@ -33,3 +35,17 @@ def byte_progress(transient: bool = False) -> Progress:
 def count_progress(transient: bool = False) -> Progress:
     """Done/total steps and ETA, for work counted in steps (chunks, tensors)."""
     return _progress((MofNCompleteColumn(),), transient)
+
+
+@contextmanager
+def working(message: str):
+    """`message` on stderr while a slow one-time step runs (a spinner on a terminal, the plain line otherwise),
+    then how long it took."""
+    t0 = time.perf_counter()
+    if err.is_terminal:
+        with err.status(message):
+            yield
+    else:
+        err.print(f"{message} ...", markup=False, highlight=False)
+        yield
+    err.print(f"{message}: done in {time.perf_counter() - t0:.1f} s", markup=False, highlight=False)

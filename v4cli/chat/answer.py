@@ -8,11 +8,12 @@ import os
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from v4cli.errors import BadInput, NotFoundError
+from v4cli.errors import BadInput, NotFoundError, V4Warning
 from v4cli.prompt.encoding import Assistant, Mode, User, render
 from v4cli.prompt.parser import Event, ParseError, StreamParser, ToolCallEvent
 
@@ -30,7 +31,7 @@ def _stored_ggufs(store) -> list[Path]:
     for e in store.list():
         if e.kind == "gguf":
             out.append(e.path)
-        elif e.complete:
+        elif e.kind == "model" and e.complete:
             try:
                 out += store.gguf_models(e.name)
             except NotFoundError:
@@ -50,6 +51,11 @@ def resolve_model(name: str | None) -> Path:
         name = os.environ.get(MODEL_ENV) or None
     if not name:
         found = _stored_ggufs(store)
+        if not found:  # `v4 demo`'s model only when the store holds nothing real
+            found = [e.path for e in store.list() if e.kind == "demo"]
+            if len(found) == 1:
+                warnings.warn(V4Warning(f"no model given: using {found[0].stem}, v4 demo's tiny random-weight model "
+                                        "(its answers are noise; v4 pull flash gets the real one)"))
         if len(found) == 1:
             return found[0]
         if not found:
@@ -59,8 +65,9 @@ def resolve_model(name: str | None) -> Path:
         raise BadInput(f"no model given and the store holds {len(found)} GGUFs: {names}",
                        hint=f"name one, or set ${MODEL_ENV}")
     path = Path(name).expanduser()
-    if not path.exists() and (store.gguf_dir / name).is_file():
-        path = store.gguf_dir / name
+    stored = None if path.exists() else store.file_entry(name)  # by its `v4 ls` name: a GGUF output or demo model
+    if stored is not None:
+        path = stored.path
     if not path.exists():
         outputs = sorted(store.gguf_dir.glob(f"{store.folder_name(name)}-*.gguf")) if store.gguf_dir.is_dir() else []
         if len(outputs) == 1:

@@ -24,7 +24,7 @@ def demo(
 
     ui.console.print("[bold yellow]This is a demo on a TINY RANDOM-WEIGHT model[/]: the pipeline is real "
                      "(official checkpoint layout → GGUF → engine), the answer is noise.")
-    root = Store().root / "demo"
+    root = Store().demo_dir
     t0 = time.perf_counter()
     ckpt = make_tiny_checkpoint(root / "tiny-checkpoint")
     ui.console.print(f"checkpoint  {ckpt}  (official layout: FP8 + E8M0 scales, FP4 experts, "
@@ -37,6 +37,7 @@ def demo(
     else:
         ui.console.print(f"quantized   {out}  (cached)")
     _answer(out, prompt, max_tokens, seed)
+    _next_steps(out)
 
 
 def _answer(gguf, prompt: str, max_tokens: int, seed: int) -> None:
@@ -44,7 +45,9 @@ def _answer(gguf, prompt: str, max_tokens: int, seed: int) -> None:
     from v4cli.engine.records import DoneRecord
     from v4cli.prompt.encoding import Mode, PromptTokenizer, User, encode
 
-    engine = Engine.load(gguf)
+    t0 = time.perf_counter()
+    engine = Engine.load(gguf)  # builds the CPU kernels on first use, so the timings below never include it
+    ui.console.print(f"loaded      {gguf.name}  ({time.perf_counter() - t0:.1f} s, not counted below)")
     ids = encode([User(prompt)], Mode.NON_THINK, tokenizer=PromptTokenizer(engine.tokenizer))
     ui.console.print(f"prompt      {prompt!r} ({len(ids)} tokens, non-think mode)")
     ui.console.print("answer      ", end="")
@@ -52,8 +55,21 @@ def _answer(gguf, prompt: str, max_tokens: int, seed: int) -> None:
         ui.console.print(rec.text, end="", markup=False, highlight=False)
         if isinstance(rec, DoneRecord):
             t = rec.timings
-            ui.console.print(f"\n[dim]{t.prompt_tokens} prompt tokens, prefill {t.prefill_tps:.0f} tok/s, "
-                             f"decode {t.decode_tps:.1f} tok/s, finish: {rec.finish_reason}[/]")
+            ui.console.print(f"\n[dim]{t.prompt_tokens} prompt tokens, prefill {t.prefill_s:.2f} s = "
+                             f"{t.prefill_tps:.0f} tok/s, decode {t.decode_tps:.1f} tok/s, "
+                             f"finish: {rec.finish_reason}[/]")
+
+
+def _next_steps(gguf) -> None:
+    """What to try next: the demo's model is in the store, and the default of chat/ask while nothing else is."""
+    name = gguf.stem
+    steps = (("v4 chat", f"talk to {name}: the default while the store holds no other model"),
+             ('v4 ask . "what is this?"', "ask about a folder, read whole as context"),
+             ("v4 ls", f"the store lists it; v4 rm {name} removes it"),
+             ("v4 pull flash", "the real model (160 GB); then v4 quantize flash --fit 128G"))
+    for i, (cmd, why) in enumerate(steps):
+        # soft_wrap: each suggestion stays one line, to copy as it is
+        ui.console.print(f"{'' if i else 'next':<12}{cmd:<26}{why}", soft_wrap=True, markup=False, highlight=False)
 
 
 def register(app: typer.Typer) -> None:

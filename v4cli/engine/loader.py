@@ -32,7 +32,19 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, ctx: int
     copied to the device, or left in host memory."""
     gf = open_gguf(path)
     place = placement(gf, device, ctx=ctx, kv_format=kv_format, gpu_mem=gpu_mem)
-    return DeepseekV4(gf.args, _tensors(gf, place)), gf
+    model = DeepseekV4(gf.args, _tensors(gf, place))
+    prepare_kernels()
+    return model, gf
+
+
+def prepare_kernels() -> None:
+    """Build (first use on this machine, ~15 s) and load the compiled CPU kernels now, so the compile is part of
+    loading and never lands in the first timed prefill. Under V4_KERNELS=reference, nothing."""
+    from kernels import cpu_ext
+    from kernels.linear import use_fast
+
+    if use_fast():  # its first call imports kernels.fast, which registers what the library offers
+        cpu_ext.usable()  # builds or loads the library unless that import (or anything before) already has
 
 
 def placement(gf: GGUFModel, device: str | torch.device, *, ctx: int | None = None, kv_format: str = "bf16",

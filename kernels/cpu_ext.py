@@ -1,7 +1,7 @@
 """Build and load the C++ CPU kernels (kernels/cpu/*.cpp) as a plain shared library called through ctypes.
 
 The sources ship inside the package; the first use compiles them with the system C++ compiler into torch's
-extensions folder (`$TORCH_EXTENSIONS_DIR`, else ~/.cache/torch_extensions), keyed by a hash of the sources,
+extensions folder (`$XDG_CACHE_HOME/torch_extensions`, else ~/.cache/torch_extensions), keyed by a hash of the sources,
 flags and compiler, and later uses load the cached library. That folder, unlike `$V4_HOME`, does not move when
 tests point `V4_HOME` at a temporary directory, so one build serves every session. A plain C ABI instead of a torch extension keeps the one-time build to
 seconds (torch/extension.h alone costs ~30 s on two cores). `load()` raises KernelBuildError when no compiler is

@@ -4,21 +4,50 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 
 import pytest
 from gguf import GGUFReader
 
 from quant.config import ModelArgs
 from v4cli import bench, kvsize
+from v4cli.cli import main
 from v4cli.errors import BadInput
 from v4cli.gguf_file import GGUFFile
 
 PRESET = "tiny-128"  # llama.cpp loads this preset only
+SMALL = ["--threads", "1", "--prefill", "16", "--contexts", "0,32", "--decode-tokens", "3", "--repeats", "1"]
 
 
 @pytest.fixture(scope="module")
 def q8(tiny_gguf):
     return tiny_gguf("q8", PRESET)
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    """The real entry point, error boundary included: (exit code, stdout, stderr)."""
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def shim_llama(tmp_path, monkeypatch, init: str, lib: str | None = None) -> None:
+    """A `llama_cpp` package first on the PYTHONPATH that the bench's child processes inherit: what they import
+    instead of the installed one (a `sys.modules` entry here would not reach them)."""
+    pkg = tmp_path / "shim" / "llama_cpp"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(init)
+    if lib is not None:
+        (pkg / "llama_cpp.py").write_text(lib)
+    # the workers run `python -m v4cli.bench`: keep this checkout importable beside the shim
+    repo = os.path.dirname(os.path.dirname(bench.__file__))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path / "shim"), repo,
+                                                                   os.environ.get("PYTHONPATH")])))
 
 
 def test_bandwidth_samples_combine_as_medians():
@@ -99,9 +128,104 @@ def test_spec_checks(q8):
     bench.check_spec(bench.BenchSpec(str(q8)), args)
 
 
+def _pass(gaps: dict[int, list[float]]) -> dict:
+    return {"load_s": 1.0, "peak_rss_bytes": 1, "gpu_peak_bytes": None, "prefill": {"16": {"tps": 1.0, "ttft_s": 1.0}},
+            "decode": {str(c): {"token_s": g, "ttft_s": 0.1, "kv_bytes": 10} for c, g in gaps.items()}}
+
+
+def test_decode_figures_cannot_contradict_each_other(q8):
+    # the old table took context 0 from one run and "÷ ctx 0" from others, so 8K could beat 0 in the table while
+    # the line below said 0.71×; now ÷ ctx 0 is the table's own ratio and context 0 pools every context-0 token
+    gf = GGUFFile(q8)
+    args, w = gf.args, bench.weight_bytes_per_token(gf)
+    spec = bench.BenchSpec(str(q8), engines=("torch",), prefill=(16,), contexts=(0, 32), repeats=2)
+    passes = {"torch": [_pass({0: [0.010, 0.010, 0.050], 32: [0.020, 0.020]}),
+                        _pass({0: [0.010, 0.012], 32: [0.025, 0.020, 0.200]})]}
+    res = bench.summarize(spec, passes, w, args, {"triad_gbs": 10.0, "copy_gbs": 10.0, "read_gbs": 10.0})
+    d0, d32 = (row["torch"] for row in res["decode"])
+    assert d0["tps"] == pytest.approx(1 / 0.010) and d0["tokens"] == 5  # median of one pool, not of medians
+    assert d32["tps"] == pytest.approx(1 / 0.020)
+    assert d32["vs_ctx0"] == pytest.approx(d32["tps"] / d0["tps"]) and d0["vs_ctx0"] == 1.0
+    assert d32["spread_pct"] > bench.NOISY_SPREAD_PCT  # the 0.2 s stall shows as spread, not as the figure
+    assert res["flash_estimate"]["scale"] > 1 and res["engines"]["torch"]["passes"] == 2
+
+
+def test_token_stats():
+    assert bench.token_stats([0.1, 0.1, 0.1, 0.1]) == (pytest.approx(10.0), 0.0)
+    tps, spread = bench.token_stats([0.1, 0.1, 0.3, 0.1])
+    assert tps == pytest.approx(10.0) and spread > 0
+    assert bench.token_stats([]) == (0.0, 0.0)
+
+
+def test_eta_uses_each_steps_measured_time(q8, monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    spec = bench.BenchSpec(str(q8), engines=("torch",), prefill=(16,), contexts=(0,), repeats=2)
+    clock = bench._Clock(spec, measure_bw=False)
+    steps = ["start", *(name for name, _ in spec.steps())]
+    assert clock.event(0, "torch", "start").eta_s is None  # nothing timed yet: no guess
+    for i, name in enumerate(steps[1:], 1):
+        now[0] = float(i)  # every step of the first repeat takes 1 s
+        ev = clock.event(0, "torch", name)
+        assert ev.step == name and ev.repeat == 1 and ev.engine == "torch"
+    now[0] = float(len(steps))
+    ev = clock.event(1, "torch", "start")
+    assert ev.eta_s == pytest.approx(len(steps))  # the second repeat: each step as long as it took the first time
+    assert str(ev) == f"repeat 2/2 · torch · start, about {len(steps)} s left"
+
+
+def test_llama_check_names_what_stops_it(q8, tiny_gguf):
+    demo_like = GGUFFile(tiny_gguf("q8", "tiny")).args  # compress ratio 16: llama.cpp cannot load it
+    assert "compress ratios" in bench.engine_problem("llama", demo_like)
+    assert "device" in bench.engine_problem("llama", GGUFFile(q8).args, device="cuda")
+    assert bench.engine_problem("torch", demo_like) is None
+
+
+def test_bench_without_llama_drops_it_before_any_work(q8, tmp_path, monkeypatch, capsys):
+    shim_llama(tmp_path, monkeypatch, "raise ImportError('hidden for this test')\n")
+    out = tmp_path / "bench.json"
+    code, stdout, err = run(["bench", q8, *SMALL, "--json", out], capsys)
+    assert code == 0, err
+    lines = err.splitlines()
+    assert lines[0].startswith("note: skipping the llama engine: llama-cpp-python is not installed")
+    # progress: stage, engine and repeat, with an ETA once a step has been timed
+    assert any(ln.startswith("bench: repeat 1/1 · torch · prefill 16, about ") for ln in lines)
+    res = json.loads(out.read_text())
+    assert list(res["engines"]) == ["torch"] and res["failures"] == []
+    assert "est.*" in stdout and "* an estimate, not a measurement: decode tok/s of full Flash" in stdout
+    # asked for by name it fails at once, in one line
+    code, stdout, err = run(["bench", q8, "--engines", "torch,llama"], capsys)
+    assert code == 2 and stdout == ""
+    assert err.splitlines() == [err.strip()] and "cannot benchmark the llama engine" in err
+
+
+def test_failing_second_engine_keeps_the_first_ones_results(q8, tmp_path, monkeypatch, capsys):
+    # imports (so the up-front check passes), then breaks when the worker loads the model: a broken build
+    shim_llama(tmp_path, monkeypatch, "", lib="def __getattr__(name):\n    raise RuntimeError('broken build')\n")
+    out = tmp_path / "bench.json"
+    code, stdout, err = run(["bench", q8, *SMALL, "--json", out], capsys)
+    assert code == 1
+    assert "torch tok/s" in stdout and "llama tok/s" not in stdout  # the torch pass's table is printed
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: the llama pass failed: RuntimeError: broken build (the table shows the passes")
+    assert "Traceback" not in err and "bench: repeat 1/1 · llama · load" in err
+    res = json.loads(out.read_text())  # and saved
+    assert list(res["engines"]) == ["torch"] and res["decode"][0]["torch"]["tps"] > 0
+    assert res["failures"][0]["engine"] == "llama" and res["failures"][0]["repeat"] == 1
+
+
+def test_plot_without_matplotlib_fails_before_measuring(q8, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    code, stdout, err = run(["bench", q8, "--engines", "torch", "--plot", tmp_path / "p.png"], capsys)
+    assert code == 2 and stdout == ""
+    assert err.strip() == "error: --plot needs matplotlib, which is not installed (pip install 'v4[plot]' (or pip " \
+                          "install matplotlib))"
+
+
 @pytest.mark.llama
 def test_bench_runs_both_engines_and_writes_json(q8, tmp_path):
     pytest.importorskip("llama_cpp")
+    pytest.importorskip("matplotlib")
     from typer.testing import CliRunner
 
     from v4cli.cli import app
@@ -112,6 +236,7 @@ def test_bench_runs_both_engines_and_writes_json(q8, tmp_path):
                                  str(tmp_path / "p.png")])
     assert r.exit_code == 0, r.output
     assert "prefill" in r.output and "decode" in r.output and "peak RSS" in r.output
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     res = json.loads(out.read_text())
     assert set(res["engines"]) == {"torch", "llama"}
     assert res["bandwidth"]["triad_gbs"] > 0 and res["weights"]["bytes_per_token"] > 0
@@ -119,14 +244,13 @@ def test_bench_runs_both_engines_and_writes_json(q8, tmp_path):
         assert res["engines"][e]["peak_rss_bytes"] > 100e6
         assert res["prefill"][0][e]["tps"] > 0 and res["prefill"][0][e]["ttft_s"] > 0
         for row in res["decode"]:
-            assert row[e]["tps"] > 0 and 0 < row[e]["roofline_pct"] < 100 and row[e]["kv_bytes"] > 0
+            assert row[e]["tps"] > 0 and row[e]["roofline_pct"] > 0 and row[e]["kv_bytes"] > 0
             assert row["flash"][e]["tps"] > 0
+        # context 0: its own 3 tokens' gaps, then 2 more runs' worth after context 64
+        assert res["decode"][0][e]["tokens"] == 3 + 3
     assert [row["context"] for row in res["decode"]] == [0, 64]
     row = res["decode"][1]
     assert row["ratio"] == pytest.approx(row["torch"]["tps"] / row["llama"]["tps"])
     assert res["decode"][1]["bytes_per_token"] > res["decode"][0]["bytes_per_token"]
-    # a longer context's decode also has a context-0 decode measured right after it, and their ratio
-    assert res["decode"][0]["torch"]["vs_ctx0"] is None
-    assert all(res["decode"][1][e]["vs_ctx0"] > 0 for e in ("torch", "llama"))
-    assert "decode at 64 ÷ decode at 0, measured back to back" in r.output
+    assert all(row[e]["vs_ctx0"] == pytest.approx(row[e]["tps"] / res["decode"][0][e]["tps"]) for e in res["engines"])
     assert len(res["bandwidth"]["samples"]) == 1  # one measurement per repeat

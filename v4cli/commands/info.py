@@ -152,7 +152,7 @@ def info(
     """Describe a GGUF file or checkpoint: config, tensor types, provenance, KV sizes, placement."""
     target = pick_model(model, positional)
     if target is None:
-        raise BadInput("no model named", hint="v4 info -m PATH (a .gguf file, a checkpoint folder or a store name)")
+        raise BadInput("no model named", hint="v4 info -m MODEL, with a .gguf file, checkpoint folder or store name")
     plan_kw = {"ctx": ctx, "kv_format": kv_format, "gpu_mem": vram, "cpu_mem": ram}
     path = _resolve(target)
     if path.is_dir() and (path / "config.json").is_file():

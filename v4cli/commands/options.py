@@ -76,9 +76,26 @@ def _flag(info: Any) -> Any:
     return dataclasses.field(default=info.default, metadata={"flag": info})
 
 
+# single flags the groups below use, and commands that take only some of them (bench) use directly
+KV = kv_option("bf16", "bf16, fp8 or f32")
+DEVICE = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda.")
+THREADS = typer.Option(None, "--threads", min=1, help="CPU threads (default: the engine's choice).")
+
+
 @dataclasses.dataclass(frozen=True)
-class RunOptions:
-    """How a command loads a model and samples from it: the flags of `v4 chat` and `v4 ask`."""
+class LoadOptions:
+    """How a command loads a GGUF to run it: `v4 eval`, and through RunOptions `v4 chat` and `v4 ask`."""
+
+    engine: str = _flag(typer.Option("torch", "--engine", help="Inference engine: torch or llama (llama.cpp)."))
+    kv_format: str = _flag(KV)
+    device: str = _flag(DEVICE)
+    threads: int | None = _flag(THREADS)
+    chunk: int = _flag(typer.Option(256, "--chunk", min=1, help="Prefill chunk size in tokens."))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions(LoadOptions):
+    """LoadOptions, and how to talk to the model and sample its answer: the flags of `v4 chat` and `v4 ask`."""
 
     mode: Mode = _flag(typer.Option(
         Mode.HIGH, "--mode", case_sensitive=False,
@@ -93,15 +110,9 @@ class RunOptions:
     # also ask's answer reserve: the context budget keeps this much room for the answer
     max_tokens: int = _flag(typer.Option(
         32_768, "--max-tokens", min=1, help="Most tokens to generate per answer (reasoning included)."))
-    kv_format: str = _flag(kv_option("bf16", "bf16, fp8 or f32"))
-    device: str = _flag(typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."))
-    engine: str = _flag(typer.Option("torch", "--engine", help="Inference engine: torch or llama (llama.cpp)."))
-    threads: int | None = _flag(typer.Option(None, "--threads", min=1,
-                                             help="CPU threads (default: the engine's choice)."))
     ctx: int | None = _flag(CTX)
     hide_thinking: bool = _flag(typer.Option(False, "--hide-thinking",
                                              help="Do not show the reasoning, only the answer."))
-    chunk: int = _flag(typer.Option(256, "--chunk", min=1, help="Prefill chunk size in tokens."))
     cache_size: str = _flag(typer.Option(DEFAULT_CACHE_SIZE, "--cache-size",
                                          help="Disk limit for saved prompt states (prefix cache); 0 turns it off."))
 

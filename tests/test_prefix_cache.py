@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
 import time
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -363,6 +366,35 @@ def test_entry_of_another_state_layout_is_a_miss(engines, tmp_path, monkeypatch)
     with no_warnings():
         assert reader.lookup(prompt, restore=lambda b, n: eng.new_cache().load_bytes(b, n)) is None
     assert reader.folder != writer.folder and len(writer.entries()) == 1  # a miss: the future's entry stays
+
+
+@pytest.mark.slow  # three `v4 ask` processes
+def test_v4_ask_answers_with_one_warning_line_when_an_entry_is_unrestorable(tiny_gguf, tmp_path):
+    (tmp_path / "notes.txt").write_text("The compressor pools four tokens into one entry.\n" * 30)
+    argv = [sys.executable, "-m", "v4cli", "ask", "-m", str(tiny_gguf("f32")), "notes.txt", "What is pooled?",
+            "--json", "--max-tokens", "4", "--temperature", "0", "--threads", "1", "--mode", "non-think"]
+    root = str(Path(prefix_cache.__file__).parents[2])  # the children run the code under test
+    env = {**os.environ, "V4_HOME": str(tmp_path / "home"), "PYTHONPATH": root}
+
+    def ask():
+        done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout), [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+
+    first, warned = ask()
+    assert not warned
+    (model,) = list_models(cache_root(tmp_path / "home" / "prefix-cache"))
+    longest = max(model.entries, key=lambda e: e.n_tokens)
+    head = longest.path.read_bytes()[: _HEADER.size + 4 * longest.n_tokens]
+    tokens = list(struct.unpack(f"<{longest.n_tokens}I", head[_HEADER.size:]))
+    longest.path.unlink()
+    pc = PrefixCache(model.path.parent, model.info["fingerprint"], 10**9, kv_format=model.info["kv_format"])
+    pc.save(tokens, blob(4000))  # a sound checksum over a payload that is no state
+    again, warned = ask()
+    assert len(warned) == 1 and "state not restorable" in warned[0] and longest.path.name in warned[0]
+    assert again["answer"] == first["answer"] and again["usage"]["reused_tokens"] < longest.n_tokens
+    _, warned = ask()  # it was deleted: no warning the next time
+    assert not warned
 
 
 def test_names_on_disk_must_be_ours(tmp_path):

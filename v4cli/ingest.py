@@ -1,7 +1,8 @@
 """Context ingestion for `v4 ask PATH... "question"`: collect files, tokenize, lay out, check the budget.
 
 Pipeline: `collect()` finds the files (git's view of a repo, or a walk honouring .gitignore/.ignore),
-skips binaries and secrets with a recorded reason; `build_context()` renders a prefix-stable layout
+skips binaries, secrets (`v4cli.secrets`: by name, on the shown and the real path, and by content) and links
+out of the folder, each with a recorded reason; `build_context()` renders a prefix-stable layout
 (path tree, then file blocks oldest-mtime first, then stdin, then the question), tokenizes it with
 `encode_batch_fast` and enforces the token budget before any prefill. Nothing here prints.
 
@@ -562,7 +563,7 @@ def collect(
     """Find the files for a context. Directories: git's tracked + untracked-not-ignored files, or a walk
     honouring .gitignore/.ignore; both then filtered by .ignore files and the include/exclude globs
     (gitignore syntax, on display paths). Explicit files bypass ignore rules and globs. Binaries and
-    secrets are always skipped. Display paths are relative to `base` (default: the current directory,
+    secrets are always skipped, and so is a file found in a folder whose real path leaves that folder. Display paths are relative to `base` (default: the current directory,
     or the inputs' common parent when some input lies outside it). Reads at most `read_limit` bytes a file.
     """
     if not paths:

@@ -26,7 +26,7 @@ def _error(e: V4Error) -> None:
 
 
 @options(run=RunOptions)
-def chat_cmd(model: str | None = MODEL, positional: str | None = MODEL_POSITIONAL, *, run: RunOptions) -> None:
+def chat_cmd(model_opt: str | None = MODEL, model: str | None = MODEL_POSITIONAL, *, run: RunOptions) -> None:
     """Chat with a model. Type /help for commands; Ctrl-C stops an answer, Ctrl-D leaves."""
     from v4cli.chat import slash
     from v4cli.chat.answer import Chat, InterruptLatch, load_engine, open_session, plan_context, resolve_model
@@ -35,7 +35,7 @@ def chat_cmd(model: str | None = MODEL, positional: str | None = MODEL_POSITIONA
     from v4cli.prompt.encoding import check_context
 
     sampling = run.sampling()
-    path = resolve_model(pick_model(model, positional))
+    path = resolve_model(pick_model(model_opt, model))
     n_ctx = plan_context(path, run.ctx, run.kv_format)
     with busy(ui.err, f"loading {path.name}"):
         eng = load_engine(path, run.engine, run.kv_format, run.device, run.threads, n_ctx)

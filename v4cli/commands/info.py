@@ -11,7 +11,7 @@ from rich.table import Table
 from quant import keys as K
 from quant.config import ModelArgs
 from v4cli import kvsize, ui
-from v4cli.commands.options import RAM, VRAM, ctx_option, kv_option, model_option, pick_model
+from v4cli.commands.options import KV, RAM, VRAM, ctx_option, model_option, pick_model
 from v4cli.errors import BadInput, GGUFError, NotFoundError
 from v4cli.gguf_file import open_gguf
 from v4cli.store import format_bytes
@@ -141,20 +141,20 @@ def _checkpoint_info(path: Path, plan: bool, plan_kw: dict) -> None:
 
 
 def info(
-    model: str | None = model_option("A .gguf file or split set, a checkpoint folder or a store name."),
-    positional: str | None = typer.Argument(None, metavar="PATH", help="Same as -m PATH."),
+    model_opt: str | None = model_option("A .gguf file or split set, a checkpoint folder or a store name."),
+    target: str | None = typer.Argument(None, metavar="PATH", help="Same as -m PATH."),
     plan: bool = typer.Option(False, "--plan", help="Show where each component would live."),
     vram: int | None = VRAM,
     ram: int | None = RAM,
     ctx: int = ctx_option(32768, "Context length the plan sizes the KV cache for, like 32K or 1M."),
-    kv_format: str = kv_option("bf16", ", ".join(kvsize.KV_FORMATS)),
+    kv_format: str = KV,
 ) -> None:
     """Describe a GGUF file or checkpoint: config, tensor types, provenance, KV sizes, placement."""
-    target = pick_model(model, positional)
-    if target is None:
+    name = pick_model(model_opt, target)
+    if name is None:
         raise BadInput("no model named", hint="v4 info -m MODEL, with a .gguf file, checkpoint folder or store name")
     plan_kw = {"ctx": ctx, "kv_format": kv_format, "gpu_mem": vram, "cpu_mem": ram}
-    path = _resolve(target)
+    path = _resolve(name)
     if path.is_dir() and (path / "config.json").is_file():
         _checkpoint_info(path, plan, plan_kw)
     else:

@@ -54,18 +54,18 @@ def _bw(text: str | None, flag: str) -> float | None:
 
 
 def plan(
-    model: str | None = model_option(f"{DEFAULT_MODEL}, a pulled name, a checkpoint folder or a .gguf file "
+    model_opt: str | None = model_option(f"{DEFAULT_MODEL}, a pulled name, a checkpoint folder or a .gguf file "
                                      f"(default: {DEFAULT_MODEL})."),
-    positional: str | None = MODEL_POSITIONAL,
+    model: str | None = MODEL_POSITIONAL,
     ram: int | None = RAM,
     vram: int | None = VRAM,
     ctx: int | None = CTX,
     kv: str = kv_option("auto", "auto, fp8 or bf16"),
-    ram_bw: str | None = typer.Option(None, "--ram-bw", help="RAM bandwidth in GB/s (default: measured here, "
+    ram_bw: str | None = typer.Option(None, "--ram-bw", metavar="GB/S", help="RAM bandwidth in GB/s (default: measured here, "
                                       "assumed for a described machine)."),
-    vram_bw: str | None = typer.Option(None, "--vram-bw", help="GPU bandwidth in GB/s (default: measured here, "
+    vram_bw: str | None = typer.Option(None, "--vram-bw", metavar="GB/S", help="GPU bandwidth in GB/s (default: measured here, "
                                        "assumed for a described machine)."),
-    disk_bw: str | None = typer.Option(None, "--disk-bw", help="Disk read bandwidth in GB/s (default: 3, assumed)."),
+    disk_bw: str | None = typer.Option(None, "--disk-bw", metavar="GB/S", help="Disk read bandwidth in GB/s (default: 3, assumed)."),
     disk: int | None = typer.Option(None, "--disk", parser=parse_size, metavar="SIZE",
                                     help="Free disk for the store (default: this machine's; not checked for a "
                                          "described machine)."),
@@ -75,7 +75,7 @@ def plan(
 
     machine, assumed = describe_machine(ram, vram, _bw(ram_bw, "--ram-bw"), _bw(vram_bw, "--vram-bw"),
                                         _bw(disk_bw, "--disk-bw"), disk)
-    p = plan_for(pick_model(model, positional) or DEFAULT_MODEL, machine, ctx, kv)
+    p = plan_for(pick_model(model_opt, model) or DEFAULT_MODEL, machine, ctx, kv)
     render(p)
     if assumed:
         _line(assumed)

@@ -90,10 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     except V4Error as e:
         if os.environ.get("V4_DEBUG"):
             raise
-        msg = f"error: {e}"
-        if e.hint:
-            msg += f" ({e.hint})"
-        print(msg, file=sys.stderr)
+        from v4cli.ui import error_line
+
+        print(error_line(e), file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -12,6 +12,8 @@ import click
 import typer.completion
 import typer.main
 
+from v4cli.commands.options import OLD_SPELLINGS
+
 SHELLS = {"bash": "v4.bash", "zsh": "_v4", "fish": "v4.fish"}
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,7 +41,10 @@ def cli_reference() -> str:
     lines += ["```", _help([]), "```", ""]
     for name in sorted(group.list_commands(click.Context(group))):
         lines += [f"## `v4 {name}`", "", "```", _help([name]), "```", ""]
-    return "\n".join(lines)
+    lines += ["## Older flag spellings", "", "Still accepted by every command, so scripts keep working; help shows only "
+              "the current names.", ""]
+    lines += [f"- `--{old}` → `--{new}`" for old, new in sorted(OLD_SPELLINGS.items())]
+    return "\n".join(lines) + "\n"
 
 
 def expected_files() -> dict[Path, str]:

@@ -17,8 +17,15 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from v4cli.errors import V4Error
+
 console = Console(stderr=False)
 err = Console(stderr=True)
+
+
+def error_line(e: V4Error) -> str:
+    """The one line an error becomes, at the error boundary and inside the chat loop alike."""
+    return f"error: {e}" + (f" ({e.hint})" if e.hint else "")
 
 
 def _progress(columns: tuple, transient: bool) -> Progress:

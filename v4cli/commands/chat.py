@@ -21,8 +21,7 @@ def _say(line: str, style: str = "dim") -> None:
 
 def _error(e: V4Error) -> None:
     # Inside the chat loop a bad command must not end the session: the same line the error boundary prints.
-    msg = f"error: {e}" + (f" ({e.hint})" if e.hint else "")
-    ui.err.print(Text(msg, style="red"), soft_wrap=True)
+    ui.err.print(Text(ui.error_line(e), style="red"), soft_wrap=True)
 
 
 @options(run=RunOptions)

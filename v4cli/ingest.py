@@ -87,7 +87,7 @@ class IngestOptions:
         if self.answer_reserve < 0 or self.context_limit <= self.answer_reserve:
             raise BadInput(
                 f"answer reserve {self.answer_reserve:,} leaves no room in a context of {self.context_limit:,}",
-                hint="lower --answer-reserve or raise --context",
+                hint="lower --max-tokens or raise --ctx",
             )
         if self.max_file_tokens is not None and self.max_file_tokens < 1:
             raise BadInput("--max-file-tokens must be positive")
@@ -1001,7 +1001,7 @@ def _budget_error(report: DryRun, cap: int | None, extra: int) -> ContextTooLarg
     c = _suggest_cap(sizes, fixed + 64 * len(sizes), budget)  # 64: room for truncation markers
     if c is not None and (cap is None or c < cap):
         hints.append(f"--max-file-tokens {c}")
-    hint = "try " + " or ".join(hints) if hints else "pass fewer paths or raise --context"
+    hint = "try " + " or ".join(hints) if hints else "pass fewer paths or raise --ctx"
     return ContextTooLarge("; ".join(lines), hint, report)
 
 

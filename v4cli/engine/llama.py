@@ -220,7 +220,7 @@ class LlamaEngine:
         if not ctx:
             raise GGUFError(f"{self.path}: llama.cpp could not create a {n_ctx}-token context with "
                             f"{self.kv_format} KV: {_Log.last() or 'no reason given'}",
-                            hint="try another --kv-format or a shorter context")
+                            hint="try another --kv or a shorter --ctx")
         self.ctx, self.n_ctx, self.n_batch = ctx, lib.llama_n_ctx(ctx), cp.n_batch
         self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
         self._owner = None

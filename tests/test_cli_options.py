@@ -169,17 +169,27 @@ def test_unknown_command_suggests_once(capsys, monkeypatch):
     assert err.count("Did you mean") == 1 and "Did you mean 'ls'?" in err
 
 
+def _hints() -> list[tuple[str, str]]:
+    """(file name, text) of every literal `hint=` in the package."""
+    return [(path.name, "".join(hint)) for path in (ROOT / "v4cli").rglob("*.py")
+            for hint in re.findall(r"""hint=f?(?:"([^"]*)"|'([^']*)')""", path.read_text())]
+
+
 def test_every_command_a_hint_names_exists():
     commands = set(_commands())
-    named = {}
-    for path in (ROOT / "v4cli").rglob("*.py"):
-        for hint in re.findall(r"""hint=f?(?:"([^"]*)"|'([^']*)')""", path.read_text()):
-            for cmd in re.findall(r"\bv4 ([a-z][a-z-]*)", "".join(hint)):
-                named.setdefault(cmd, path.name)
+    named = {cmd: where for where, hint in _hints() for cmd in re.findall(r"\bv4 ([a-z][a-z-]*)", hint)}
     prose = {"runs", "reads"}  # "v4 runs DeepSeek-V4 GGUFs only": the program speaking, not a command
     missing = {cmd: where for cmd, where in named.items() if cmd not in commands | prose}
     assert not missing, f"hints name commands that do not exist: {missing}"
     assert {"ls", "pull", "quantize"} <= set(named)  # the check reads the hints it means to read
+
+
+def test_every_flag_a_hint_names_exists():
+    flags = {o for cmd in _commands().values() for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
+    named = {flag: where for where, hint in _hints() for flag in re.findall(r"--[a-z][a-z0-9-]*", hint)}
+    missing = {flag: where for flag, where in named.items() if flag not in flags}
+    assert not missing, f"hints name flags that no command has: {missing}"
+    assert {"--max-tokens", "--ctx", "--kv"} <= set(named)  # the check reads the hints it means to read
 
 
 def test_sampling_errors_name_the_flags(capsys, monkeypatch):

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
+import sys
 
 import pytest
 import torch
@@ -23,6 +26,7 @@ from v4cli.prompt.encoding import (
     Assistant,
     Mode,
     System,
+    ToolCall,
     User,
     load_tokenizer,
     render,
@@ -77,11 +81,55 @@ def test_save_load_round_trip(tmp_path):
     conv.add_user("q1 ✓")
     conv.add_answer(Assistant("a1", reasoning="why", tool_calls=()))
     conv.add_user("q2")
+    conv.add_answer(Assistant("", None, (ToolCall("search", {"q": "cats", "opts": {"n": [1, 2.5, None, True]}}),)))
     path = tmp_path / "sub" / "c.json"
     conv.save(path)
     assert [p.name for p in path.parent.iterdir()] == ["c.json"]  # atomic: no temp file left behind
     back = Conversation.load(path)
     assert back == conv and json.loads(path.read_text())["format"] == 1
+
+
+def session_file(*answer: dict, **top) -> dict:
+    """A saved conversation whose one answer has the fields given (content "a" unless given)."""
+    return {"format": 1, "mode": "high", "messages": [{"role": "user", "content": "q"},
+                                                      {"role": "assistant", "content": "a", **dict(*answer)}], **top}
+
+
+# each: what /load reads → the field the one-line error must name. Before the field-by-field check, "load"
+# marks a traceback from /load itself, "turn" a file that loaded and then failed the next turn with a traceback
+# (either ended the chat), "kept" a bad value that loaded silently; the rest were one-line errors already.
+HOSTILE_SESSIONS = {
+    "format is true": ({"format": True, "messages": []}, "not a saved v4 conversation"),  # kept
+    "messages not a list": ({"format": 1, "messages": "hi"}, "messages must be a list, not a string"),
+    "message not an object": ({"format": 1, "messages": [3]}, "message 0 must be an object, not a number"),
+    "mode not a string": (session_file(mode=["high"]), "mode must be a string, not a list"),
+    "content not a string": (session_file({"content": {"t": 1}}), "message 1: content must be a string"),
+    "reasoning not a string": (session_file({"reasoning": 42}), "message 1: reasoning must be a string, not a"
+                                                                 " number"),  # kept
+    "tool_calls not a list": (session_file({"tool_calls": {"name": "x"}}),
+                              "tool_calls must be a list, not an obj"),  # load
+    "tool call not an object": (session_file({"tool_calls": ["search"]}), "tool_calls[0] must be an object"),  # load
+    "tool call without name": (session_file({"tool_calls": [{"arguments": {}}]}),
+                               "tool_calls[0].name must be a string, not null"),  # load
+    "arguments a list": (session_file({"tool_calls": [{"name": "s", "arguments": [1]}]}),
+                         "tool_calls[0].arguments must be an object, not a list"),  # turn
+    "arguments a string": (session_file({"tool_calls": [{"name": "s", "arguments": "{\"q\": 1}"}]}),
+                           "arguments must be an object, not a string"),  # turn
+    "lone surrogate": (session_file({"content": "\ud800"}), "content is not valid Unicode"),  # turn
+    "unknown field": (session_file({"tool_call": []}), "unknown field 'tool_call'"),  # kept
+    "unanswered user message": ({"format": 1, "messages": [{"role": "user", "content": "q"}]},
+                                "message 0 is a user message with no answer"),  # every later turn refused
+}
+
+
+@pytest.mark.parametrize("kind", list(HOSTILE_SESSIONS))
+def test_load_names_the_bad_field_in_one_line(tmp_path, kind):
+    data, message = HOSTILE_SESSIONS[kind]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(BadInput, match=re.escape(message)) as err:
+        Conversation.load(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
 
 
 @pytest.mark.parametrize("data", [
@@ -93,6 +141,33 @@ def test_load_rejects_bad_files(tmp_path, data):
     path.write_text(json.dumps(data))
     with pytest.raises(BadInput):
         Conversation.load(path)
+
+
+def test_load_and_save_refuse_what_is_not_a_file(tmp_path):
+    (tmp_path / "latin1.json").write_bytes('{"format": 1, "system": "caf\xe9"}'.encode("latin-1"))
+    with pytest.raises(BadInput, match=r"not UTF-8 text \(byte 28\)"):
+        Conversation.load(tmp_path / "latin1.json")
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(BadInput, match="nested too deeply"):
+        Conversation.load(tmp_path / "deep.json")
+    deep = {"format": 1, "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a",
+            "tool_calls": [{"name": "s", "arguments": {"a": json.loads("[" * 500 + "]" * 500)}}]}]}
+    (tmp_path / "deep-args.json").write_text(json.dumps(deep))
+    with pytest.raises(BadInput, match="nested more than 100 levels"):
+        Conversation.load(tmp_path / "deep-args.json")
+    with pytest.raises(BadInput, match="it is a directory"):
+        Conversation.load(tmp_path)
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(BadInput, match="not a regular file"):  # reading it would block the chat
+        Conversation.load(tmp_path / "fifo")
+    conv = Conversation()
+    with pytest.raises(BadInput, match="it is a directory"):
+        conv.save(tmp_path)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(BadInput, match="cannot save to"):
+        conv.save(tmp_path / "file" / "under-a-file.json")
+    with pytest.raises(BadInput, match="cannot save to"):
+        conv.save(tmp_path / "nul\0.json")
 
 
 def test_load_missing_and_non_json(tmp_path):
@@ -281,6 +356,20 @@ def test_slash_dispatch_changes_the_chat(encoder, tmp_path):
     assert run("/exit").exit
 
 
+def test_ctrl_c_during_a_slash_command_stops_only_the_command(encoder, tmp_path, monkeypatch):
+    chat = fake_chat(encoder, ["ok"])
+    chat.turn("hello")
+    before = chat.conversation
+
+    def slow_read(path):
+        raise KeyboardInterrupt  # Ctrl-C while /load reads a large file
+
+    monkeypatch.setattr(Conversation, "load", classmethod(lambda cls, path: slow_read(path)))
+    with pytest.raises(BadInput, match="^/load interrupted$"):
+        slash.dispatch(chat, slash.parse(f"/load {tmp_path / 'big.json'}"))
+    assert chat.conversation is before and before.turns[0] == User("hello")
+
+
 # ---------------------------------------------------------------------------------------------- renderer
 
 
@@ -363,3 +452,36 @@ def test_turns_prefill_only_new_tokens(engine):
     r3 = chat.turn("Shorter?")
     assert r3.reused_tokens == r2.prompt_tokens - 1
     assert len(chat.session.tokens) >= r3.prompt_tokens
+
+
+def test_bad_slash_commands_never_end_the_chat(tiny_gguf, tmp_path, capsys, monkeypatch):
+    """The real `v4 chat` loop: every hostile /load, /save and /set prints one error line, the live conversation
+    stays (the /save at the end writes it), and the chat ends only at end of input."""
+    from v4cli.cli import main
+
+    monkeypatch.setenv("V4_HOME", str(tmp_path / "home"))
+    bad = []
+    for i, (data, _) in enumerate(HOSTILE_SESSIONS.values()):
+        bad.append(tmp_path / f"bad{i}.json")
+        bad[-1].write_text(json.dumps(data))
+    (tmp_path / "latin1.json").write_bytes(b'{"format": 1, "system": "caf\xe9"}')
+    bad.append(tmp_path / "latin1.json")
+    attempts = ([f"/load {p}" for p in bad] + [f"/save {tmp_path}", f"/save {bad[0]}/x.json", "/set temperature nan",
+                "/set seed 18446744073709551616", "/load"])
+    script = ["What is a compressor?", *attempts, f"/save {tmp_path / 'kept.json'}"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(script) + "\n"))
+    try:
+        main(["chat", str(tiny_gguf("f32")), "--mode", "non-think", "--max-tokens", "3", "--temperature", "0",
+              "--threads", "1", "--cache-size", "0"])
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    errors = [line for line in (out + err).splitlines() if line.startswith("error:")]
+    assert len(errors) == len(attempts), errors
+    for (_, message), line in zip(HOSTILE_SESSIONS.values(), errors):
+        assert message in line
+    assert "Traceback" not in out + err
+    kept = Conversation.load(tmp_path / "kept.json")
+    assert kept.turns[0] == User("What is a compressor?") and len(kept.turns) == 2 and kept.mode is Mode.NON_THINK

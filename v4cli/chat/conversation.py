@@ -1,5 +1,8 @@
 """One chat conversation: system prompt, mode, turns; its prompt ids; /save and /load as JSON.
 
+A file given to /load may be anything: it is read field by field, and anything that is not exactly what /save
+writes is refused with one line naming the field, so nothing loads that would fail a turn later.
+
 Prompt ids are built piece by piece: the rendered text is split at special tokens (where the tokenizer splits
 it anyway) and each text piece is encoded once and cached, so the history tokenizes identically on every turn
 and a long conversation costs only its new pieces.
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +32,9 @@ from v4cli.prompt.encoding import (
 )
 
 SAVE_FORMAT = 1
+_FIELDS = {"file": {"format", "mode", "system", "messages"}, "user": {"role", "content"},
+           "assistant": {"role", "content", "reasoning", "tool_calls"}, "tool call": {"name", "arguments"}}
+_MAX_DEPTH = 100  # nesting of tool-call arguments: rendering re-serializes them, recursively
 
 
 class PromptEncoder:
@@ -146,50 +153,138 @@ class Conversation:
 
     @classmethod
     def from_json(cls, data: Any, where: str = "conversation") -> Conversation:
-        """Read `to_json`'s format; anything else raises BadInput naming what is wrong."""
-        if not isinstance(data, dict) or data.get("format") != SAVE_FORMAT:
-            raise BadInput(f"{where} is not a saved v4 conversation (format {SAVE_FORMAT})")
+        """Read `to_json`'s format; anything else raises BadInput naming the field and what is wrong with it."""
+        fmt = data.get("format") if isinstance(data, dict) else None
+        if type(fmt) is not int or fmt != SAVE_FORMAT:  # type(): JSON `true` equals 1 in Python
+            raise BadInput(f"{where} is not a saved v4 conversation (format {SAVE_FORMAT})",
+                           hint="/load reads files written by /save")
+        _only(data, "file", where)
+        mode = _text(data.get("mode", Mode.HIGH.value), f"{where}: mode")
         try:
-            mode = Mode(data.get("mode", Mode.HIGH.value))
+            mode = Mode(mode)
         except ValueError:
-            raise BadInput(f"{where}: unknown mode {data.get('mode')!r}") from None
-        system = data.get("system")
-        if system is not None and not isinstance(system, str):
-            raise BadInput(f"{where}: system must be a string")
+            raise BadInput(f"{where}: unknown mode {mode!r}", hint=", ".join(m.value for m in Mode)) from None
+        system = _text(data.get("system"), f"{where}: system", optional=True)
+        messages = data.get("messages", [])
+        if not isinstance(messages, list):
+            raise BadInput(f"{where}: messages must be a list, not {_kind(messages)}")
         conv = cls(mode=mode, system=system or None)
-        for i, m in enumerate(data.get("messages", [])):
-            role = m.get("role") if isinstance(m, dict) else None
-            content = m.get("content", "") if isinstance(m, dict) else None
-            if not isinstance(content, str):
-                raise BadInput(f"{where}: message {i} has no text content")
+        for i, m in enumerate(messages):
+            at = f"{where}: message {i}"
+            if not isinstance(m, dict):
+                raise BadInput(f"{at} must be an object, not {_kind(m)}")
             expected = "assistant" if conv.awaiting_answer else "user"
-            if role != expected:
-                raise BadInput(f"{where}: message {i} should be a {expected} message, not {role!r}")
-            if role == "user":
+            if m.get("role") != expected:
+                raise BadInput(f"{at} should be a {expected} message, not {m.get('role')!r}")
+            _only(m, expected, at)
+            content = _text(m.get("content", ""), f"{at}: content")
+            if expected == "user":
                 conv.turns.append(User(content))
-            else:
-                calls = tuple(ToolCall(c["name"], c.get("arguments", {})) for c in m.get("tool_calls", []))
-                conv.turns.append(Assistant(content, m.get("reasoning"), calls))
+                continue
+            reasoning = _text(m.get("reasoning"), f"{at}: reasoning", optional=True)
+            calls = m.get("tool_calls", [])
+            if not isinstance(calls, list):
+                raise BadInput(f"{at}: tool_calls must be a list, not {_kind(calls)}")
+            conv.turns.append(Assistant(content, reasoning,
+                                        tuple(_tool_call(c, f"{at}: tool_calls[{j}]") for j, c in enumerate(calls))))
+        if conv.awaiting_answer:  # the next turn would add a second user message in a row
+            raise BadInput(f"{where}: message {len(conv.turns) - 1} is a user message with no answer",
+                           hint="a saved conversation ends with the assistant's answer")
         return conv
 
     def save(self, path: Path) -> None:
-        """Write the conversation as JSON, atomically."""
+        """Write the conversation as JSON, atomically (temp file, fsync, rename); BadInput if it cannot be."""
         from v4cli.store import atomic_write_bytes
 
-        atomic_write_bytes(Path(path), (json.dumps(self.to_json(), ensure_ascii=False, indent=2) + "\n").encode())
+        path = Path(path)
+        if path.is_dir():
+            raise BadInput(f"cannot save to {path}: it is a directory", hint="give a file name, e.g. chat.json")
+        try:
+            data = (json.dumps(self.to_json(), ensure_ascii=False, indent=2) + "\n").encode()
+        except UnicodeEncodeError:
+            raise BadInput("the conversation holds text that is not valid Unicode; not saved") from None
+        try:
+            atomic_write_bytes(path, data)
+        except (OSError, ValueError) as e:  # ValueError: a NUL in the name
+            raise BadInput(f"cannot save to {path}: {getattr(e, 'strerror', None) or e}") from None
 
     @classmethod
     def load(cls, path: Path) -> Conversation:
-        """Read a file written by `save`."""
+        """Read a file written by `save`; BadInput (one line) for anything else."""
         path = Path(path).expanduser()
         try:
-            text = path.read_text(encoding="utf-8")
+            mode = path.stat().st_mode
+            if stat.S_ISDIR(mode):
+                raise BadInput(f"cannot load {path}: it is a directory")
+            if not stat.S_ISREG(mode):  # a FIFO or a device would block or never end
+                raise BadInput(f"cannot load {path}: not a regular file")
+            raw = path.read_bytes()
         except FileNotFoundError:
             raise NotFoundError(f"no such file: {path}") from None
-        except OSError as e:
-            raise BadInput(f"cannot read {path}: {e.strerror or e}") from None
+        except (OSError, ValueError) as e:  # ValueError: a NUL in the name
+            raise BadInput(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
         try:
-            data = json.loads(text)
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise BadInput(f"{path} is not UTF-8 text (byte {e.start})",
+                           hint="/load reads files written by /save") from None
         except json.JSONDecodeError as e:
-            raise BadInput(f"{path} is not JSON ({e})") from None
+            raise BadInput(f"{path} is not JSON ({e})", hint="/load reads files written by /save") from None
+        except RecursionError:
+            raise BadInput(f"{path} is not a saved v4 conversation (nested too deeply)") from None
         return cls.from_json(data, str(path))
+
+
+def _kind(value: Any) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _only(obj: dict, kind: str, where: str) -> None:
+    if extra := sorted(set(obj) - _FIELDS[kind]):
+        raise BadInput(f"{where}: unknown field {extra[0]!r} in a {kind}",
+                       hint=f"known: {', '.join(sorted(_FIELDS[kind]))}")
+
+
+def _text(value: Any, what: str, optional: bool = False) -> str | None:
+    """`value` if it is a string the tokenizer can take (JSON may spell lone surrogates as \\udXXX escapes)."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise BadInput(f"{what} must be a string, not {_kind(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadInput(f"{what} is not valid Unicode (a lone surrogate at character {e.start})") from None
+    return value
+
+
+def _json_value(value: Any, what: str, depth: int = 0) -> None:
+    """Every string in a tool call's argument value is text; nesting stays renderable."""
+    if depth > _MAX_DEPTH:
+        raise BadInput(f"{what} is nested more than {_MAX_DEPTH} levels deep")
+    if isinstance(value, str):
+        _text(value, what)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _json_value(v, f"{what}[{i}]", depth + 1)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _text(k, f"{what} key")
+            _json_value(v, f"{what}[{k!r}]", depth + 1)
+
+
+def _tool_call(call: Any, at: str) -> ToolCall:
+    """One saved tool call: an object with a non-empty string name and (optional) an object of arguments."""
+    if not isinstance(call, dict):
+        raise BadInput(f"{at} must be an object, not {_kind(call)}")
+    _only(call, "tool call", at)
+    name = _text(call.get("name"), f"{at}.name")
+    if not name:
+        raise BadInput(f"{at}.name is empty")
+    arguments = call.get("arguments", {})
+    if not isinstance(arguments, dict):
+        raise BadInput(f"{at}.arguments must be an object, not {_kind(arguments)}")
+    _json_value(arguments, f"{at}.arguments")
+    return ToolCall(name, arguments)

@@ -1,11 +1,14 @@
 """Chat input: multi-line messages and slash commands, declared as data (name, usage, help, handler).
 
 Handlers act on a `Chat` (v4cli.chat.answer) and return an `Outcome` of plain lines; the command renders them.
+A handler either completes or raises BadInput with the chat as it was, so one bad command never ends the chat
+or loses the conversation.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -115,6 +118,7 @@ def _tokens(chat: Chat, arg: str) -> Outcome:
 
 
 _SETTABLE = {"temperature": float, "top-p": float, "top-k": int, "min-p": float, "seed": int, "max-tokens": int}
+_SEEDS = range(2**64)  # what torch.Generator.manual_seed takes
 
 
 def _set(chat: Chat, arg: str) -> Outcome:
@@ -130,6 +134,10 @@ def _set(chat: Chat, arg: str) -> Outcome:
         parsed = kind(value.strip())
     except ValueError:
         raise BadInput(f"{key} needs a {kind.__name__}, got {value.strip()!r}") from None
+    # nan passes every range check (all comparisons are false) and an out-of-range seed fails only when sampling
+    # starts: both would end the next turn instead of this command
+    if (kind is float and not math.isfinite(parsed)) or (key == "seed" and parsed not in _SEEDS):
+        raise BadInput(f"{key} cannot be {value.strip()}", hint="a finite number; a seed in [0, 2**64)")
     chat.sampling = replace(chat.sampling, **{key.replace("-", "_"): parsed})
     return Outcome([f"{key} = {parsed}"])
 
@@ -191,5 +199,9 @@ def message_text(line: str) -> str:
 
 
 def dispatch(chat: Chat, inv: Invocation) -> Outcome:
-    """Run a parsed slash command on `chat`."""
-    return inv.command.handler(chat, inv.arg)
+    """Run a parsed slash command on `chat`; a failure is BadInput (one line) and leaves the chat as it was."""
+    try:
+        return inv.command.handler(chat, inv.arg)
+    except KeyboardInterrupt:
+        # Ctrl-C during a slow /load or /save stops the command, not the chat (both change nothing until done)
+        raise BadInput(f"/{inv.command.name} interrupted") from None

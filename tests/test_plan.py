@@ -259,7 +259,7 @@ def test_cli_128g_cpu(capsys):
         ("Recipe iq3-108 (108.6 GB) is the best that runs from memory; lossless (161.9 GB), q8 (156.3 GB), "
          "q3k (127.2 GB) would page experts from disk. Make it with: v4 quantize flash --recipe iq3-108 --imatrix "
          "IMATRIX.gguf (from `v4 imatrix MODEL.gguf`, or llama.cpp's imatrix for the model)"),
-        "described machine: RAM as given, GPU memory as given.",
+        "Described machine: RAM as given, GPU memory as given.",
     ]
     rows = [line.split("│")[1:-1] for line in lines if line.startswith("│")]
     cells = {r[0].strip(): [c.strip() for c in r[1:]] for r in rows}
@@ -307,7 +307,7 @@ def test_cli_gguf(capsys, tiny):
         "KV cache: bf16, 7 MB at 64K tokens, 3 MB read per token",
         f"decode bound: {p.tokens_per_second:.1f} tokens/s, reading 75 MB per token: RAM 75 MB at 90 GB/s (given)",
         "  (memory traffic only: published runs reach 25-55% of such bounds)",
-        "described machine: RAM as given, GPU memory as given.",
+        "Described machine: RAM as given, GPU memory as given.",
     ]
 
 
@@ -324,8 +324,8 @@ def test_cli_described_machine_says_what_it_assumed(capsys, monkeypatch):
     lines = _run(capsys, "--ram", "128G", "--vram", "0", "--ctx", "1M")
     assert "decode bound: 8.6 tokens/s, reading 10.4 GB per token: RAM 10.4 GB at 90 GB/s (assumed)" in lines
     assert not [line for line in lines if "free." in line]  # no "only 0.0 GB is free" from this machine's disk
-    assert lines[-1] == ("described machine: RAM as given, GPU memory as given; RAM bandwidth assumed 90 GB/s "
-                         "(--ram-bw); free disk not checked (--disk).")
+    assert lines[-1] == ("Described machine: RAM as given, GPU memory as given; RAM bandwidth assumed 90 GB/s "
+                         "(pass --ram-bw); free disk not checked (pass --disk).")
 
 
 def test_cli_this_machine_is_measured(capsys, monkeypatch):
@@ -338,7 +338,7 @@ def test_cli_this_machine_is_measured(capsys, monkeypatch):
     lines = _run(capsys, "-m", "flash", "--ctx", "1M")
     assert "RAM 10.4 GB at 45 GB/s (measured)" in [line for line in lines if line.startswith("decode")][0]
     assert "The GGUF needs 108.6 GB of disk in the store; only 10.0 GB is free." in lines
-    assert not [line for line in lines if line.startswith("described machine")]
+    assert not [line for line in lines if line.startswith("Described machine")]
 
 
 def test_cli_paging_recipe_is_called_the_smallest(capsys):

@@ -95,12 +95,12 @@ def describe_machine(ram, vram, ram_bw, vram_bw, disk_bw, disk):
     if disk is None:
         machine = replace(machine, disk_free=None, source={**machine.source, "disk_free": "unknown"})
     # the plan's notes already name an assumed GPU or disk bandwidth wherever it matters
-    line = "described machine: " + ", ".join(f"{what} {'as given' if given is not None else 'of this machine'}"
+    line = "Described machine: " + ", ".join(f"{what} {'as given' if given is not None else 'of this machine'}"
                                              for what, given in (("RAM", ram), ("GPU memory", vram)))
     if ram_bw is None:
-        line += f"; RAM bandwidth assumed {_rate(machine.ram_bw)} (--ram-bw)"
+        line += f"; RAM bandwidth assumed {_rate(machine.ram_bw)} (pass --ram-bw)"
     if disk is None:
-        line += "; free disk not checked (--disk)"
+        line += "; free disk not checked (pass --disk)"
     return machine, line + "."
 
 

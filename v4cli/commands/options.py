@@ -19,6 +19,7 @@ import typer
 
 from v4cli.engine.prefix_cache import DEFAULT_CACHE_SIZE
 from v4cli.engine.sampling import SamplingParams
+from v4cli.engine.generate import DEFAULT_CHUNK
 from v4cli.errors import BadInput
 from v4cli.prompt.encoding import Mode
 from v4cli.units import parse_ctx, parse_size
@@ -90,7 +91,7 @@ class LoadOptions:
     kv_format: str = _flag(KV)
     device: str = _flag(DEVICE)
     threads: int | None = _flag(THREADS)
-    chunk: int = _flag(typer.Option(256, "--chunk", min=1, help="Prefill chunk size in tokens."))
+    chunk: int = _flag(typer.Option(DEFAULT_CHUNK, "--chunk", min=1, help="Prefill chunk size in tokens."))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,12 +103,15 @@ class RunOptions(LoadOptions):
         help="Thinking mode: non-think (answer at once), high (reason first), max (Think-Max)."))
     system: str | None = _flag(typer.Option(None, "--system", help="System prompt."))
     temperature: float = _flag(typer.Option(
-        1.0, "--temperature", min=0.0, help="Sampling temperature (0 = greedy; model card: 1.0)."))
-    top_p: float = _flag(typer.Option(1.0, "--top-p", help="Nucleus sampling mass (model card: 1.0)."))
-    top_k: int = _flag(typer.Option(0, "--top-k", min=0, help="Keep the k most likely tokens (0 = off)."))
-    min_p: float = _flag(typer.Option(0.0, "--min-p", help="Drop tokens below this fraction of the top probability."))
+        SamplingParams.temperature, "--temperature", min=0.0,
+        help="Sampling temperature (0 = greedy; model card: 1.0)."))
+    top_p: float = _flag(typer.Option(SamplingParams.top_p, "--top-p", help="Nucleus sampling mass (model card: 1.0)."))
+    top_k: int = _flag(typer.Option(SamplingParams.top_k, "--top-k", min=0,
+                                    help="Keep the k most likely tokens (0 = off)."))
+    min_p: float = _flag(typer.Option(SamplingParams.min_p, "--min-p",
+                                      help="Drop tokens below this fraction of the top probability."))
     seed: int | None = _flag(typer.Option(None, "--seed", help="Sampling seed, for reproducible answers."))
-    # also ask's answer reserve: the context budget keeps this much room for the answer
+    # not SamplingParams' 512: a reasoning answer needs room; also ask's answer reserve in the context budget
     max_tokens: int = _flag(typer.Option(
         32_768, "--max-tokens", min=1, help="Most tokens to generate per answer (reasoning included)."))
     ctx: int | None = _flag(CTX)

@@ -238,8 +238,8 @@ class Rows:
 
     def load(self, sd: dict[str, torch.Tensor]) -> None:
         self.n, self.start = int(sd["n"]), 0
-        # a contiguous copy: appends write into these buffers in place
-        self.parts = {k: v.clone(memory_format=torch.contiguous_format) for k, v in sd.items() if k != "n"}
+        # a contiguous copy on this layer's device: appends write into these buffers in place
+        self.parts = {k: _own(v, self.device) for k, v in sd.items() if k != "n"}
 
 
 @dataclass
@@ -292,7 +292,7 @@ class CompressorState:
     def load(self, sd: dict[str, torch.Tensor]) -> None:
         self.entries.load({k[len("entries."):]: v for k, v in sd.items() if k.startswith("entries.")})
         for n in self._TENSORS:
-            setattr(self, n, sd[n].clone(memory_format=torch.contiguous_format) if n in sd else None)
+            setattr(self, n, _own(sd[n], self.entries.device) if n in sd else None)
         self.count = int(sd["count"])
 
 
@@ -375,9 +375,8 @@ class ModelCache:
     def load_bytes(self, data: bytes, n_tokens: int | None = None) -> None:
         """Restore `to_bytes` output (the state after `n_tokens` tokens, when given); BadState, with this cache
         unchanged, if it is anything else."""
-        device = self.layers[0].window.device if self.layers else "cpu"
         try:
-            obj = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+            obj = torch.load(io.BytesIO(data), weights_only=True)
         except Exception as e:  # untrusted bytes: zip, pickle and storage errors all mean "not a snapshot"
             raise BadState(f"not a saved state ({type(e).__name__})") from None
         if not isinstance(obj, dict) or obj.get("layout") != STATE_LAYOUT:
@@ -395,6 +394,11 @@ class ModelCache:
 
 def _sub(sd: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in sd.items() if isinstance(k, str) and k.startswith(prefix)}
+
+
+def _own(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A contiguous copy of a loaded tensor on `device` (a snapshot's strides and devices are its own)."""
+    return t.to(device, memory_format=torch.contiguous_format, copy=True)
 
 
 def _tensor(sd: dict, key: str, dtype: torch.dtype, shape: tuple[int, ...], where: str) -> None:

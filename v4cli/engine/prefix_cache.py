@@ -16,7 +16,8 @@ header + tokens + payload), the tokens as little-endian u32, then `ModelCache.to
 the run's KV format. A corrupt, truncated or foreign entry is reported through `warnings` (PrefixCacheWarning)
 and deleted, never loaded; so is one whose checksum holds but whose state the model's cache refuses to restore
 (another state layout, garbage, wrong keys, shapes, dtypes or position): `lookup` restores through the caller's
-`restore`, which checks everything before the live cache is touched, and the run prefills from scratch instead.
+`restore`, which checks everything before the live cache is touched, and the run falls back to a shorter entry
+or prefills from scratch.
 Names read from disk are used only when they are exactly what this module writes (ASCII digits, lowercase hex).
 """
 

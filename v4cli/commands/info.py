@@ -12,7 +12,7 @@ from quant import keys as K
 from quant.config import ModelArgs
 from v4cli import kvsize, ui
 from v4cli.commands.options import KV, RAM, VRAM, ctx_option, model_option, pick_model
-from v4cli.errors import BadInput, GGUFError, NotFoundError
+from v4cli.errors import GGUFError, NotFoundError
 from v4cli.gguf_file import open_gguf
 from v4cli.store import format_bytes
 from v4cli.placement import DEFAULT_RECIPE_TYPES, PlacementPlan, inventory_for
@@ -150,9 +150,7 @@ def info(
     kv_format: str = KV,
 ) -> None:
     """Describe a GGUF file or checkpoint: config, tensor types, provenance, KV sizes, placement."""
-    name = pick_model(model_opt, target)
-    if name is None:
-        raise BadInput("no model named", hint="v4 info -m MODEL, with a .gguf file, checkpoint folder or store name")
+    name = pick_model(model_opt, target, required="v4 info -m MODEL.gguf, or a checkpoint folder or store name")
     plan_kw = {"ctx": ctx, "kv_format": kv_format, "gpu_mem": vram, "cpu_mem": ram}
     path = _resolve(name)
     if path.is_dir() and (path / "config.json").is_file():

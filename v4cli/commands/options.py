@@ -46,11 +46,15 @@ MODEL = model_option("A GGUF path or store name (default: $V4_MODEL, else the st
 MODEL_POSITIONAL = typer.Argument(None, metavar="MODEL", help="Same as -m MODEL.")
 
 
-def pick_model(option: str | None, positional: str | None) -> str | None:
-    """The model named by -m or by the old positional; both, when they disagree, is a mistake worth stopping on."""
+def pick_model(option: str | None, positional: str | None, required: str | None = None) -> str | None:
+    """The model named by -m or by the positional; both, when they disagree, is a mistake worth stopping on.
+    `required`, for commands that need one, is the command line the hint shows when neither is given."""
     if option is not None and positional is not None and option != positional:
         raise BadInput(f"two models named: -m {option} and {positional}", hint="name the model once, with -m")
-    return option if option is not None else positional
+    name = option if option is not None else positional
+    if name is None and required is not None:
+        raise BadInput("no model named", hint=required)
+    return name
 
 
 def ctx_option(default: int | None, help: str) -> Any:
@@ -77,21 +81,23 @@ def _flag(info: Any) -> Any:
     return dataclasses.field(default=info.default, metadata={"flag": info})
 
 
-# single flags the groups below use, and commands that take only some of them (bench) use directly
+# single flags the groups below use, and commands that take only some of them (bench, eval, imatrix) use directly
+ENGINE = typer.Option("torch", "--engine", help="Inference engine: torch or llama (llama.cpp).")
 KV = kv_option("bf16", "bf16, fp8 or f32")
 DEVICE = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda.")
 THREADS = typer.Option(None, "--threads", min=1, help="CPU threads (default: the engine's choice).")
+CHUNK = typer.Option(DEFAULT_CHUNK, "--chunk", min=1, help="Prefill chunk size in tokens.")
 
 
 @dataclasses.dataclass(frozen=True)
 class LoadOptions:
     """How a command loads a GGUF to run it: `v4 eval`, and through RunOptions `v4 chat` and `v4 ask`."""
 
-    engine: str = _flag(typer.Option("torch", "--engine", help="Inference engine: torch or llama (llama.cpp)."))
+    engine: str = _flag(ENGINE)
     kv_format: str = _flag(KV)
     device: str = _flag(DEVICE)
     threads: int | None = _flag(THREADS)
-    chunk: int = _flag(typer.Option(DEFAULT_CHUNK, "--chunk", min=1, help="Prefill chunk size in tokens."))
+    chunk: int = _flag(CHUNK)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,18 +4,36 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 from v4cli import ui
 from v4cli.errors import BadInput
 
 
+def _read_text(path: Path, flag: str) -> str:
+    """The file's text, or BadInput naming the flag and what is wrong (missing, unreadable, not UTF-8)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BadInput(f"{flag} {path}: no such file", hint="check the path") from None
+    except IsADirectoryError:
+        raise BadInput(f"{flag} {path}: a folder, not a file", hint=f"give {flag} one file") from None
+    except OSError as e:
+        raise BadInput(f"{flag} {path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{flag} {path}: not UTF-8 text (byte {e.start})",
+                       hint="convert it to UTF-8, or score token ids with --tokens") from None
+
+
 def _read_tokens(path: Path) -> list[int]:
     """A JSON list of ints, or ints separated by whitespace/commas."""
-    text = path.read_text()
+    text = _read_text(path, "--tokens")
     try:
         ids = json.loads(text)
     except json.JSONDecodeError:
@@ -79,9 +97,13 @@ def eval_cmd(
 
     if (text is None) == (tokens is None):
         raise BadInput("give exactly one of --text FILE or --tokens FILE")
-    eng = load_engine(model, engine, kv_format=kv_format, device=device, threads=threads, mtp=mtp)
-    ids = _read_tokens(tokens) if tokens is not None else eng.tokenizer.encode(text.read_text(),
-                                                                               add_special_tokens=False).ids
+    # read the input before the model loads: a wrong path should cost a second, not a load
+    ids = _read_tokens(tokens) if tokens is not None else None
+    source = _read_text(text, "--text") if text is not None else None
+    with ui.err.status("loading the model"):
+        eng = load_engine(model, engine, kv_format=kv_format, device=device, threads=threads, mtp=mtp)
+    if ids is None:
+        ids = eng.tokenizer.encode(source, add_special_tokens=False).ids
     if len(ids) < 2:
         raise BadInput("need at least 2 tokens to score")
     t0 = time.perf_counter()
@@ -89,17 +111,20 @@ def eval_cmd(
     draft = DraftScore()
     target = torch.as_tensor(ids[1:], dtype=torch.long)
     blocks = eng.iter_draft_logits(ids, chunk) if mtp is not None else ((b, None) for b in eng.iter_logits(ids, chunk))
-    for block, draft_block in blocks:
-        n = block.shape[0]
-        if dump_logits is not None:
-            kept.append(block.cpu())
-        # logits at position i predict token i+1
-        tgt = target[done: done + n]
-        lp = torch.log_softmax(block[: tgt.numel()].float(), dim=-1).cpu()
-        nll -= lp.gather(1, tgt[:, None]).sum().item()
-        if draft_block is not None:
-            draft.add(block, draft_block, tgt, skip=1 if done == 0 else 0)
-        done += n
+    with _progress() as bar:
+        task = bar.add_task("scoring", total=len(ids))
+        for block, draft_block in blocks:
+            n = block.shape[0]
+            if dump_logits is not None:
+                kept.append(block.cpu())
+            # logits at position i predict token i+1
+            tgt = target[done: done + n]
+            lp = torch.log_softmax(block[: tgt.numel()].float(), dim=-1).cpu()
+            nll -= lp.gather(1, tgt[:, None]).sum().item()
+            if draft_block is not None:
+                draft.add(block, draft_block, tgt, skip=1 if done == 0 else 0)
+            done += n
+            bar.update(task, completed=done, tps=done / (time.perf_counter() - t0))
     secs = time.perf_counter() - t0
     ppl = math.exp(nll / (len(ids) - 1))
     ui.console.print(f"tokens      {len(ids)}")
@@ -113,6 +138,20 @@ def eval_cmd(
     if dump_logits is not None:
         _save_npy(dump_logits, torch.cat(kept).numpy())
         ui.console.print(f"logits      {dump_logits}")
+
+
+class _Speed(ProgressColumn):
+    """Tokens scored per second since scoring began (Rich's own speed column averages a short window only)."""
+
+    def render(self, task) -> Text:
+        tps = task.fields.get("tps")
+        return Text(f"{tps:,.0f} tok/s" if tps else "… tok/s", style="progress.data.speed")
+
+
+def _progress() -> Progress:
+    """Tokens scored of the total, tok/s and ETA on stderr; on a terminal only (stdout stays the results)."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+                    _Speed(), TimeRemainingColumn(), console=ui.err, transient=True, disable=not sys.stderr.isatty())
 
 
 def register(app: typer.Typer) -> None:

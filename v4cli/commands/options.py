@@ -2,8 +2,9 @@
 
 Like simonw/llm's option-group decorators: `@options(run=RunOptions)` adds every field of `RunOptions` to a command's
 signature as its flag and hands the command one `RunOptions`, so `chat` and `ask` (and anything else that loads and
-runs a model) spell the run flags in one place. Single flags (`MODEL`, `RAM`, `VRAM`, `CTX`) are objects the commands
-put in their signatures. Sizes and contexts are parsed here, by v4cli.units, so every command reads `1M` the same way.
+runs a model) spell the run flags in one place. Single flags (`MODEL`, `RAM`, `VRAM`, `CTX`, `KV`, ...) are objects the
+commands put in their signatures. Sizes and contexts are parsed here, by v4cli.units, so every command reads `1M` and
+`64G` the same way.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from typing import Any
 
 import typer
 
+from v4cli.engine.generate import DEFAULT_CHUNK
 from v4cli.engine.prefix_cache import DEFAULT_CACHE_SIZE
 from v4cli.engine.sampling import SamplingParams
-from v4cli.engine.generate import DEFAULT_CHUNK
 from v4cli.errors import BadInput
 from v4cli.prompt.encoding import Mode
 from v4cli.units import parse_ctx, parse_size
@@ -42,7 +43,7 @@ def model_option(help: str) -> Any:
 
 
 MODEL = model_option("A GGUF path or store name (default: $V4_MODEL, else the store's only GGUF).")
-# `v4 chat MODEL` predates -m and still works (cheap to keep, and scripts use it)
+# `v4 chat MODEL`, `v4 info PATH` and `v4 plan MODEL` predate -m and still work (cheap to keep; scripts use them)
 MODEL_POSITIONAL = typer.Argument(None, metavar="MODEL", help="Same as -m MODEL.")
 
 
@@ -63,6 +64,7 @@ def ctx_option(default: int | None, help: str) -> Any:
 
 
 def kv_option(default: str, choices: str) -> Any:
+    """--kv: running takes a concrete format, planning also `auto`; the name is the same."""
     return typer.Option(default, "--kv", help=f"KV cache format: {choices}.")
 
 

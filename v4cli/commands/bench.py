@@ -27,10 +27,15 @@ def _fmt(x, spec: str = ".2f") -> str:
     return "—" if x is None else format(x, spec)
 
 
+def _csv(xs) -> str:
+    return ",".join(str(x) for x in xs)
+
+
 def _preset_help() -> str:
     q, f = bench.PRESETS["quick"], bench.PRESETS["full"]
-    return (f"Sizes: --quick (default) prefill {q.prefill}, contexts {q.contexts}, {q.repeats} repeats; --full prefill "
-            f"{f.prefill}, contexts {f.contexts}, {f.repeats} repeats. --prefill/--contexts/--repeats override either.")
+    return (f"Sizes: --quick: prefill {_csv(q.prefill)}, contexts {_csv(q.contexts)}, {q.repeats} repeats (the tiny "
+            f"demo model in about a minute); --full: prefill {_csv(f.prefill)}, contexts {_csv(f.contexts)}, "
+            f"{f.repeats} repeats. --prefill, --contexts, --decode-tokens and --repeats override either.")
 
 
 def bench_cmd(

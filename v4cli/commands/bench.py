@@ -40,8 +40,8 @@ def _preset_help() -> str:
 
 def bench_cmd(
     model: Path = typer.Argument(..., help="A deepseek4 GGUF file."),
-    engines: str = typer.Option(None, "--engines", show_default=False,
-                                help="Engines to compare, comma-separated (default: torch and llama, those that can run here)."),
+    engines: str = typer.Option(None, "--engines", show_default=False, help="Engines to compare, comma-separated "
+                                "(default: torch and llama, those that can run here)."),
     full: bool = typer.Option(False, "--full/--quick", help=_preset_help()),
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads for every engine (0 = all cores)."),
     prefill: str = typer.Option(None, "--prefill", show_default=False, help="Prompt lengths to time prefill at."),

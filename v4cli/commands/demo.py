@@ -27,15 +27,17 @@ def demo(
     root = Store().demo_dir
     t0 = time.perf_counter()
     ckpt = make_tiny_checkpoint(root / "tiny-checkpoint")
+    # soft_wrap here and below: paths and figures stay on one line whatever the terminal's width
     ui.console.print(f"checkpoint  {ckpt}  (official layout: FP8 + E8M0 scales, FP4 experts, "
-                     f"{time.perf_counter() - t0:.1f} s)")
+                     f"{time.perf_counter() - t0:.1f} s)", soft_wrap=True)
     out = root / f"tiny-{recipe}.gguf"
     r = get_recipe(recipe)
     if not out.exists():
         res = convert(ckpt, out, r, source_repo="v4-demo/tiny")
-        ui.console.print(f"quantized   {out}  ({res.tensors} tensors, recipe {r.name}, {res.seconds:.1f} s)")
+        ui.console.print(f"quantized   {out}  ({res.tensors} tensors, recipe {r.name}, {res.seconds:.1f} s)",
+                         soft_wrap=True)
     else:
-        ui.console.print(f"quantized   {out}  (cached)")
+        ui.console.print(f"quantized   {out}  (cached)", soft_wrap=True)
     _answer(out, prompt, max_tokens, seed)
     _next_steps(out)
 
@@ -49,7 +51,8 @@ def _answer(gguf, prompt: str, max_tokens: int, seed: int) -> None:
     engine = Engine.load(gguf)  # builds the CPU kernels on first use, so the timings below never include it
     ui.console.print(f"loaded      {gguf.name}  ({time.perf_counter() - t0:.1f} s, not counted below)")
     ids = encode([User(prompt)], Mode.NON_THINK, tokenizer=PromptTokenizer(engine.tokenizer))
-    ui.console.print(f"prompt      {prompt!r} ({len(ids)} tokens, non-think mode)")
+    ui.console.print(f"prompt      {prompt!r} ({len(ids)} tokens, non-think mode)", soft_wrap=True,
+                     markup=False, highlight=False)  # the user's text is not Rich markup
     ui.console.print("answer      ", end="")
     for rec in engine.generate(ids, SamplingParams(max_tokens=max_tokens, seed=seed)):
         ui.console.print(rec.text, end="", markup=False, highlight=False)
@@ -57,7 +60,7 @@ def _answer(gguf, prompt: str, max_tokens: int, seed: int) -> None:
             t = rec.timings
             ui.console.print(f"\n[dim]{t.prompt_tokens} prompt tokens, prefill {t.prefill_s:.2f} s = "
                              f"{t.prefill_tps:.0f} tok/s, decode {t.decode_tps:.1f} tok/s, "
-                             f"finish: {rec.finish_reason}[/]")
+                             f"finish: {rec.finish_reason}[/]", soft_wrap=True)
 
 
 def _next_steps(gguf) -> None:
@@ -68,7 +71,6 @@ def _next_steps(gguf) -> None:
              ("v4 ls", f"the store lists it; v4 rm {name} removes it"),
              ("v4 pull flash", "the real model (160 GB); then v4 quantize flash --fit 128G"))
     for i, (cmd, why) in enumerate(steps):
-        # soft_wrap: each suggestion stays one line, to copy as it is
         ui.console.print(f"{'' if i else 'next':<12}{cmd:<26}{why}", soft_wrap=True, markup=False, highlight=False)
 
 

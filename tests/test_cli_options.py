@@ -113,7 +113,7 @@ def test_run_options_reach_the_command(monkeypatch, capsys):
     assert run.sampling().top_k == 7
 
 
-def test_model_is_named_with_m_in_chat_and_ask(tiny_gguf, capsys, monkeypatch):
+def test_model_is_named_with_m_in_chat_and_ask(tiny_gguf, tmp_path, capsys, monkeypatch):
     gguf = str(tiny_gguf("q8"))
     for argv in (["chat", "-m", gguf], ["chat", "--model", gguf], ["chat", gguf]):  # the old positional still works
         code, _, err = _run([*argv, "--threads", "1", "--ctx", "4K"], capsys, monkeypatch)
@@ -121,6 +121,11 @@ def test_model_is_named_with_m_in_chat_and_ask(tiny_gguf, capsys, monkeypatch):
         assert f"{Path(gguf).name} · mode high · context 4,096 tokens" in err
     code, _, err = _run(["chat", "-m", gguf, "other.gguf"], capsys, monkeypatch)
     assert code == 2 and f"error: two models named: -m {gguf} and other.gguf" in err
+    notes = tmp_path / "notes.txt"
+    notes.write_text("The answer is 42.\n")
+    code, out, err = _run(["ask", "-m", gguf, str(notes), "What is the answer?", "--dry-run"], capsys, monkeypatch)
+    assert code == 0, err
+    assert "notes.txt" in out
     names = {name: {o for p in cmd.params for o in p.opts} for name, cmd in _commands().items()}
     for name in ("chat", "ask", "info", "plan"):
         assert {"-m", "--model"} <= names[name], name
@@ -195,3 +200,4 @@ def test_every_flag_a_hint_names_exists():
 def test_sampling_errors_name_the_flags(capsys, monkeypatch):
     code, _, err = _run(["ask", "x", "q?", "--top-p", "2", "--dry-run"], capsys, monkeypatch, stdin="text")
     assert code == 2 and "--top-p must be in (0, 1], got 2.0" in err and "top_p" not in err
+

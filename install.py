@@ -23,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # one folder per GPU while the NVIDIA kernel module is loaded
 
 Pip = Callable[[Sequence[str]], subprocess.CompletedProcess]
 
@@ -38,8 +39,7 @@ def run_pip(args: Sequence[str]) -> subprocess.CompletedProcess:
 
 def has_nvidia_gpu() -> bool:
     """An NVIDIA driver with at least one GPU: the kernel module's GPU list, else `nvidia-smi -L`."""
-    gpus = Path("/proc/driver/nvidia/gpus")
-    if gpus.is_dir() and any(gpus.iterdir()):
+    if NVIDIA_GPUS.is_dir() and any(NVIDIA_GPUS.iterdir()):
         return True
     smi = shutil.which("nvidia-smi")
     if smi is None:

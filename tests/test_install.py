@@ -102,3 +102,26 @@ def test_pip_answers_with_the_cpu_build_on_this_machine_when_it_has_one():
     found = install.local_cpu_torches(install.run_pip)
     assert found and all(v.endswith("+cpu") and v in res.stdout for v in found)
     assert found == sorted(found, key=install._version_key, reverse=True)
+
+
+@pytest.mark.parametrize("script, found", [
+    ('echo "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)"', True),
+    ('echo "NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver."; exit 9', False),
+    ("exit 0", False),  # a driver with no GPU lists nothing
+])
+def test_gpu_detection_asks_nvidia_smi(script, found, tmp_path, monkeypatch):
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\n{script}\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(install, "NVIDIA_GPUS", tmp_path / "no-driver")
+    assert install.has_nvidia_gpu() is found
+
+
+def test_gpu_detection_reads_the_drivers_gpu_list(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi at all
+    monkeypatch.setattr(install, "NVIDIA_GPUS", tmp_path / "gpus")
+    (tmp_path / "gpus").mkdir()
+    assert not install.has_nvidia_gpu()
+    (tmp_path / "gpus" / "0000:01:00.0").mkdir()
+    assert install.has_nvidia_gpu()

@@ -60,13 +60,18 @@ def cuda_wheels(plan: list[tuple[str, str]]) -> list[str]:
     return [n for n, _ in plan if _norm(n).startswith("nvidia-") or _norm(n) in ("triton", "pytorch-triton")]
 
 
-def dry_run(pip: Pip, reqs: Sequence[str]) -> list[tuple[str, str]] | None:
-    """What `pip install REQS` would install, as (name, version); None if pip cannot resolve it."""
+class Unresolvable(InstallError):
+    """pip cannot resolve a set of requirements; the message is the end of what pip said."""
+
+
+def dry_run(pip: Pip, reqs: Sequence[str]) -> list[tuple[str, str]]:
+    """What `pip install REQS` would install, as (name, version); Unresolvable if pip cannot resolve it."""
     with tempfile.TemporaryDirectory(prefix="v4-install-") as tmp:
         report = Path(tmp) / "report.json"
         res = pip(["install", "--dry-run", "--quiet", "--report", str(report), *reqs])
         if res.returncode != 0 or not report.is_file():
-            return None
+            said = [ln for ln in (res.stderr or "").splitlines() if ln.strip()][-8:]
+            raise Unresolvable(f"pip install {' '.join(reqs)} fails:\n" + "\n".join(said))
         items = json.loads(report.read_text()).get("install", [])
     return [(i["metadata"]["name"], i["metadata"]["version"]) for i in items]
 
@@ -88,15 +93,16 @@ def plan_install(pip: Pip, target: list[str], gpu: bool, extra: Sequence[str] = 
     """The `pip install` argument lists to run, in order, and one line saying which torch and why."""
     if gpu:
         return [[*target, *extra]], "NVIDIA GPU found: torch as pip resolves it (the CUDA build)"
-    plan = dry_run(pip, [*target, *extra])
-    if plan is None:
-        raise InstallError("pip cannot resolve the install; run `python3 -m pip install -e .` to see why")
+    plan = dry_run(pip, [*target, *extra])  # pip's own error (no network, an externally managed Python) ends it
     if not cuda_wheels(plan):
         return [[*target, *extra]], "no NVIDIA GPU, and pip's torch needs no CUDA wheels here"
     for version in local_cpu_torches(pip):
         pinned = [*target, f"torch=={version}", *extra]
-        plan = dry_run(pip, pinned)
-        if plan is not None and not cuda_wheels(plan):
+        try:
+            plan = dry_run(pip, pinned)
+        except Unresolvable:  # e.g. a constraint or the project's torch range excludes this build: try the next
+            continue
+        if not cuda_wheels(plan):
             return [pinned], f"no NVIDIA GPU: torch {version}, the CPU build pip's sources offer"
     return ([["torch", "--index-url", CPU_INDEX, *extra], [*target, *extra]],
             f"no NVIDIA GPU: the CPU build of torch from {CPU_INDEX}")
@@ -114,8 +120,7 @@ def install(pip: Pip, target: list[str], gpu: bool, extra: Sequence[str] = (), s
     say(f"install.py: {why}")
     for i, args in enumerate(steps):
         if i and not gpu:
-            plan = dry_run(pip, args)
-            pulled = cuda_wheels(plan) if plan is not None else []
+            pulled = cuda_wheels(dry_run(pip, args))
             if pulled:
                 raise InstallError(f"installing v4 would replace the CPU torch and pull {', '.join(pulled[:3])}, ...")
         say("install.py: pip install " + " ".join(args))

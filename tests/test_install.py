@@ -22,8 +22,10 @@ class FakePip:
     A torch pinned to a +cpu version resolves without CUDA wheels; an unpinned one (or a plain version) with them,
     unless `cpu_torch_installed` (pip keeps a torch that is already there)."""
 
-    def __init__(self, versions=("2.14.1", "2.13.0+cpu", "2.12.0+cpu", "2.13.0"), cpu_torch_installed=False):
+    def __init__(self, versions=("2.14.1", "2.13.0+cpu", "2.12.0+cpu", "2.13.0"), cpu_torch_installed=False,
+                 unresolvable=(), error=None):
         self.versions, self.cpu_torch_installed = versions, cpu_torch_installed
+        self.unresolvable, self.error = unresolvable, error  # pins pip cannot resolve; stderr of a failing pip
         self.calls, self.live = [], []
 
     def __call__(self, args):
@@ -34,6 +36,8 @@ class FakePip:
         assert args[:2] == ["install", "--dry-run"], args
         reqs = args[args.index("--report") + 2:]
         pinned = [r for r in reqs if r.startswith("torch==")]
+        if self.error or (pinned and pinned[0] in self.unresolvable):
+            return subprocess.CompletedProcess(args, 1, "", self.error or "ResolutionImpossible")
         cpu = self.cpu_torch_installed or (pinned and pinned[0].endswith("+cpu"))
         Path(args[args.index("--report") + 1]).write_text(json.dumps({"install": [
             {"metadata": {"name": n, "version": v}} for n, v in (CPU_PLAN if cpu else CUDA_PLAN)]}))
@@ -87,6 +91,19 @@ def test_project_install_that_would_replace_the_cpu_torch_is_refused():
     with pytest.raises(install.InstallError, match="replace the CPU torch and pull nvidia-cublas-cu12"):
         _run(pip, gpu=False)
     assert pip.live == [["install", "torch", "--index-url", install.CPU_INDEX]]  # the project was not installed
+
+
+def test_a_cpu_build_pip_cannot_resolve_is_skipped_for_the_next():
+    pip = FakePip(unresolvable=("torch==2.13.0+cpu",))  # e.g. a constraint file caps torch below it
+    live, _ = _run(pip, gpu=False)
+    assert live == [["install", *TARGET, "torch==2.12.0+cpu"]]
+
+
+def test_pips_own_error_ends_it_with_pips_words():
+    pip = FakePip(error="error: externally-managed-environment\n\nThis environment is externally managed\n")
+    with pytest.raises(install.InstallError, match="(?s)fails:\nerror: externally-managed-environment\n"):
+        _run(pip, gpu=False)
+    assert pip.live == []
 
 
 def test_cuda_wheels_names():

@@ -60,7 +60,8 @@ def resolve_model(name: str | None) -> Path:
             return found[0]
         if not found:
             raise NotFoundError("no model given and the store holds no GGUF",
-                                hint=f"pass a GGUF path or set ${MODEL_ENV}; `v4 quantize flash` makes one")
+                                hint=f"pass a GGUF path or set ${MODEL_ENV}; `v4 quantize flash` makes one, "
+                                     "`v4 demo` a tiny one")
         names = ", ".join(p.name for p in found)
         raise BadInput(f"no model given and the store holds {len(found)} GGUFs: {names}",
                        hint=f"name one, or set ${MODEL_ENV}")

@@ -7,6 +7,7 @@ into GGUF keys (quant/keys.py), and the engine reads them back. Nothing is infer
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -75,7 +76,11 @@ class ModelArgs:
 
     @classmethod
     def from_config(cls, cfg: dict) -> ModelArgs:
-        """From an official config.json dict. Raises UnsupportedModel for other architectures."""
+        """From an official config.json dict. Raises UnsupportedModel for other architectures and CheckpointError,
+        naming the key, for a value of the wrong type or out of range."""
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"config.json holds a JSON {type(cfg).__name__}, not an object",
+                                  hint="the checkpoint is damaged: download it again with v4 pull")
         archs = cfg.get("architectures") or []
         if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES and not set(archs) & set(SUPPORTED_ARCHS):
             raise UnsupportedModel(
@@ -84,29 +89,30 @@ class ModelArgs:
             )
         if cfg.get("scoring_func", "sqrtsoftplus") != "sqrtsoftplus":
             raise UnsupportedModel(f"unsupported scoring_func {cfg.get('scoring_func')!r}")
-        rs = cfg.get("rope_scaling") or {}
-        kw = {f: cfg[f] for f in cls.__dataclass_fields__ if f in cfg and f != "compress_ratios"}
-        n = cfg.get("num_hidden_layers", cls.num_hidden_layers)
-        ratios = tuple(int(r) for r in cfg.get("compress_ratios") or ())
+        kw = {f: _checked(f, cfg[f]) for f in cls.__dataclass_fields__ if f in cfg and f != "compress_ratios"}
+        n = kw.get("num_hidden_layers", cls.num_hidden_layers)
+        ratios = cfg.get("compress_ratios") or []
+        if not isinstance(ratios, (list, tuple)) or not all(_is_int(r) and (r == 0 or 4 <= r <= _MAX_U32) for r in ratios):
+            raise CheckpointError(f"config.json: compress_ratios must be a list of ratios (0 = window only, 4 = CSA, "
+                                  f">4 = HCA), is {_show(ratios)}", hint=_HINT_CONFIG)
         if len(ratios) < n:
-            raise CheckpointError(f"config.json: compress_ratios has {len(ratios)} entries, need ≥ {n}")
-        kw["compress_ratios"] = ratios
-        if rs:
-            kw["rope_factor"] = float(rs.get("factor", cls.rope_factor))
-            kw["rope_original_max_position"] = int(rs.get("original_max_position_embeddings", 65536))
-            kw["beta_fast"] = float(rs.get("beta_fast", 32))
-            kw["beta_slow"] = float(rs.get("beta_slow", 1))
+            raise CheckpointError(f"config.json: compress_ratios has {len(ratios)} entries, need ≥ {n}",
+                                  hint=_HINT_CONFIG)
+        kw["compress_ratios"] = tuple(ratios)
+        rs = cfg.get("rope_scaling") or {}
+        if not isinstance(rs, dict):
+            raise CheckpointError(f"config.json: rope_scaling must be an object, is {_show(rs)}", hint=_HINT_CONFIG)
+        for key, field_name in _ROPE_SCALING.items():
+            if key in rs:
+                kw[field_name] = _checked(field_name, rs[key], f"rope_scaling.{key}")
+        for key in ("bos_token_id", "eos_token_id"):
+            if kw.get(key, 0) >= kw.get("vocab_size", cls.vocab_size):
+                raise CheckpointError(f"config.json: {key} = {kw[key]} is not below vocab_size", hint=_HINT_CONFIG)
         return cls(**kw)
 
     @classmethod
     def from_config_file(cls, path: Path) -> ModelArgs:
-        try:
-            cfg = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: config.json not found", hint="is this a model folder? try v4 pull flash")
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: config.json is not valid JSON ({e})")
-        return cls.from_config(cfg)
+        return cls.from_config(read_config(path))
 
     def gguf_kv(self, with_mtp: bool = False) -> list[tuple[str, object, GGUFValueType]]:
         """(key, value, type) triples for the `deepseek4` GGUF header, strict types as llama.cpp reads them."""
@@ -218,6 +224,80 @@ class ModelArgs:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+_HINT_CONFIG = "the checkpoint's config.json is damaged or not DeepSeek-V4's: download it again with v4 pull"
+_MAX_U32 = (1 << 32) - 1  # the GGUF header stores these as u32
+# counts the converter and planners loop over: far above any V4 (Flash: 43 layers, 256 experts) yet small enough
+# that a hostile config cannot make `v4 quantize --dry-run` spin for hours before saying anything
+_MAX_COUNT = 1 << 16
+_COUNTS = ("num_hidden_layers", "n_routed_experts", "num_experts_per_tok", "n_shared_experts", "num_hash_layers",
+           "num_nextn_predict_layers", "hc_mult", "hc_sinkhorn_iters", "o_groups", "num_attention_heads",
+           "num_key_value_heads", "index_n_heads")
+# may be 0: no hash-routed layers, no shared expert, no MTP block, token ids
+_MAY_BE_ZERO = ("num_hash_layers", "n_shared_experts", "num_nextn_predict_layers", "bos_token_id", "eos_token_id")
+# rope_scaling's keys → the ModelArgs fields they set
+_ROPE_SCALING = {"factor": "rope_factor", "original_max_position_embeddings": "rope_original_max_position",
+                 "beta_fast": "beta_fast", "beta_slow": "beta_slow"}
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true is not a count
+
+
+def _show(v: object) -> str:
+    text = json.dumps(v) if isinstance(v, (dict, list, str, int, float, bool, type(None))) else repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _checked(field_name: str, value: object, key: str | None = None) -> object:
+    """`value` for ModelArgs.`field_name` if it has the field's type and range; CheckpointError naming `key`."""
+    key = key or field_name
+    kind = type(ModelArgs.__dataclass_fields__[field_name].default)
+    if kind is bool:
+        ok = isinstance(value, bool)
+        want = "true or false"
+    elif kind is int:
+        low = 0 if field_name in _MAY_BE_ZERO else 1
+        high = _MAX_COUNT if field_name in _COUNTS else _MAX_U32
+        ok = _is_int(value) and low <= value <= high
+        want = f"an integer from {low} to {high:,}"
+    else:  # float: JSON writes 10000 as an integer; NaN and infinities are not a hyper-parameter
+        ok = (_is_int(value) or isinstance(value, float)) and math.isfinite(value) and value >= 0
+        want = "a finite number ≥ 0"
+        value = float(value) if ok else value
+    if not ok:
+        raise CheckpointError(f"config.json: {key} must be {want}, is {_show(value)}", hint=_HINT_CONFIG)
+    return value
+
+
+# every key the official inventory (quant/inventory.py) sizes tensors from: a checkpoint without one is not V4's
+INVENTORY_KEYS = ("hidden_size", "vocab_size", "num_attention_heads", "head_dim", "q_lora_rank", "o_groups",
+                  "o_lora_rank", "n_routed_experts", "moe_intermediate_size", "num_experts_per_tok", "index_n_heads",
+                  "index_head_dim", "hc_mult", "num_hidden_layers", "compress_ratios", "num_hash_layers")
+
+
+def read_config(path: Path) -> dict:
+    """A checkpoint's config.json, checked (see ModelArgs.from_config); CheckpointError in one line otherwise.
+
+    Besides types and ranges, it must name every size the official tensor inventory is built from."""
+    path = Path(path)
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: config.json not found", hint="is this a model folder? try v4 pull flash") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})", hint=_HINT_CONFIG) from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: unreadable ({e.strerror})", hint="check its permissions") from None
+    try:
+        ModelArgs.from_config(cfg)
+        missing = [k for k in INVENTORY_KEYS if k not in cfg]
+        if missing:
+            raise CheckpointError(f"config.json: missing {', '.join(missing)}", hint=_HINT_CONFIG)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path.parent}/{e}", hint=e.hint) from None
+    return cfg
 
 
 # The real DeepSeek-V4-Flash config (facts §2): the schedule 0,0 then alternating CSA 4 / HCA 128, MTP layer SWA.

@@ -7,12 +7,14 @@ the shards' mmaps, converted a slice at a time, and written straight to the outp
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,7 +27,7 @@ from gguf import size_label as gguf_size_label
 
 from quant import keys as K
 from quant import names as N
-from quant.config import ModelArgs
+from quant.config import ModelArgs, read_config
 from quant.formats import IMATRIX_TYPES, mxfp4_from_official, quantize
 from quant.ggml import tensor_bytes, type_info
 from quant.inventory import FP8_BLOCK, Entry, official_inventory
@@ -34,6 +36,7 @@ from quant.recipes import Recipe, choose_type, file_type
 from quant.tokenizer import tokenizer_kv
 from v4cli import __version__
 from v4cli.errors import BadInput, CheckpointError, DiskSpaceError
+from v4cli.partials import partial_path
 
 if TYPE_CHECKING:
     from quant.imatrix import Imatrix
@@ -353,11 +356,6 @@ class ConvertResult:
     seconds: float
 
 
-def partial_path(out: Path) -> Path:
-    """Where `out` is written until complete: same folder (so the rename is atomic), never a `.gguf` name."""
-    return out.with_name(f".{out.name}.{os.getpid()}.partial")
-
-
 def convert(src: Path, out: Path, recipe: Recipe, *, source_repo: str | None = None,
             source_revision: str | None = None, progress: Callable[[Progress], None] | None = None,
             mtp: bool = False, imatrix: Imatrix | None = None, imatrix_file: str | None = None,
@@ -368,59 +366,83 @@ def convert(src: Path, out: Path, recipe: Recipe, *, source_repo: str | None = N
     matrix (from `imatrix_file`) that guides every quantizer that takes one. `workers`: quantizing processes
     (default: one per CPU core)."""
     src, out = Path(src), Path(out)
-    cfg_path = src / "config.json"
-    ModelArgs.from_config_file(cfg_path)  # raises for other architectures before any shard is opened
-    cfg = json.loads(cfg_path.read_text())
+    cfg = read_config(src / "config.json")  # raises for other architectures before any shard is opened
     ckpt = Checkpoint(src)
     inv = validate(ckpt, cfg, mtp=mtp)
     tensors = plan(cfg, recipe, inv, mtp=mtp)
     needs_imatrix(recipe, tensors, imatrix)
     total_out = sum(t.nbytes for t in tensors)
     total_in = sum(t.source_bytes for t in tensors)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(out.parent).free
-    if free < total_out * 1.01 + (64 << 20):
-        raise DiskSpaceError(f"{out.parent}: {total_out / 1e9:.2f} GB needed for the output, {free / 1e9:.2f} GB free",
-                             hint="free space or pass -o on another disk")
-    tmp = partial_path(out)
     t0 = time.perf_counter()
-    w = GGUFWriter(tmp, K.ARCH)
-    try:
-        for key, val, typ in header_kv(cfg, src, recipe, tensors, source_repo, source_revision, mtp, imatrix,
-                                       imatrix_file):
-            w.add_key_value(key, val, typ)
-        for t in tensors:
-            # a non-uint8 dtype tells the writer `shape` is in elements, not bytes
-            w.add_tensor_info(t.gguf, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        fout = w.fout[0]
-        done = 0
-        with Encoder(workers or os.cpu_count() or 1) as enc:
+    with disk_full_is_an_error(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(out.parent).free
+        if free < total_out * 1.01 + (64 << 20):
+            raise DiskSpaceError(f"{out.parent}: {total_out / 1e9:.2f} GB needed for the output, "
+                                 f"{free / 1e9:.2f} GB free", hint="free space or pass -o on another disk")
+        tmp = partial_path(out)
+        w = GGUFWriter(tmp, K.ARCH)
+        try:
+            for key, val, typ in header_kv(cfg, src, recipe, tensors, source_repo, source_revision, mtp, imatrix,
+                                           imatrix_file):
+                w.add_key_value(key, val, typ)
             for t in tensors:
-                w.write_padding(fout, fout.tell())
-                written = 0
-                for data, consumed in enc.map(_tensor_bytes(ckpt, t, importance(imatrix, t))):
-                    fout.write(memoryview(np.ascontiguousarray(data)))
-                    written += data.nbytes
-                    done += consumed
-                    if progress:
-                        progress(Progress(t.gguf, done, total_in))
-                if written != t.nbytes:
-                    raise CheckpointError(f"{t.gguf}: wrote {written} bytes, planned {t.nbytes} "
-                                          f"(source {t.sources[0]})")
-                w.write_padding(fout, written)
-        fout.flush()
-        os.fsync(fout.fileno())
-        w.close()
-        tmp.replace(out)
-        _fsync_dir(out.parent)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
+                # a non-uint8 dtype tells the writer `shape` is in elements, not bytes
+                w.add_tensor_info(t.gguf, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            fout = w.fout[0]
+            done = 0
+            with Encoder(workers or os.cpu_count() or 1) as enc:
+                for t in tensors:
+                    w.write_padding(fout, fout.tell())
+                    written = 0
+                    for data, consumed in enc.map(_tensor_bytes(ckpt, t, importance(imatrix, t))):
+                        fout.write(memoryview(np.ascontiguousarray(data)))
+                        written += data.nbytes
+                        done += consumed
+                        if progress:
+                            progress(Progress(t.gguf, done, total_in))
+                    if written != t.nbytes:
+                        raise CheckpointError(f"{t.gguf}: wrote {written} bytes, planned {t.nbytes} "
+                                              f"(source {t.sources[0]})")
+                    w.write_padding(fout, written)
+            fout.flush()
+            os.fsync(fout.fileno())
+            w.close()
+            tmp.replace(out)
+            _fsync_dir(out.parent)
+        except BaseException:
+            _discard(w, tmp)
+            raise
     return ConvertResult(out, len(tensors), out.stat().st_size, total_in, time.perf_counter() - t0)
+
+
+# a full disk and a full quota look the same to the user: the output does not fit where it is being written
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextmanager
+def disk_full_is_an_error(out: Path) -> Iterator[None]:
+    """An out-of-space OSError inside (disk or quota full, wherever it strikes) becomes DiskSpaceError for `out`."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in NO_SPACE:
+            raise DiskSpaceError(f"{out.parent} filled up while writing {out.name} ({os.strerror(e.errno)}); the unfinished "
+                                 "output was removed", hint="free space or pass -o on another disk") from None
+        raise
+
+
+def _discard(w: GGUFWriter, tmp: Path) -> None:
+    """Close and delete an unfinished output. Closing flushes, and on a full disk that flush fails too; the file
+    is being deleted either way, and the error that stopped the write is the one the caller re-raises."""
+    try:
+        w.close()
+    except OSError:
+        pass
+    tmp.unlink(missing_ok=True)
 
 
 def _fsync_dir(d: Path) -> None:

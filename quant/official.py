@@ -10,6 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from v4cli.errors import CheckpointError
+from v4cli.safepath import UnsafePath, inside, safe_relpath
 
 # safetensors dtype strings as the official files use them
 FP8, E8M0, I8, BF16, F32, I64 = "F8_E4M3", "F8_E8M0", "I8", "BF16", "F32", "I64"
@@ -39,10 +40,19 @@ class Checkpoint:
         idx = self.root / "model.safetensors.index.json"
         if idx.exists():
             try:
-                weight_map: dict[str, str] = json.loads(idx.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{idx}: not a valid safetensors index ({e})")
-            files = sorted(set(weight_map.values()))
+                weight_map: dict[str, str] = json.loads(idx.read_text(encoding="utf-8"))["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise TypeError(f"weight_map is a JSON {type(weight_map).__name__}, not an object")
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{idx}: not a valid safetensors index ({e})",
+                                      hint="re-download it with v4 pull") from None
+            # the index is data from outside: a shard name must not lead out of the checkpoint folder
+            try:
+                shards = {f if isinstance(f, str) else safe_relpath(f, "shard name") for f in weight_map.values()}
+                files = sorted(str(inside(self.root, f, "shard name").relative_to(self.root)) for f in shards)
+            except UnsafePath as e:
+                raise CheckpointError(f"{idx}: {e}", hint="the index is damaged or hostile: re-download it "
+                                      "with v4 pull") from None
         else:
             files = sorted(p.name for p in self.root.glob("*.safetensors"))
             weight_map = {}

@@ -21,9 +21,10 @@ import numpy as np
 from gguf import GGUFValueType
 
 from quant import keys as K
-from quant.convert import _fsync_dir, partial_path
+from quant.convert import _fsync_dir, disk_full_is_an_error
 from v4cli.errors import BadInput, DiskSpaceError
 from v4cli.gguf_file import _SCALAR_DTYPES, DEFAULT_ALIGNMENT, GGUFModel, TensorInfo, open_gguf
+from v4cli.partials import partial_path
 from v4cli.registry import split_path
 
 DEFAULT_MAX_TENSORS = 128  # gguf-split's --split-max-tensors default
@@ -52,10 +53,11 @@ def split_gguf(src: str | os.PathLike, out_prefix: str | os.PathLike, max_tensor
                                  f"{free / 1e9:.2f} GB free", hint="free space or split to another disk")
         partials = [partial_path(p) for p in paths]
         try:
-            for i, (tensors, tmp) in enumerate(zip(groups, partials)):
-                _write_part(gf, tmp, i, len(groups), tensors)
-            for tmp, path in zip(partials, paths):
-                tmp.replace(path)
+            with disk_full_is_an_error(paths[0]):
+                for i, (tensors, tmp) in enumerate(zip(groups, partials)):
+                    _write_part(gf, tmp, i, len(groups), tensors)
+                for tmp, path in zip(partials, paths):
+                    tmp.replace(path)
         finally:
             for tmp in partials:
                 tmp.unlink(missing_ok=True)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,3 +234,190 @@ def test_cli_dry_run_flash_prints_exact_size(capsys):
     out = capsys.readouterr().out
     total = sum(t.nbytes for t in plan(FLASH_CONFIG, get_recipe("q2k")))
     assert f"output size: {total:,} bytes" in out
+
+
+# ---- hostile input, full disks and leftovers (issue 21 items 8-9, issue 22 items 7 and 10) -------------------
+
+
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `v4 ARGV` through the real app and its error boundary."""
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _config_only(tmp_path, cfg) -> Path:
+    """A folder whose config.json holds `cfg` (a dict, or raw text): config errors come before any shard is read."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text(cfg if isinstance(cfg, str) else json.dumps(cfg))
+    return folder
+
+
+def _tiny_cfg(tiny_ckpt, **change) -> dict:
+    cfg = json.loads((tiny_ckpt / "config.json").read_text())
+    cfg.update(change)
+    return cfg
+
+
+@pytest.mark.parametrize("change,fragment", [
+    ("{\"hidden_size\": 4096,", "config.json: not valid JSON"),
+    ("[1, 2]", "config.json holds a JSON list, not an object"),
+    (dict(num_hidden_layers="5"), 'num_hidden_layers must be an integer from 1 to 65,536, is "5"'),
+    (dict(hidden_size=-256), "hidden_size must be an integer from 1 to 4,294,967,295, is -256"),
+    (dict(n_routed_experts=10 ** 9), "n_routed_experts must be an integer from 1 to 65,536, is 1000000000"),
+    (dict(norm_topk_prob="yes"), 'norm_topk_prob must be true or false, is "yes"'),
+    (dict(rope_scaling=[16]), "rope_scaling must be an object"),
+    (dict(rope_scaling={"factor": None}), "rope_scaling.factor must be a finite number ≥ 0, is null"),
+    (dict(compress_ratios=[0, 2, 4, 4, 4, 0]), "compress_ratios must be a list of ratios"),
+    (dict(head_dim=None), "head_dim must be an integer"),
+    (dict(eos_token_id=1 << 20), "eos_token_id = 1048576 is not below vocab_size"),
+])
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_malformed_config_is_one_line_naming_the_key(tiny_ckpt, tmp_path, capsys, change, fragment, dry_run):
+    cfg = change if isinstance(change, str) else _tiny_cfg(tiny_ckpt, **change)
+    folder = _config_only(tmp_path, cfg)
+    code, out, err = _cli(capsys, "quantize", str(folder), "-o", str(tmp_path / "o.gguf"),
+                          *(["--dry-run"] if dry_run else []))
+    assert code == 2 and out == ""
+    assert err.startswith(f"error: {folder / 'config.json'}") and fragment in err and err.count("\n") == 1, err
+    assert "(the checkpoint's config.json is damaged" in err or "(the checkpoint is damaged" in err
+
+
+def test_config_missing_an_inventory_key(tiny_ckpt, tmp_path):
+    cfg = _tiny_cfg(tiny_ckpt)
+    del cfg["o_lora_rank"]
+    folder = _config_only(tmp_path, cfg)
+    with pytest.raises(CheckpointError, match="config.json: missing o_lora_rank"):
+        convert(folder, tmp_path / "o.gguf", get_recipe("q8"))
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/../../outside.safetensors", 7])
+def test_index_shard_names_must_stay_inside_the_checkpoint(tiny_ckpt, tmp_path, capsys, shard):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, folder)
+    (tmp_path / "outside.safetensors").write_bytes((folder / "model-00001-of-00003.safetensors").read_bytes())
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = shard
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: shard name") as e:
+        Checkpoint(folder)
+    assert repr(shard) in str(e.value)
+    code, out, err = _cli(capsys, "quantize", str(folder), "-o", str(tmp_path / "o.gguf"))
+    assert code == 2 and err.count("\n") == 1 and "shard name" in err
+
+
+def test_quantize_writes_into_the_store_and_ls_lists_it(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    home = tmp_path / "v4home"
+    monkeypatch.setenv("V4_HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _cli(capsys, "quantize", str(tiny_ckpt), "-r", "q8", "--threads", "1")
+    assert code == 0, err
+    want = home / "gguf" / f"{tiny_ckpt.name}-q8.gguf"
+    assert out.startswith(f"wrote {want} (") and want.is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["v4home"]  # nothing in the current directory
+    code, out, _ = _cli(capsys, "ls")
+    assert code == 0 and f"{tiny_ckpt.name}-q8.gguf" in out and str(want) in out
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_quantize_removes_only_partials_whose_writer_died_here(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    import subprocess
+    import sys
+
+    from v4cli.partials import this_host
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    dead, host = _dead_pid(), this_host()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        files = {
+            "dead": out_dir / f".flash-q8.gguf.{dead}@{host}.partial",  # a killed run on this machine: removed
+            "live": out_dir / f".flash-q4k.gguf.{live.pid}@{host}.partial",  # still writing: kept
+            "other-host": out_dir / f".flash-q2k.gguf.{dead}@elsewhere-node.partial",  # PID means nothing here
+            "old-format": out_dir / f".flash-f32.gguf.{dead}.partial",  # older v4: machine unknown, reported
+        }
+        for i, p in enumerate(files.values()):
+            p.write_bytes(b"\0" * (1000 * (i + 1)))
+        code, out, err = _cli(capsys, "quantize", str(tiny_ckpt), "-r", "q8", "-o", str(out_dir / "o.gguf"),
+                              "--threads", "1")
+        assert code == 0, err
+        assert not files["dead"].exists()
+        assert all(files[k].exists() for k in ("live", "other-host", "old-format"))
+        assert err.splitlines()[:2] == [
+            f"note: removed 1 unfinished output of quantize runs that died, freeing 1.00 KB in {out_dir}",
+            f"note: {files['old-format']} (4.00 KB) is an unfinished output of an older v4: delete it if no "
+            "quantize is writing it",
+        ]
+        assert (out_dir / "o.gguf").is_file()
+    finally:
+        live.kill()
+        live.wait()
+
+
+class _FailingFile:
+    """A file that raises `err` once more than `limit` bytes were written to it (the disk fills up)."""
+
+    def __init__(self, f, err: int, limit: int):
+        self.f, self.err, self.left = f, err, limit
+
+    def write(self, data) -> int:
+        self.left -= memoryview(data).nbytes
+        if self.left < 0:
+            raise OSError(self.err, os.strerror(self.err))
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+@pytest.mark.parametrize("where,err", [("write", errno.ENOSPC), ("write", errno.EDQUOT), ("fsync", errno.ENOSPC)])
+def test_disk_full_midway_is_exit_3_and_leaves_no_partial(tiny_ckpt, tmp_path, monkeypatch, capsys, where, err):
+    import gguf as gguf_py
+
+    import quant.convert as qc
+
+    if where == "write":
+        class FillingWriter(gguf_py.GGUFWriter):
+            def write_ti_data_to_file(self):
+                super().write_ti_data_to_file()
+                self.fout[0] = _FailingFile(self.fout[0], err, 4 << 20)
+
+        monkeypatch.setattr(qc, "GGUFWriter", FillingWriter)
+    else:
+        def full(fd):
+            raise OSError(err, os.strerror(err))
+
+        monkeypatch.setattr(qc.os, "fsync", full)
+    out_dir = tmp_path / "out"
+    code, out, stderr = _cli(capsys, "quantize", str(tiny_ckpt), "-r", "q8", "-o", str(out_dir / "o.gguf"),
+                             "--threads", "1")
+    assert code == 3
+    assert stderr == (f"error: {out_dir} filled up while writing o.gguf ({os.strerror(err)}); the unfinished output "
+                      "was removed (free space or pass -o on another disk)\n")
+    assert list(out_dir.iterdir()) == []
+
+
+def test_dry_run_prints_the_summary_and_lists_tensors_only_when_verbose(capsys):
+    code, out, _ = _cli(capsys, "quantize", "flash", "--dry-run", "--recipe", "q2k")
+    assert code == 0
+    total = sum(t.nbytes for t in plan(FLASH_CONFIG, get_recipe("q2k")))
+    assert out.splitlines()[-1].startswith(f"output size: {total:,} bytes")
+    assert len(out.splitlines()) < 30 and "blk.0.attn_q_a.weight" not in out
+    code, out, _ = _cli(capsys, "quantize", "flash", "--dry-run", "--recipe", "q2k", "--verbose")
+    assert code == 0 and "blk.0.attn_q_a.weight" in out and len(out.splitlines()) > 1300
+    assert out.splitlines()[-1].startswith(f"output size: {total:,} bytes")

@@ -13,6 +13,7 @@ Tensor bytes are never copied: `raw()` is a uint8 view of a read-only mmap.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import mmap
 import os
@@ -247,7 +248,7 @@ class GGUFModel(ABC):
         if self.architecture != K.ARCH:
             raise UnsupportedModel(
                 f"{self.path}: architecture is {self.architecture!r}, not {K.ARCH!r}",
-                hint="v4 runs DeepSeek-V4 GGUFs only (convert one with v4 quantize)",
+                hint="v4 runs DeepSeek-V4 GGUFs only: convert one with v4 quantize",
             )
 
     def _check_keys(self) -> None:
@@ -269,6 +270,7 @@ class GGUFModel(ABC):
                     problems.append(f"{key} is empty")
             elif got != want:
                 problems.append(f"{key} must be {_type_name(want)}, is {_type_name(got)}")
+        problems += self._check_tokenizer_json()
         if not problems:
             problems += self._check_key_values()
         if problems:
@@ -277,6 +279,23 @@ class GGUFModel(ABC):
                 + (f"; and {len(problems) - 6} more" if len(problems) > 6 else ""),
                 hint="the file was written by an incompatible converter: convert it again with v4 quantize",
             )
+
+    def _check_tokenizer_json(self) -> list[str]:
+        """The verbatim tokenizer.json (ours and llama.cpp's converters write it) must be a string holding a JSON
+        object, or the file would open and then fail deep inside the first prompt. Empty means absent (the
+        tokenizer is then built from `tokenizer.ggml.*`)."""
+        key = K.Tokenizer.HF_JSON
+        if key not in self.metadata:
+            return []
+        if self.types[key] != (GGUFValueType.STRING,):
+            return [f"{key} must be string, is {_type_name(self.types[key])}"]
+        if not self.metadata[key]:
+            return []
+        try:
+            value = json.loads(self.metadata[key])
+        except ValueError as e:
+            return [f"{key} is not valid JSON ({e})"]
+        return [] if isinstance(value, dict) else [f"{key} holds a JSON {type(value).__name__}, not an object"]
 
     def _check_key_values(self) -> list[str]:
         md, M, problems = self.metadata, K.Model, []
@@ -360,7 +379,8 @@ class GGUFFile(GGUFModel):
                     )
                 self._mm: mmap.mmap | None = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except FileNotFoundError:
-            raise GGUFError(f"{self.path}: no such file", hint="check the path, or list models with v4 list") from None
+            raise GGUFError(f"{self.path}: no such file",
+                            hint="check the path, or list stored models with v4 ls") from None
         except IsADirectoryError:
             raise GGUFError(f"{self.path} is a folder, not a GGUF file") from None
         except PermissionError:

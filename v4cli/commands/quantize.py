@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -14,7 +13,7 @@ from v4cli.errors import BadInput
 
 def _source(src: str) -> tuple[dict, Path | None, str | None]:
     """(config dict, checkpoint folder or None when only the config is known, store name)."""
-    from quant.config import FLASH_CONFIG
+    from quant.config import FLASH_CONFIG, read_config
     from v4cli.registry import HubSpec, resolve_name
     from v4cli.store import Store
 
@@ -23,14 +22,14 @@ def _source(src: str) -> tuple[dict, Path | None, str | None]:
         store = Store()
         if store.read_manifest(spec.name) is not None:
             path = store.resolve(src)
-            return json.loads((path / "config.json").read_text()), path, spec.name
+            return read_config(path / "config.json"), path, spec.name
         if spec.name in ("flash", "flash-base"):
             return FLASH_CONFIG, None, spec.name  # sizes are known from the official layout
         return {}, store.resolve(src), spec.name  # raises: not pulled
     if spec.kind != "checkpoint":
         raise BadInput(f"{src} is a GGUF file; quantize takes an official checkpoint folder",
                        hint="pass the folder with config.json and *.safetensors")
-    return json.loads((spec.path / "config.json").read_text()), spec.path, None
+    return read_config(spec.path / "config.json"), spec.path, None
 
 
 def quantize(
@@ -43,7 +42,8 @@ def quantize(
     fit: str | None = typer.Option(None, "--fit", help="Choose the best recipe whose file fits this RAM (e.g. 128G)."),
     ctx: str = typer.Option("1M", "--ctx", help="Context the --fit budget must leave room for (fp8 KV): 1M, 384K."),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="Override: PATTERN=TYPE on GGUF names; repeatable."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor plan and exact size; write nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan's types and exact size; write nothing."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="With --dry-run: also list every tensor."),
     threads: int = typer.Option(None, "--threads", min=1, help="Quantizing processes (default: one per CPU core)."),
     mtp: bool = typer.Option(False, "--mtp", help="Also write the MTP draft block as llama.cpp's separate "
                              "draft file, mtp-<output name> beside the output (for v4 eval --mtp)."),
@@ -53,7 +53,7 @@ def quantize(
     from quant.inventory import official_inventory
     from quant.official import Checkpoint
     from quant.recipes import get_recipe
-    from v4cli.store import format_bytes
+    from v4cli.store import format_bytes, gguf_path
 
     cfg, path, store_name = _source(src)
     im = None
@@ -77,17 +77,13 @@ def quantize(
         ck = Checkpoint(path) if path is not None and any(path.glob("*.safetensors")) else None  # headers only
         for draft in (False, True) if mtp else (False,):
             inv = None if ck is None else [e for e in official_inventory(cfg, with_mtp=draft) if e.name in ck.tensors]
-            _print_plan(plan(cfg, r, inv, mtp=draft), r)
+            _print_plan(plan(cfg, r, inv, mtp=draft), r, verbose)
         return
     if path is None:
         raise BadInput(f"{src} is not downloaded yet", hint=f"v4 pull {src}")
-    if output is None:
-        if store_name:
-            from v4cli.store import gguf_path
-
-            output = gguf_path(store_name, r.name)
-        else:
-            output = Path(f"{path.name}-{r.name}.gguf")
+    # the store by default (so `v4 ls` lists it), named after the pulled model or the checkpoint folder
+    output = (output.expanduser() if output else gguf_path(store_name or path.name, r.name)).absolute()
+    _clear_dead_partials(output.parent)
     with ui.byte_progress() as bar:
         task = bar.add_task("quantize", total=None)
 
@@ -103,7 +99,24 @@ def quantize(
     for res in results:
         mb_s = res.in_bytes / 1e6 / max(res.seconds, 1e-9)
         ui.console.print(f"wrote {res.path} ({format_bytes(res.out_bytes)}, {res.tensors} tensors, recipe {r.name}) "
-                         f"in {res.seconds:.1f} s ({mb_s:.0f} MB/s of input)")
+                         f"in {res.seconds:.1f} s ({mb_s:.0f} MB/s of input)", soft_wrap=True, markup=False,
+                         highlight=False)
+
+
+def _clear_dead_partials(folder: Path) -> None:
+    """Delete what killed quantize runs on this machine left in `folder`; say what was freed and what was kept."""
+    from v4cli.partials import find_partials, remove_stale
+    from v4cli.store import format_bytes
+
+    gone = remove_stale(folder)
+    if gone:
+        ui.err.print(f"note: removed {len(gone)} unfinished output{'s' if len(gone) > 1 else ''} of quantize runs "
+                     f"that died, freeing {format_bytes(sum(p.size for p in gone))} in {folder}",
+                     soft_wrap=True, markup=False, highlight=False)
+    for p in find_partials(folder):
+        if p.host is None:  # an older v4 wrote it; its PID may belong to another machine sharing the folder
+            ui.err.print(f"note: {p.path} ({format_bytes(p.size)}) is an unfinished output of an older v4: "
+                         "delete it if no quantize is writing it", soft_wrap=True, markup=False, highlight=False)
 
 
 def _print_candidates(choice) -> None:
@@ -117,17 +130,19 @@ def _print_candidates(choice) -> None:
     ui.console.print(t)
 
 
-def _print_plan(tensors, recipe) -> None:
+def _print_plan(tensors, recipe, verbose: bool) -> None:
+    """Bytes per type and the exact total; with `verbose` first every tensor (1,346 rows for Flash)."""
     from collections import defaultdict
 
     by_type: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for t in tensors:
         by_type[t.qtype.name][0] += 1
         by_type[t.qtype.name][1] += t.nbytes
-    tt = Table("tensor", "type", "shape", "bytes", "source")
-    for t in tensors:
-        tt.add_row(t.gguf, t.qtype.name, "×".join(map(str, t.shape)), f"{t.nbytes:,}", t.source_dtype)
-    ui.console.print(tt)
+    if verbose:
+        tt = Table("tensor", "type", "shape", "bytes", "source")
+        for t in tensors:
+            tt.add_row(t.gguf, t.qtype.name, "×".join(map(str, t.shape)), f"{t.nbytes:,}", t.source_dtype)
+        ui.console.print(tt)
     table = Table("type", "tensors", "bytes", title=f"recipe {recipe.name}: {recipe.summary}")
     for name, (n, b) in sorted(by_type.items(), key=lambda kv: -kv[1][1]):
         table.add_row(name, str(n), f"{b:,}")

@@ -21,7 +21,7 @@ from quant import keys as K
 from quant import names as N
 from quant.config import FLASH_CONFIG, ModelArgs
 from v4cli import kvsize
-from v4cli.cli import app
+from v4cli.cli import app, main
 from v4cli.errors import GGUFError, UnsupportedModel
 from v4cli.gguf_file import GGUFFile, deepseek4_tensor_shapes
 from v4cli.store import format_bytes
@@ -345,6 +345,15 @@ def _drop(name):
          ("deepseek4.attention.head_count = 0 must be positive",)),
         (lambda kvs: [(k, 1 if k == K.Model.EXPERT_GATING_FUNC else v, t) for k, v, t in kvs], None,
          ("expert_gating_func = 1",)),
+        # the verbatim tokenizer.json: checked at open, not first met inside the prompt encoder
+        (lambda kvs: kvs + [(K.Tokenizer.HF_JSON, '{"model": {"vocab": ', VT.STRING)], None,
+         ("tokenizer.huggingface.json is not valid JSON",)),
+        (lambda kvs: kvs + [(K.Tokenizer.HF_JSON, 7, VT.UINT32)], None,
+         ("tokenizer.huggingface.json must be string, is uint32",)),
+        (lambda kvs: kvs + [(K.Tokenizer.HF_JSON, ["{}"], VT.ARRAY)], None,
+         ("tokenizer.huggingface.json must be string, is array of string",)),
+        (lambda kvs: kvs + [(K.Tokenizer.HF_JSON, '"a tokenizer"', VT.STRING)], None,
+         ("tokenizer.huggingface.json holds a JSON str, not an object",)),
     ],
 )
 def test_deepseek4_validation_names_the_problem(tmp_path, kv, tensors, fragments):
@@ -354,6 +363,16 @@ def test_deepseek4_validation_names_the_problem(tmp_path, kv, tensors, fragments
     for frag in fragments:
         assert frag in str(e.value), str(e.value)
     assert str(path) in str(e.value) and e.value.hint
+
+
+@pytest.mark.parametrize("value,vtype", [("{not json", VT.STRING), (7, VT.UINT32)])
+def test_bad_tokenizer_json_is_one_line_through_the_cli(tmp_path, capsys, value, vtype):
+    path = write_ds4(tmp_path / "bad.gguf", tiny_args(), kv=lambda kvs: kvs + [(K.Tokenizer.HF_JSON, value, vtype)])
+    with pytest.raises(SystemExit) as e:
+        main(["info", str(path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {path}: invalid deepseek4 metadata: tokenizer.huggingface.json "), err
 
 
 def test_other_architectures_are_unsupported(tmp_path):

@@ -424,9 +424,25 @@ def token_stats(gaps: list[float]) -> tuple[float, float]:
     return 1.0 / med, 100.0 * (q[2] - q[0]) / med
 
 
+# a layer's shape: what must match Flash's for its measured time per byte to stand for a Flash layer's
+_LAYER_SHAPE = ("hidden_size", "moe_intermediate_size", "head_dim", "num_attention_heads", "q_lora_rank")
+
+
+def flash_basis(args: ModelArgs, layer_bytes: float, flash_layer_bytes_: float) -> dict:
+    """The basis of the Flash estimate, shown beside it; `shown` is False (with the reason) when this model's
+    layers are not Flash-shaped: scaling a tiny model's time to 43 layers would estimate a 43-layer tiny model."""
+    flash = flash_args()
+    differ = [f"{k} {getattr(args, k)} vs {getattr(flash, k)}" for k in _LAYER_SHAPE
+              if getattr(args, k) != getattr(flash, k)]
+    return {"shown": not differ, "why_not": "; ".join(differ) or None, "layers": flash.num_hidden_layers,
+            "layer_bytes_measured": layer_bytes, "layer_bytes_flash": flash_layer_bytes_,
+            "scale": flash_layer_bytes_ / layer_bytes if layer_bytes else None}
+
+
 def summarize(spec: BenchSpec, passes: dict[str, list[dict]], weights: WeightBytes, args: ModelArgs,
               bandwidth: dict) -> dict:
-    """Medians of the passes, roofline percentages, ours/llama.cpp ratios and the Flash estimate.
+    """Medians of the passes, roofline percentages, ours/llama.cpp ratios and (for a model with Flash's layer
+    shapes and fewer layers or experts) the Flash estimate.
 
     Engines with no finished pass are left out; `spec.repeats` may exceed an engine's passes when one failed.
     """
@@ -439,10 +455,7 @@ def summarize(spec: BenchSpec, passes: dict[str, list[dict]], weights: WeightByt
         "weights": {"bytes_per_token": weights.total, "fixed": weights.fixed, "non_expert": weights.non_expert,
                     "experts_active": weights.experts, "lookup_rows": weights.lookup,
                     "layers": sum(weights.layers.values()), "n_layers": len(weights.layers)},
-        # the basis of the Flash column, shown beside it: how far it reaches beyond what was measured
-        "flash_estimate": {"layers": flash_args().num_hidden_layers, "layer_bytes_measured": layer_bytes,
-                           "layer_bytes_flash": flash_layer_w,
-                           "scale": flash_layer_w / layer_bytes if layer_bytes else None},
+        "flash_estimate": flash_basis(args, layer_bytes, flash_layer_w),
         "engines": {e: {"passes": len(ps), "load_s": _median([p["load_s"] for p in ps]),
                         "peak_rss_bytes": max(p["peak_rss_bytes"] for p in ps),
                         "gpu_peak_bytes": max((p["gpu_peak_bytes"] or 0) for p in ps) if spec.device != "cpu" else None}
@@ -471,7 +484,8 @@ def summarize(spec: BenchSpec, passes: dict[str, list[dict]], weights: WeightByt
                       "ttft_s": _median([d["ttft_s"] for d in runs]),
                       "kv_bytes": _median([d["kv_bytes"] for d in runs]),
                       "roofline_pct": 100.0 * tps * total / bw}
-            row["flash"][e] = extrapolate_flash(tps, weights, args, spec.kv_format, c, bw)
+            if result["flash_estimate"]["shown"]:
+                row["flash"][e] = extrapolate_flash(tps, weights, args, spec.kv_format, c, bw)
         row["ratio"] = ratio(row, "tps")
         result["decode"].append(row)
     base = next((row for row in result["decode"] if row["context"] == 0), None)

@@ -152,11 +152,13 @@ def render(result: dict) -> None:
     t.add_column("context", justify="right")
     t.add_column("bytes/tok", justify="right")
     t.add_column("bound tok/s", justify="right")
+    flash = result["flash_estimate"]
     for e in engines:
         t.add_column(f"{e} tok/s", justify="right")
         t.add_column("÷ ctx 0", justify="right")
         t.add_column("% bound", justify="right")
-        t.add_column("Flash est.*", justify="right")
+        if flash["shown"]:
+            t.add_column("Flash est.*", justify="right")
     if len(engines) > 1:
         t.add_column("torch ÷ llama", justify="right")
     noisy = []
@@ -167,15 +169,19 @@ def render(result: dict) -> None:
             if row[e]["spread_pct"] > bench.NOISY_SPREAD_PCT:
                 mark = "~"
                 noisy.append(f"{e} at {row['context']} ({row[e]['spread_pct']:.0f} %)")
-            cells += [mark + _fmt(row[e]["tps"]), _fmt(row[e]["vs_ctx0"]), _fmt(row[e]["roofline_pct"], ".0f"),
-                      _fmt(row["flash"][e]["tps"])]
+            cells += [mark + _fmt(row[e]["tps"]), _fmt(row[e]["vs_ctx0"]), _fmt(row[e]["roofline_pct"], ".0f")]
+            if flash["shown"]:
+                cells.append(_fmt(row["flash"][e]["tps"]))
         t.add_row(*cells, *([_fmt(row["ratio"])] if len(engines) > 1 else []))
     ui.console.print(t)
-    f = result["flash_estimate"]
-    ui.console.print(f"* an estimate, not a measurement: decode tok/s of full Flash ({f['layers']} layers) if each of "
-                     f"its layers took this file's measured time per byte; Flash's layers are "
-                     f"{f['scale']:.0f}× this file's {format_bytes(f['layer_bytes_measured'])}, so a small model's "
-                     f"fixed per-layer costs are scaled up with them", highlight=False, soft_wrap=True)
+    if flash["shown"]:
+        ui.console.print(f"* Flash est. is an estimate, not a measurement: full Flash's decode tok/s ({flash['layers']} "
+                         f"layers, {format_bytes(flash['layer_bytes_flash'])} of layer weights per token) if each of "
+                         f"its layers took this file's measured time per byte ({flash['scale']:.1f}× this file's "
+                         f"{format_bytes(flash['layer_bytes_measured'])})", highlight=False, soft_wrap=True)
+    else:
+        ui.console.print(f"no Flash estimate: it scales this file's time per layer to Flash's {flash['layers']} layers, "
+                         f"which needs Flash-shaped layers ({flash['why_not']})", highlight=False, soft_wrap=True)
     if noisy:
         ui.console.print(f"~ noisy: per-token times vary by more than {bench.NOISY_SPREAD_PCT:.0f} % (interquartile "
                          f"range) for {', '.join(noisy)}: something else is using the CPU; rerun on an idle machine",

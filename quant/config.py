@@ -92,7 +92,8 @@ class ModelArgs:
         kw = {f: _checked(f, cfg[f]) for f in cls.__dataclass_fields__ if f in cfg and f != "compress_ratios"}
         n = kw.get("num_hidden_layers", cls.num_hidden_layers)
         ratios = cfg.get("compress_ratios") or []
-        if not isinstance(ratios, (list, tuple)) or not all(_is_int(r) and (r == 0 or 4 <= r <= _MAX_U32) for r in ratios):
+        valid = isinstance(ratios, (list, tuple)) and all(_is_int(r) and (r == 0 or 4 <= r <= _MAX_U32) for r in ratios)
+        if not valid:
             raise CheckpointError(f"config.json: compress_ratios must be a list of ratios (0 = window only, 4 = CSA, "
                                   f">4 = HCA), is {_show(ratios)}", hint=_HINT_CONFIG)
         if len(ratios) < n:
@@ -285,7 +286,8 @@ def read_config(path: Path) -> dict:
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: config.json not found", hint="is this a model folder? try v4 pull flash") from None
+        raise CheckpointError(f"{path}: config.json not found",
+                              hint="is this a model folder? try v4 pull flash") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})", hint=_HINT_CONFIG) from None
     except OSError as e:

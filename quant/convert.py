@@ -430,8 +430,9 @@ def disk_full_is_an_error(out: Path) -> Iterator[None]:
         yield
     except OSError as e:
         if e.errno in NO_SPACE:
-            raise DiskSpaceError(f"{out.parent} filled up while writing {out.name} ({os.strerror(e.errno)}); the unfinished "
-                                 "output was removed", hint="free space or pass -o on another disk") from None
+            why = os.strerror(e.errno)
+            raise DiskSpaceError(f"{out.parent} filled up while writing {out.name} ({why}); the unfinished output "
+                                 "was removed", hint="free space or pass -o on another disk") from None
         raise
 
 

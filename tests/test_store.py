@@ -227,6 +227,23 @@ def test_cli_ls(home):
     ]
 
 
+def test_cli_ls_shows_unfinished_quantize_outputs(home):
+    """A killed `v4 quantize` leaves a hidden file as large as the model: `v4 ls` must not hide it."""
+    from v4cli.partials import partial_path
+
+    store = Store()
+    store.gguf_dir.mkdir(parents=True)
+    store.gguf_path("flash", "q8").write_bytes(b"GGUF" + b"\0" * 96)
+    part = partial_path(store.gguf_path("flash", "q4k"))
+    part.write_bytes(b"\0" * 3_000_000)
+    res = CliRunner().invoke(app, ["ls"])
+    assert res.exit_code == 0
+    assert res.stdout.splitlines()[1:] == [
+        f"flash-q8.gguf{' ' * (len(part.name) - 13)}  100 B    gguf        {store.gguf_path('flash', 'q8')}",
+        f"{part.name}  3.00 MB  unfinished  {part}",
+    ]
+
+
 def test_cli_rm(home, capsys):
     store = Store()
     put_model(store, "flash", "deepseek-ai/DeepSeek-V4-Flash", FLASH_REV, {"config.json": b"{}"})

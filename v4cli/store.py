@@ -8,6 +8,7 @@ Layout under the root (`$V4_HOME`, else `$XDG_CACHE_HOME/v4`, else `~/.cache/v4`
     models/<folder>/.v4-partial/     while a pull is in progress: plan + resumable `<hash>.part` files
     models/.locks/<folder>.lock      one pull or removal of a model at a time
     gguf/<name>-<recipe>.gguf        outputs of `v4 quantize`
+    gguf/.<file>.<pid>@<host>.partial  an output while it is written (see v4cli/partials.py)
     demo/tiny-<recipe>.gguf          `v4 demo`'s tiny random-weight model (kind "demo"), beside its checkpoint
 
 `<folder>` is the registry name (`flash`) or `hf--OWNER--REPO` for `hf:OWNER/REPO`.
@@ -27,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from v4cli.errors import BadInput, DownloadError, NotFoundError
+from v4cli.partials import find_partials
 from v4cli.registry import (CHECKPOINT_PATTERNS, HubSpec, LocalSpec, describe_model, gguf_models, is_gguf,
                              resolve_name)
 
@@ -377,7 +379,7 @@ class Store:
         return folder, wanted
 
     def list(self) -> list[StoreEntry]:
-        """Every model folder (complete or not) and every GGUF output, sorted by name."""
+        """Every model folder (complete or not), every GGUF output, and unfinished quantize outputs."""
         out: list[StoreEntry] = []
         if self.models_dir.is_dir():
             for d in sorted(self.models_dir.iterdir()):
@@ -401,6 +403,10 @@ class Store:
             if folder.is_dir():
                 for p in sorted(folder.glob("*.gguf")):
                     out.append(StoreEntry(p.name, kind, p, p.stat().st_size, True, files=1))
+        # hidden `.NAME.PID@HOST.partial` files of quantize runs still writing or killed (`v4 quantize` removes
+        # those whose writer died on this machine): listed so that a 150 GB leftover is never invisible
+        for part in find_partials(self.gguf_dir):
+            out.append(StoreEntry(part.path.name, "unfinished", part.path, part.size, False, files=1))
         return out
 
     def file_entry(self, name: str) -> StoreEntry | None:

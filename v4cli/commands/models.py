@@ -54,7 +54,7 @@ def pull_cmd(
 
 
 def _source(e: StoreEntry) -> str:
-    if e.kind in ("gguf", "demo"):
+    if e.kind in ("gguf", "demo", "unfinished"):
         return str(e.path)
     return f"{e.repo_id}@{e.revision[:7]}" if e.repo_id and e.revision else "-"
 
@@ -68,7 +68,7 @@ def ls_cmd() -> None:
         return
     rows = [("NAME", "SIZE", "STATUS", "SOURCE")]
     for e in entries:
-        status = e.kind if e.kind in ("gguf", "demo") else ("partial" if not e.complete else
+        status = e.kind if e.kind in ("gguf", "demo", "unfinished") else ("partial" if not e.complete else
                                                   "complete, unverified" if e.unverified else "complete")
         rows.append((e.name, format_bytes(e.size), status, _source(e)))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]

@@ -86,6 +86,9 @@ def remove_stale(folder: Path) -> list[Partial]:
     gone = []
     for p in find_partials(folder):
         if p.stale:
-            p.path.unlink(missing_ok=True)
+            try:
+                p.path.unlink(missing_ok=True)
+            except PermissionError:  # another user's, in a shared folder: not ours to delete; `v4 ls` still shows it
+                continue
             gone.append(p)
     return gone

@@ -130,7 +130,7 @@ def render(result: dict) -> None:
     bw, w = result["bandwidth"], result["weights"]
     read = f", {bw['read_gbs']:.1f} GB/s read" if "read_gbs" in bw else ""  # results saved before it was measured
     triads = [s["triad_gbs"] for s in bw.get("samples", [])]
-    spread = f" (median of {len(triads)}: triad {min(triads):.1f}-{max(triads):.1f})" if len(triads) > 1 else ""
+    spread = f" (best of {len(triads)}: triad {min(triads):.1f}-{max(triads):.1f})" if len(triads) > 1 else ""
     ui.console.print(f"[bold]{result['model']}[/]  threads {result['threads']}  "
                      f"bandwidth {bw['triad_gbs']:.1f} GB/s triad, {bw['copy_gbs']:.1f} GB/s copy{read}{spread}  "
                      f"weights/token {format_bytes(w['bytes_per_token'])} "
@@ -181,10 +181,12 @@ def render(result: dict) -> None:
                          f"{format_bytes(flash['layer_bytes_measured'])})", highlight=False, soft_wrap=True)
     else:
         ui.console.print(f"no Flash estimate: it scales this file's time per layer to Flash's {flash['layers']} layers, "
-                         f"which needs Flash-shaped layers ({flash['why_not']})", highlight=False, soft_wrap=True)
+                         f"which needs Flash-shaped layers ({', '.join(flash['why_not'].split('; ')[:2])}, …)",
+                         highlight=False, soft_wrap=True)
     if noisy:
         ui.console.print(f"~ noisy: per-token times vary by more than {bench.NOISY_SPREAD_PCT:.0f} % (interquartile "
-                         f"range) for {', '.join(noisy)}: something else is using the CPU; rerun on an idle machine",
+                         f"range) for {', '.join(noisy)}: something else is using the CPU; rerun on an idle machine, or "
+                         f"with --threads 1 (with every core in use, one busy core stalls them all)",
                          highlight=False, soft_wrap=True)
     for e, info in result["engines"].items():
         gpu = f", GPU peak {format_bytes(info['gpu_peak_bytes'])}" if info.get("gpu_peak_bytes") else ""

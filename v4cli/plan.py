@@ -663,14 +663,6 @@ def plan_for(model: str, machine: Machine, ctx: int | None = None, kv_format: st
 
 def _read_config(folder: Path) -> dict:
     """config.json of a checkpoint folder, validated as a DeepSeek-V4 config (CheckpointError / UnsupportedModel)."""
-    import json
+    from quant.config import read_config
 
-    from v4cli.errors import CheckpointError
-
-    path = Path(folder) / "config.json"
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
-    ModelArgs.from_config(cfg)
-    return cfg
+    return read_config(Path(folder) / "config.json")

@@ -82,6 +82,7 @@ class Result:
     raw: str
     ttft_s: float = 0.0
     decode_tps: float = 0.0
+    stop_sequence: str | None = None  # the stop string that ended it (Anthropic reports it); None at end of turn
 
 
 Event = ReasoningDelta | ContentDelta | ToolCallEvent | ParseError | TokenLogprobs | Result

@@ -120,13 +120,25 @@ class _Display:
         self.progress.__exit__(*exc)
 
 
+def _print_table(table) -> None:
+    """A table on stdout; into a pipe or file at its full width (80 columns would cut the numbers to "420.…")."""
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    out = ui.console
+    if not out.is_terminal:  # Console.print never goes wider than its console: a wider one, same stream
+        need = Measurement.get(out, out.options.update_width(1000), table).maximum
+        out = Console(width=max(need, out.width), file=out.file, no_color=out.no_color)
+    out.print(table)
+
+
 def render(result: dict) -> None:
     """The result dict as Rich tables, with the notes that say how to read them."""
     from rich.table import Table
 
     from v4cli.store import format_bytes
 
-    engines = list(result["engines"])
+    engines = [e for e in result["spec"]["engines"] if e in result["engines"]]  # JSON may have sorted the keys
     bw, w = result["bandwidth"], result["weights"]
     read = f", {bw['read_gbs']:.1f} GB/s read" if "read_gbs" in bw else ""  # results saved before it was measured
     triads = [s["triad_gbs"] for s in bw.get("samples", [])]
@@ -134,7 +146,7 @@ def render(result: dict) -> None:
     ui.console.print(f"[bold]{result['model']}[/]  threads {result['threads']}  "
                      f"bandwidth {bw['triad_gbs']:.1f} GB/s triad, {bw['copy_gbs']:.1f} GB/s copy{read}{spread}  "
                      f"weights/token {format_bytes(w['bytes_per_token'])} "
-                     f"(experts {format_bytes(w['experts_active'])})")
+                     f"(experts {format_bytes(w['experts_active'])})", soft_wrap=True)
     t = Table(title="prefill (median of the passes)")
     t.add_column("tokens", justify="right")
     for e in engines:
@@ -147,7 +159,7 @@ def render(result: dict) -> None:
         for e in engines:
             cells += [_fmt(row[e]["tps"]), _fmt(row[e]["ttft_s"])]
         t.add_row(*cells, *([_fmt(row["ratio"])] if len(engines) > 1 else []))
-    ui.console.print(t)
+    _print_table(t)
     t = Table(title="decode (1 ÷ median per-token time; ÷ ctx 0 = this row ÷ the context-0 row)")
     t.add_column("context", justify="right")
     t.add_column("bytes/tok", justify="right")
@@ -173,22 +185,24 @@ def render(result: dict) -> None:
             if flash["shown"]:
                 cells.append(_fmt(row["flash"][e]["tps"]))
         t.add_row(*cells, *([_fmt(row["ratio"])] if len(engines) > 1 else []))
-    ui.console.print(t)
+    _print_table(t)
+    say = lambda line: ui.console.print(line, highlight=False, soft_wrap=True)  # noqa: E731 - notes: one line each
+    n = flash["layers"]
+    ours, theirs = format_bytes(flash["layer_bytes_measured"]), format_bytes(flash["layer_bytes_flash"])
     if flash["shown"]:
-        ui.console.print(f"* Flash est. is an estimate, not a measurement: full Flash's decode tok/s ({flash['layers']} "
-                         f"layers, {format_bytes(flash['layer_bytes_flash'])} of layer weights per token) if each of "
-                         f"its layers took this file's measured time per byte ({flash['scale']:.1f}× this file's "
-                         f"{format_bytes(flash['layer_bytes_measured'])})", highlight=False, soft_wrap=True)
+        say(f"* Flash est. is an estimate, not a measurement: full Flash's decode tok/s ({n} layers, {theirs} of layer "
+            f"weights per token) if each of its layers took this file's measured time per byte ({ours} of layers, "
+            f"{flash['scale']:.1f}× less)")
     else:
-        ui.console.print(f"no Flash estimate: it scales this file's time per layer to Flash's {flash['layers']} layers, "
-                         f"which needs Flash-shaped layers ({', '.join(flash['why_not'].split('; ')[:2])}, …)",
-                         highlight=False, soft_wrap=True)
+        differ = ", ".join(flash["why_not"].split("; ")[:2])
+        say(f"no Flash estimate: it scales this file's time per layer to Flash's {n} layers, which needs Flash-shaped "
+            f"layers ({differ}, …)")
     if noisy:
-        ui.console.print(f"~ noisy: per-token times vary by more than {bench.NOISY_SPREAD_PCT:.0f} % (interquartile "
-                         f"range) for {', '.join(noisy)}: something else is using the CPU; rerun on an idle machine, or "
-                         f"with --threads 1 (with every core in use, one busy core stalls them all)",
-                         highlight=False, soft_wrap=True)
-    for e, info in result["engines"].items():
+        say(f"~ noisy: per-token times vary by more than {bench.NOISY_SPREAD_PCT:.0f} % (interquartile range) for "
+            f"{', '.join(noisy)}: something else is using the CPU; rerun on an idle machine, or with --threads 1 "
+            f"(with every core in use, one busy core stalls them all)")
+    for e in engines:
+        info = result["engines"][e]
         gpu = f", GPU peak {format_bytes(info['gpu_peak_bytes'])}" if info.get("gpu_peak_bytes") else ""
         passes = info.get("passes", result["spec"]["repeats"])
         ui.console.print(f"{e:6s} peak RSS {format_bytes(info['peak_rss_bytes'])}, load {info['load_s']:.2f} s, "

@@ -627,7 +627,7 @@ def plot(result: dict, out: Path) -> None:
 
     from v4cli.store import atomic_open
 
-    engines = list(result["engines"])
+    engines = [e for e in result["spec"]["engines"] if e in result["engines"]]  # a JSON round trip sorts the keys
     fig, (pre, dec) = plt.subplots(1, 2, figsize=(10, 4))
     width = 0.8 / max(len(engines), 1)
     for i, e in enumerate(engines):
@@ -643,7 +643,7 @@ def plot(result: dict, out: Path) -> None:
     dec.plot(ctx, [row["roofline_tps"] for row in result["decode"]], "k--", label="memory-bandwidth bound")
     for e in engines:
         dec.plot(ctx, [row[e]["tps"] for row in result["decode"]], "o-", label=e)
-    dec.set_yscale("log")
+    dec.set_ylim(bottom=0)
     dec.set_xlabel("context (tokens)")
     dec.set_ylabel("decode tok/s (median per-token time)")
     dec.set_title("decode")

@@ -10,7 +10,7 @@ import os
 import resource
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
@@ -18,10 +18,13 @@ from v4cli.engine import cuda_graphs
 from v4cli.engine.detok import Detokenizer, StopMatcher, tokenizer_from_metadata
 from v4cli.engine.loader import load_model, load_mtp
 from v4cli.engine.records import DoneRecord, Memory, Timings, TokenRecord
-from v4cli.engine.sampling import Sampler, SamplingParams
+from v4cli.engine.sampling import Sampler, SamplingParams, token_logprobs
 from v4cli.errors import BadInput
 from v4cli.model.cache import KV_FORMATS, ModelCache
 from v4cli.model.deepseek4 import MTP, DeepseekV4
+
+if TYPE_CHECKING:
+    from v4cli.engine.grammar import TokenConstraint
 
 DEFAULT_CHUNK = 256
 
@@ -123,11 +126,15 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, prompt_ids, sampling: SamplingParams = SamplingParams(), cache: ModelCache | None = None,
-                 chunk: int = DEFAULT_CHUNK) -> Iterator[TokenRecord | DoneRecord]:
+                 chunk: int = DEFAULT_CHUNK, constraint: "TokenConstraint | None" = None,
+                 logprobs: int | None = None) -> Iterator[TokenRecord | DoneRecord]:
         """Prefill the prompt (into `cache`, which may already hold a prefix), then sample up to max_tokens.
 
         Yields a TokenRecord per token and one DoneRecord at the end. The cache is left holding
         prompt + generated tokens (except the final sampled token, which was never fed back).
+        `constraint` (v4cli/engine/grammar.py): only tokens its grammar allows are sampled, and generation ends
+        ("stop") as soon as the grammar is complete. `logprobs` N: each record carries the token's logprob and the
+        N most likely alternatives (nothing is computed when None).
         """
         t0 = time.perf_counter()
         cache = cache if cache is not None else self.new_cache()
@@ -136,12 +143,15 @@ class Engine:
         sampler = Sampler(sampling, self.device)
         detok = Detokenizer(self.tokenizer, prompt.tolist()) if self.tokenizer is not None else None
         stopper = StopMatcher(sampling.stop)
-        reason = "length"
+        if constraint is not None:
+            constraint.start(sampling.max_tokens)
+        reason, cut = "length", False  # cut: a stop string ended the text (whatever is held back is dropped)
         logits = self.prefill(prompt, cache, chunk) if sampling.max_tokens else None
         timings.prefill_s = time.perf_counter() - t0
         t_dec = t0
         for n in range(sampling.max_tokens):
-            tok_t = sampler(logits)
+            allowed = constraint.mask().to(self.device, non_blocking=True) if constraint is not None else None
+            tok_t = sampler(logits, allowed)
             tok = int(tok_t)  # the one host sync per token
             if n == 0:
                 t_dec = time.perf_counter()
@@ -150,17 +160,21 @@ class Engine:
             if sampling.stop_on_eos and tok == self.args.eos_token_id:
                 reason = "eos"
                 break
+            if constraint is not None:
+                constraint.advance(tok)
             text = detok.add(tok) if detok else ""
-            text, stopped = stopper.push(text)
-            yield TokenRecord(tok, text)
-            if stopped:
+            text, cut = stopper.push(text)
+            lp, top = token_logprobs(logits, tok, logprobs) if logprobs is not None else (None, ())
+            yield TokenRecord(tok, text, logprob=lp, top=top)
+            if cut or (constraint is not None and constraint.done):
+                # a complete grammar allows nothing but EOS: end here rather than spend a forward pass on it
                 reason = "stop"
                 break
             if n + 1 < sampling.max_tokens:
                 logits = self.model.forward(tok_t.view(1), cache, last_only=True)[-1]
         timings.decode_s = time.perf_counter() - t_dec if timings.decode_tokens else 0.0
         tail = ""
-        if reason != "stop":
+        if not cut:
             tail, _ = stopper.push(detok.flush() if detok else "")
             tail += stopper.flush()
         yield DoneRecord(reason, tail, timings, Memory(peak_rss_bytes(), cache.nbytes()))

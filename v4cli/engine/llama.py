@@ -27,7 +27,7 @@ from quant import names as N
 from v4cli.engine.detok import Detokenizer, StopMatcher, tokenizer_from_metadata
 from v4cli.engine.generate import DEFAULT_CHUNK, peak_rss_bytes
 from v4cli.engine.records import DoneRecord, Memory, Timings, TokenRecord
-from v4cli.engine.sampling import Sampler, SamplingParams
+from v4cli.engine.sampling import Sampler, SamplingParams, token_logprobs
 from v4cli.errors import BadInput, GGUFError, NotFoundError, V4Error
 from v4cli.gguf_file import GGUFModel, open_gguf
 
@@ -333,8 +333,10 @@ class LlamaEngine:
         return torch.cat(list(self.iter_logits(ids, chunk)))
 
     def generate(self, prompt_ids, sampling: SamplingParams = SamplingParams(), cache: LlamaCache | None = None,
-                 chunk: int = DEFAULT_CHUNK) -> Iterator[TokenRecord | DoneRecord]:
-        """Prefill the prompt, then sample up to max_tokens: the same records and timings as `Engine.generate`."""
+                 chunk: int = DEFAULT_CHUNK, constraint=None, logprobs: int | None = None
+                 ) -> Iterator[TokenRecord | DoneRecord]:
+        """Prefill the prompt, then sample up to max_tokens: the same records, timings, `constraint` and `logprobs`
+        as `Engine.generate` (the grammar mask and logprobs work on llama.cpp's logits the same way)."""
         t0 = time.perf_counter()
         cache = cache if cache is not None else self.new_cache()
         prompt = self._ids(prompt_ids)
@@ -342,7 +344,9 @@ class LlamaEngine:
         sampler = Sampler(sampling)
         detok = Detokenizer(self.tokenizer, prompt)
         stopper = StopMatcher(sampling.stop)
-        reason = "length"
+        if constraint is not None:
+            constraint.start(sampling.max_tokens)
+        reason, cut = "length", False
         if sampling.max_tokens:
             # room for the prompt and every token fed back, checked before any work is done
             self._activate(cache, cache.pos + len(prompt) + sampling.max_tokens - 1)
@@ -350,7 +354,7 @@ class LlamaEngine:
         timings.prefill_s = time.perf_counter() - t0
         t_dec = t0
         for n in range(sampling.max_tokens):
-            tok = int(sampler(logits))
+            tok = int(sampler(logits, constraint.mask() if constraint is not None else None))
             if n == 0:
                 t_dec = time.perf_counter()
                 timings.ttft_s = t_dec - t0
@@ -358,9 +362,12 @@ class LlamaEngine:
             if sampling.stop_on_eos and tok == self.args.eos_token_id:
                 reason = "eos"
                 break
-            text, stopped = stopper.push(detok.add(tok))
-            yield TokenRecord(tok, text)
-            if stopped:
+            if constraint is not None:
+                constraint.advance(tok)
+            text, cut = stopper.push(detok.add(tok))
+            lp, top = token_logprobs(logits, tok, logprobs) if logprobs is not None else (None, ())
+            yield TokenRecord(tok, text, logprob=lp, top=top)
+            if cut or (constraint is not None and constraint.done):
                 reason = "stop"
                 break
             if n + 1 < sampling.max_tokens:
@@ -368,7 +375,7 @@ class LlamaEngine:
                 logits = self._decode(cache, [tok], all_logits=False)[-1]
         timings.decode_s = time.perf_counter() - t_dec if timings.decode_tokens else 0.0
         tail = ""
-        if reason != "stop":
+        if not cut:
             tail, _ = stopper.push(detok.flush())
             tail += stopper.flush()
         yield DoneRecord(reason, tail, timings, Memory(peak_rss_bytes(), cache.nbytes()))

@@ -12,6 +12,11 @@ class TokenRecord:
     token: int
     text: str
     channel: str | None = None  # set by the chat layer's parser (reasoning / content / tool call)
+    # with `logprobs` asked for: the token's log-probability under the raw model distribution (log-softmax of the
+    # logits, before temperature, filters and any grammar mask: OpenAI's convention), and the N most likely
+    # (token id, logprob) under that same distribution, most likely first
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Token sampling: temperature, top-k, top-p, min-p, reproducible through a seeded torch.Generator."""
+"""Token sampling: temperature, top-k, top-p, min-p, reproducible through a seeded torch.Generator; an optional
+allowed-token mask (constrained decoding) and the sampled token's log-probabilities."""
 
 from __future__ import annotations
 
@@ -59,7 +60,32 @@ class Sampler:
             probs = probs.scatter(0, si, sp.masked_fill(drop, 0.0))
         return probs / probs.sum()
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """`allowed`: a bool mask over the vocabulary (a grammar's next-token set). Disallowed logits become -inf
+        before temperature and the filters, so top-p/min-p renormalize over allowed tokens only. A mask shorter
+        than the logits (the tokenizer knows fewer ids than the model's padded vocabulary) disallows the rest."""
+        if allowed is not None:
+            logits = _masked(logits, allowed)
         if self.p.temperature == 0:
             return torch.argmax(logits)
         return torch.multinomial(self.filtered_probs(logits), 1, generator=self.gen)[0]
+
+
+def _masked(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    V = logits.shape[-1]
+    keep = allowed[:V]
+    if keep.shape[-1] < V:
+        keep = torch.cat([keep, keep.new_zeros(V - keep.shape[-1])])
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """The sampled token's log-probability and the `top` most likely (id, logprob), under the raw model
+    distribution (log-softmax of the unmasked logits: what OpenAI's `logprobs` report). Costs one host sync."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    if top > 0:
+        vals, ids = torch.topk(lp, min(top, lp.shape[-1]))
+        pairs = tuple(zip(ids.tolist(), vals.tolist()))
+    else:
+        pairs = ()
+    return float(lp[token]), pairs

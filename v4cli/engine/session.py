@@ -10,13 +10,16 @@ across processes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
 
 from v4cli.engine.generate import DEFAULT_CHUNK, Engine
 from v4cli.engine.records import DoneRecord, TokenRecord
 from v4cli.engine.sampling import SamplingParams
 from v4cli.errors import BadInput
 from v4cli.model.cache import ModelCache
+
+if TYPE_CHECKING:
+    from v4cli.engine.grammar import TokenConstraint
 
 Progress = Callable[[int, int], None]  # (tokens prefilled so far, tokens to prefill)
 
@@ -123,11 +126,12 @@ class Session:
     # --- the one entry point ----------------------------------------------------------------------------------
 
     def generate(self, prompt: Sequence[int], sampling: SamplingParams = SamplingParams(),
-                 marks: Sequence[int] = (), progress: Progress | None = None
+                 marks: Sequence[int] = (), progress: Progress | None = None,
+                 constraint: "TokenConstraint | None" = None, logprobs: int | None = None
                  ) -> Iterator[TokenRecord | DoneRecord]:
         """Reuse the longest held prefix of `prompt`, prefill the rest (snapshotting at each mark: a token count
-        later prompts will share; with `save_every`, also checkpointing to the store), then sample. Same records
-        as `Engine.generate`."""
+        later prompts will share; with `save_every`, also checkpointing to the store), then sample. Same records,
+        `constraint` and `logprobs` as `Engine.generate`."""
         prompt = list(prompt)
         if not prompt:
             raise BadInput("nothing to prefill: the prompt is empty")
@@ -157,11 +161,12 @@ class Session:
         except BaseException:
             self.reset()  # interrupted mid-forward: the cache may be half-updated
             raise
-        yield from self._sample(rest, sampling, progress, todo)
+        yield from self._sample(rest, sampling, progress, todo, constraint, logprobs)
 
-    def _sample(self, rest: list[int], sampling: SamplingParams, progress: Progress | None, todo: int
-                ) -> Iterator[TokenRecord | DoneRecord]:
-        gen = self.engine.generate(rest, sampling, cache=self.cache, chunk=self.chunk)
+    def _sample(self, rest: list[int], sampling: SamplingParams, progress: Progress | None, todo: int,
+                constraint: "TokenConstraint | None", logprobs: int | None) -> Iterator[TokenRecord | DoneRecord]:
+        gen = self.engine.generate(rest, sampling, cache=self.cache, chunk=self.chunk, constraint=constraint,
+                                   logprobs=logprobs)
         emitted: list[int] = []
         at_yield = False
         try:

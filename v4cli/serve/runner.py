@@ -1,0 +1,271 @@
+"""The one engine behind `v4 serve`: requests become prompt ids, run one at a time, and stream back as events.
+
+The engine is not reentrant and holds one live cache, so generations are serialized: an asyncio lock (FIFO) admits
+one request at a time, and a single worker thread runs the blocking torch/llama.cpp loop. The lock is released by
+the worker's completion, not by the HTTP side, so a client that vanishes mid-answer can never let a second
+generation start while the first is still using the engine. Cancellation is a flag the worker checks at every
+token (and between prefill chunks), set when the client disconnects or the server shuts down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from v4cli.errors import BadInput, NotFoundError, V4Error
+from v4cli.prompt.encoding import Assistant, Message, render, stable_prefix
+from v4cli.prompt.parser import End, StreamParser
+from v4cli.serve.core import ChatRequest, Event, Result, TokenLogprobs, Usage
+
+DEFAULT_MAX_TOKENS = 32_768  # the per-request cap unless `v4 serve --max-tokens` says otherwise
+
+
+class Busy(V4Error):
+    """The queue is full: the request is refused at once rather than waiting without bound."""
+
+
+class _Cancelled(Exception):
+    """Raised inside the worker (from the prefill progress callback) to stop a prefill between chunks."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """A checked request: its prompt ids, the snapshot mark, and sampling with max_tokens fitted to the context."""
+
+    req: ChatRequest
+    messages: list[Message]
+    ids: list[int]
+    mark: int
+    sampling: Any
+
+
+class Runner:
+    """One loaded engine + Session; `events` runs a request when its turn comes and streams its events."""
+
+    def __init__(self, engine, session, ctx: int, model_name: str, *, aliases: tuple[str, ...] = (),
+                 max_tokens: int = DEFAULT_MAX_TOKENS, max_queue: int = 64):
+        from v4cli.chat.conversation import PromptEncoder
+
+        self.engine, self.session, self.ctx, self.model_name = engine, session, ctx, model_name
+        self.names = {model_name, Path(model_name).stem, *aliases}
+        self.max_tokens, self.max_queue = max_tokens, max_queue
+        self.tokenizer = engine.tokenizer
+        self.encoder = PromptEncoder(engine.tokenizer)
+        self.history = _history()
+        self.waiting = 0  # requests queued behind the running one
+        self.busy = False
+        self.served = 0
+        self.cancelled = 0
+        self._lock: asyncio.Lock | None = None  # made in the serving loop (a lock binds to its loop)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="v4-engine")
+        self._stopping = threading.Event()
+
+    @classmethod
+    def load(cls, model: str | None, *, engine: str = "torch", kv_format: str = "bf16", device: str = "cpu",
+             threads: int | None = None, chunk: int | None = None, ctx: int | str | None = None,
+             cache_size: str = "0", **kwargs) -> Runner:
+        """Load the model the way `v4 chat` does: same resolver, fit check, engine and disk prefix cache."""
+        from v4cli.chat.answer import load_engine, open_session, plan_context, resolve_model
+        from v4cli.engine.generate import DEFAULT_CHUNK
+
+        path = resolve_model(model)
+        n_ctx = plan_context(path, ctx, kv_format)
+        eng = load_engine(path, engine, kv_format, device, threads, n_ctx)
+        session = open_session(eng, chunk or DEFAULT_CHUNK, cache_size)
+        return cls(eng, session, n_ctx, path.name, **kwargs)
+
+    # -- prompts ---------------------------------------------------------------------------------------------
+
+    def check_model(self, name: str | None) -> None:
+        """NotFoundError unless `name` is empty or one of the names this server answers to."""
+        if name and name not in self.names:
+            raise NotFoundError(f"model {name!r} is not served here; this server runs {self.model_name!r}")
+
+    def messages(self, req: ChatRequest) -> list[Message]:
+        """The messages to render: earlier turns this server generated swapped for their exact sampled form."""
+        if self.history is None:
+            return list(req.messages)
+        return self.history.prepare(req.messages, req.mode, req.tools)
+
+    def prompt_ids(self, req: ChatRequest) -> list[int]:
+        """The token ids the model is fed for `req` (BadInput when the messages cannot form a prompt)."""
+        return self.encoder.encode(render(self.messages(req), req.mode, req.tools or None))
+
+    def count_tokens(self, req: ChatRequest) -> int:
+        return len(self.prompt_ids(req))
+
+    def prepare(self, req: ChatRequest) -> Job:
+        """Check `req` against the model and the context: NotFoundError for another model's name, BadInput for a
+        prompt that does not fit (naming the numbers). max_tokens is capped by the server and by the room left."""
+        self.check_model(req.model)
+        messages = self.messages(req)
+        tools = req.tools or None
+        ids = self.encoder.encode(render(messages, req.mode, tools))
+        room = self.ctx - len(ids)
+        if room <= 0:
+            raise BadInput(f"the prompt is {len(ids):,} tokens and the context is {self.ctx:,}: "
+                           f"{len(ids) - self.ctx + 1:,} over, with no room for an answer",
+                           hint="shorten the conversation or restart v4 serve with a larger --ctx")
+        sampling = replace(req.sampling, max_tokens=max(1, min(req.sampling.max_tokens, self.max_tokens, room)))
+        # Snapshot where every later prompt of this conversation agrees with this one (see Chat.turn)
+        stable = len(self.encoder.encode(stable_prefix(messages, req.mode, tools)))
+        return Job(req, messages, ids, min(stable, len(ids) - 1), sampling)
+
+    # -- running ---------------------------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        """What /health reports."""
+        return {"busy": self.busy, "queued": self.waiting, "served": self.served, "cancelled": self.cancelled}
+
+    async def events(self, req: ChatRequest | Job, is_disconnected: Callable[[], Awaitable[bool]] | None = None
+                     ) -> AsyncIterator[Event]:
+        """Run `req` when the engine is free and yield its events, ending with one `Result`. Call `prepare` first
+        to surface a bad request before any response is sent (a ChatRequest is prepared here). A disconnected
+        client (checked at every event) or a closed iterator cancels the generation at the next token."""
+        job = req if isinstance(req, Job) else self.prepare(req)
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        if self.waiting >= self.max_queue:
+            raise Busy(f"{self.waiting} requests are already waiting for the engine",
+                       hint="retry later; v4 serve runs one request at a time")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+        self.waiting += 1
+        try:
+            await self._lock.acquire()
+        finally:
+            self.waiting -= 1
+        try:
+            self.busy = True
+            fut = loop.run_in_executor(self._pool, self._work, job, cancel,
+                                       lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+        except BaseException:
+            self.busy = False
+            self._lock.release()
+            raise
+
+        def finished(_f) -> None:
+            self.busy = False
+            self._lock.release()
+
+        fut.add_done_callback(finished)  # the engine is free only once the worker has returned
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, Result):
+                    return
+                if is_disconnected is not None and await is_disconnected():
+                    cancel.set()
+        finally:
+            cancel.set()  # a no-op after the Result; otherwise the client went away or the stream failed
+
+    def close(self) -> None:
+        """Stop the running generation at its next token and let the worker thread end."""
+        self._stopping.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _work(self, job: Job, cancel: threading.Event, put: Callable[[Any], None]) -> None:
+        """The worker thread: one generation through the Session, each record turned into events for `put`."""
+        try:
+            put(self._generate(job, cancel, put))
+        except BaseException as e:  # handed to the request's coroutine, which raises it there
+            put(e)
+
+    def _generate(self, job: Job, cancel: threading.Event, put: Callable[[Any], None]) -> Result:
+        from v4cli.engine.records import DoneRecord, TokenRecord
+
+        req = job.req
+        parser = StreamParser(req.mode)
+        stop = lambda: cancel.is_set() or self._stopping.is_set()  # noqa: E731
+
+        def progress(done: int, total: int) -> None:
+            if stop():
+                raise _Cancelled
+
+        def emit(events) -> None:
+            for ev in events:
+                if not isinstance(ev, End):
+                    put(ev)
+
+        kwargs: dict[str, Any] = {}
+        if req.constraint is not None:
+            kwargs["constraint"] = self._compile(req)
+        if req.logprobs is not None:
+            kwargs["logprobs"] = req.logprobs
+        t0 = time.perf_counter()
+        ttft, t_first, reused, n, finish = 0.0, None, 0, 0, "length"
+        raw: list[str] = []
+        gen = self.session.generate(job.ids, job.sampling, marks=[job.mark], progress=progress, **kwargs)
+        try:
+            for rec in gen:
+                if t_first is None:
+                    t_first = time.perf_counter()
+                    ttft, reused = t_first - t0, self.session.reused
+                if isinstance(rec, TokenRecord):
+                    n += 1
+                    raw.append(rec.text)
+                    if req.logprobs is not None and getattr(rec, "logprob", None) is not None:
+                        put(self._logprobs(rec))
+                    emit(parser.feed(rec.text))
+                elif isinstance(rec, DoneRecord):
+                    finish = rec.finish_reason
+                    if finish == "eos":
+                        n += 1  # EOS was sampled, though never yielded as a token
+                    raw.append(rec.text)
+                    emit(parser.feed(rec.text))
+                if stop():
+                    finish = "cancelled"
+                    break
+        except _Cancelled:
+            finish = "cancelled"
+        finally:
+            gen.close()
+        emit(parser.finish())
+        message: Assistant = parser.message()
+        if finish == "cancelled":
+            self.cancelled += 1
+        else:
+            self.served += 1
+        reason = {"eos": "stop", "stop": "stop", "length": "length"}.get(finish, finish)
+        if reason == "stop" and message.tool_calls:
+            reason = "tool_calls"
+        decode_s = time.perf_counter() - t_first if t_first is not None else 0.0
+        result = Result(reason, Usage(len(job.ids), reused, n), message, "".join(raw), ttft_s=ttft,
+                        decode_tps=(n - 1) / decode_s if decode_s > 0 and n > 1 else 0.0)
+        if self.history is not None and reason != "cancelled":
+            self.history.remember(req, result)
+        return result
+
+    def _compile(self, req: ChatRequest):
+        """The token-level constraint for `req` (constrained decoding, v4cli.engine.grammar)."""
+        try:
+            from v4cli.engine.grammar import compile_constraint
+        except ImportError:
+            raise BadInput("constrained decoding (tool_choice required/named, response_format) is not available "
+                           "in this build yet") from None
+        return compile_constraint(req.constraint, req.tools, self.tokenizer, req.mode)
+
+    def _logprobs(self, rec) -> TokenLogprobs:
+        text = lambda i: self.tokenizer.decode([i], skip_special_tokens=False)  # noqa: E731
+        return TokenLogprobs(text(rec.token), float(rec.logprob),
+                             tuple((text(i), float(lp)) for i, lp in getattr(rec, "top", ())))
+
+
+def _history():
+    """The prefix-reuse history (v4cli.serve.history), or None where this build has none yet."""
+    try:
+        from v4cli.serve.history import History
+    except ImportError:
+        return None
+    return History()
+

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from v4cli.errors import BadInput, NotFoundError, V4Error
-from v4cli.prompt.encoding import Assistant, Message, render, stable_prefix
+from v4cli.prompt.encoding import EOS_ID, Assistant, render
 from v4cli.prompt.parser import End, StreamParser
 from v4cli.serve.core import ChatRequest, Event, Result, TokenLogprobs, Usage
 
@@ -39,7 +39,6 @@ class Job:
     """A checked request: its prompt ids, the snapshot mark, and sampling with max_tokens fitted to the context."""
 
     req: ChatRequest
-    messages: list[Message]
     ids: list[int]
     mark: int
     sampling: Any
@@ -87,15 +86,13 @@ class Runner:
         if name and name not in self.names:
             raise NotFoundError(f"model {name!r} is not served here; this server runs {self.model_name!r}")
 
-    def messages(self, req: ChatRequest) -> list[Message]:
-        """The messages to render: earlier turns this server generated swapped for their exact sampled form."""
-        if self.history is None:
-            return list(req.messages)
-        return self.history.prepare(req.messages, req.mode, req.tools)
-
     def prompt_ids(self, req: ChatRequest) -> list[int]:
-        """The token ids the model is fed for `req` (BadInput when the messages cannot form a prompt)."""
-        return self.encoder.encode(render(self.messages(req), req.mode, req.tools or None))
+        """The token ids the model is fed for `req` (BadInput when the messages cannot form a prompt): earlier
+        turns this server generated come back as the exact ids it sampled (history.py), so the cache hits."""
+        tools = req.tools or None
+        if self.history is not None:
+            return self.history.encode(req.messages, req.mode, tools, self.encoder, self.tokenizer)
+        return self.encoder.encode(render(req.messages, req.mode, tools))
 
     def count_tokens(self, req: ChatRequest) -> int:
         return len(self.prompt_ids(req))
@@ -104,18 +101,16 @@ class Runner:
         """Check `req` against the model and the context: NotFoundError for another model's name, BadInput for a
         prompt that does not fit (naming the numbers). max_tokens is capped by the server and by the room left."""
         self.check_model(req.model)
-        messages = self.messages(req)
-        tools = req.tools or None
-        ids = self.encoder.encode(render(messages, req.mode, tools))
+        ids = self.prompt_ids(req)
         room = self.ctx - len(ids)
         if room <= 0:
             raise BadInput(f"the prompt is {len(ids):,} tokens and the context is {self.ctx:,}: "
                            f"{len(ids) - self.ctx + 1:,} over, with no room for an answer",
                            hint="shorten the conversation or restart v4 serve with a larger --ctx")
         sampling = replace(req.sampling, max_tokens=max(1, min(req.sampling.max_tokens, self.max_tokens, room)))
-        # Snapshot where every later prompt of this conversation agrees with this one (see Chat.turn)
-        stable = len(self.encoder.encode(stable_prefix(messages, req.mode, tools)))
-        return Job(req, messages, ids, min(stable, len(ids) - 1), sampling)
+        # Snapshot one token short of the end: every later request of this conversation starts with that much
+        # (in thinking mode without tools the next one renders `</think>` where this one ends in `<think>`)
+        return Job(req, ids, len(ids) - 1, sampling)
 
     # -- running ---------------------------------------------------------------------------------------------
 
@@ -205,6 +200,7 @@ class Runner:
         t0 = time.perf_counter()
         ttft, t_first, reused, n, finish = 0.0, None, 0, 0, "length"
         raw: list[str] = []
+        sampled: list[int] = []
         gen = self.session.generate(job.ids, job.sampling, marks=[job.mark], progress=progress, **kwargs)
         try:
             for rec in gen:
@@ -213,6 +209,7 @@ class Runner:
                     ttft, reused = t_first - t0, self.session.reused
                 if isinstance(rec, TokenRecord):
                     n += 1
+                    sampled.append(rec.token)
                     raw.append(rec.text)
                     if req.logprobs is not None and getattr(rec, "logprob", None) is not None:
                         put(self._logprobs(rec))
@@ -221,6 +218,7 @@ class Runner:
                     finish = rec.finish_reason
                     if finish == "eos":
                         n += 1  # EOS was sampled, though never yielded as a token
+                        sampled.append(EOS_ID)
                     raw.append(rec.text)
                     emit(parser.feed(rec.text))
                 if stop():
@@ -243,7 +241,7 @@ class Runner:
         result = Result(reason, Usage(len(job.ids), reused, n), message, "".join(raw), ttft_s=ttft,
                         decode_tps=(n - 1) / decode_s if decode_s > 0 and n > 1 else 0.0)
         if self.history is not None and reason != "cancelled":
-            self.history.remember(req, result)
+            self.history.remember(req, result, sampled)
         return result
 
     def _compile(self, req: ChatRequest):

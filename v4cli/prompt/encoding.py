@@ -125,11 +125,17 @@ class ToolCall:
 
 @dataclass(frozen=True)
 class Assistant:
-    """An assistant turn; `reasoning` is rendered only where the format keeps it."""
+    """An assistant turn; `reasoning` is rendered only where the format keeps it.
+
+    `exact`, when set, is the answer as the model sampled it (content and tool-call DSML, no EOS) and is rendered
+    in place of `content` + canonical DSML: the model's own DSML may not be canonical (JSON spacing, attribute
+    order), and only its exact text re-renders to the tokens a prefix cache holds (see v4cli/serve/history.py).
+    """
 
     content: str = ""
     reasoning: str | None = None
     tool_calls: tuple[ToolCall, ...] = ()
+    exact: str | None = None
 
 
 @dataclass(frozen=True)
@@ -270,9 +276,12 @@ def render_conversation(
         else:
             if mode.thinking and (keep or i > last_user):
                 out.append((turn.reasoning or "") + THINK_END)
-            out.append(turn.content or "")
-            if turn.tool_calls:
-                out.append(render_tool_calls(turn.tool_calls))
+            if turn.exact is not None:
+                out.append(turn.exact)
+            else:
+                out.append(turn.content or "")
+                if turn.tool_calls:
+                    out.append(render_tool_calls(turn.tool_calls))
             out.append(EOS)
         # A user turn hands over to the assistant when an assistant turn (or the generation) follows.
         nxt = turns[i + 1] if i + 1 < len(turns) else None

@@ -17,6 +17,7 @@ Thinking mode, in this order:
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -31,6 +32,8 @@ from v4cli.prompt.parser import ContentDelta, ReasoningDelta, ToolCallEvent
 from v4cli.serve.app import APIError, Server, api_error, read_json
 from v4cli.serve.core import EFFORT_MODES, ChatRequest, Constraint, Result
 from v4cli.serve.sse import event_stream, frame, with_pings
+
+log = logging.getLogger("v4.serve")
 
 # A thinking budget this large asks for the deepest thinking: Claude Code's "ultrathink" sends 31,999 tokens,
 # "think" and "think hard" 4,000 and 10,000.
@@ -185,8 +188,8 @@ def tools_of(body: Mapping[str, Any]) -> list[dict[str, Any]]:
 def constraint_of(body: Mapping[str, Any], tools: list[dict[str, Any]]) -> tuple[Constraint | None, bool]:
     """(constraint, keep tools) from `tool_choice` and `output_config.format`.
 
-    auto → none; any → a call to some tool; tool → a call to that one; none → the tools are left out of the prompt
-    (nothing else stops this model calling one it was shown)."""
+    auto → none; any → a call to some tool; tool → a call to that one; none → the tools are left out of the
+    prompt (nothing else stops this model calling one it was shown)."""
     choice = body.get("tool_choice")
     kind = choice.get("type") if isinstance(choice, Mapping) else choice
     if kind == "none":
@@ -200,7 +203,8 @@ def constraint_of(body: Mapping[str, Any], tools: list[dict[str, Any]]) -> tuple
         return Constraint("tool", name), True
     if kind not in (None, "auto", "any"):
         raise _bad(f"tool_choice.type must be auto, any, tool or none, got {kind!r}")
-    fmt = (body.get("output_config") or {}).get("format") if isinstance(body.get("output_config"), Mapping) else None
+    config = body.get("output_config")
+    fmt = config.get("format") if isinstance(config, Mapping) else None
     if isinstance(fmt, Mapping) and fmt.get("type") == "json_schema":
         schema = fmt.get("schema")
         return Constraint("json", schema=schema if isinstance(schema, Mapping) else None), True
@@ -374,6 +378,8 @@ async def stream(server: Server, job: Any, req: ChatRequest, request: Request) -
                 yield frame("message_stop", {"type": "message_stop"})
     except Exception as e:  # the status line is sent: the error goes in the stream, in the API's shape
         err = api_error(e)
+        if err.status >= 500:
+            log.exception("error while streaming a message")
         yield frame("error", {"type": "error", "error": {"type": err.kind, "message": err.message}})
 
 

@@ -43,6 +43,12 @@ class DownloadError(V4Error):
     exit_code = 4
 
 
+class RemoteError(V4Error):
+    """A remote OpenAI-compatible server (`--remote`) could not be reached, refused the key or failed a request."""
+
+    exit_code = 4  # DownloadError's: in both a server, not the input, said no
+
+
 class NotFoundError(BadInput):
     """A model name, file or cache entry does not exist."""
 

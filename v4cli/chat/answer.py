@@ -236,6 +236,7 @@ def run_turn(session, prompt: Sequence[int], sampling, reply: Reply, marks: Sequ
                 emit(reply.parser.feed(rec.text))
             elif isinstance(rec, DoneRecord):
                 reply.finish_reason = rec.finish_reason
+                reply.reused_tokens = session.reused  # a remote session learns it only from the final usage
                 if rec.finish_reason == "eos":
                     reply.completion_tokens += 1  # EOS was sampled, though never yielded as a token
                 emit(reply.parser.feed(rec.text))

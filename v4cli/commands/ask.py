@@ -11,9 +11,9 @@ import typer
 from rich.text import Text
 
 from v4cli import ui
-from v4cli.commands.options import MODEL, RunOptions, options
+from v4cli.commands.options import MODEL, RemoteOptions, RunOptions, options
 from v4cli.errors import BadInput, NotFoundError, V4Error
-from v4cli.prompt.encoding import Mode
+from v4cli.prompt.encoding import Mode, System, User
 
 STDIN_ARG = "-"
 
@@ -50,7 +50,7 @@ def _tokenizer_and_ctx(model: str | None, ctx: str | None, kv_format: str, dry_r
     return path, tokenizer, n_ctx
 
 
-@options(run=RunOptions)
+@options(run=RunOptions, remote=RemoteOptions)
 def ask_cmd(
     args: list[str] = typer.Argument(..., metavar="PATH... QUESTION",
                                      help="Files and directories to read (`-` = stdin), then the question."),
@@ -63,6 +63,7 @@ def ask_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON record: answer, reasoning, usage, timings."),
     *,
     run: RunOptions,
+    remote: RemoteOptions,
 ) -> None:
     """Answer QUESTION about PATHs and/or stdin (`cat f | v4 ask "q"`, `v4 ask - src/ "q"`).
 
@@ -78,7 +79,8 @@ def ask_cmd(
         sys.exit(130)
 
 
-def _ask(args, model, include, exclude, max_file_tokens, dry_run, json_out, run: RunOptions) -> None:
+def _ask(args, model, include, exclude, max_file_tokens, dry_run, json_out, run: RunOptions,
+         remote: RemoteOptions) -> None:
     from v4cli.chat.answer import Reply, ask_marks, load_engine, open_session, run_turn, wrap_ids
     from v4cli.chat.conversation import PromptEncoder
     from v4cli.chat.render import StreamView, busy, dry_run_lines, status_line
@@ -99,7 +101,13 @@ def _ask(args, model, include, exclude, max_file_tokens, dry_run, json_out, run:
         raise BadInput("nothing to read", hint='pass files or directories, or pipe text: cat f | v4 ask "question"')
     sampling = run.sampling()
 
-    path, tokenizer, n_ctx = _tokenizer_and_ctx(model, run.ctx, run.kv_format, dry_run)
+    if (server := remote.connect(run.ctx, model)) is not None:
+        from v4cli.ingest import official_tokenizer
+
+        # the remote's context length is the budget; the prompt is counted with V4's own tokenizer
+        path, tokenizer, n_ctx = None, official_tokenizer(), server.ctx
+    else:
+        path, tokenizer, n_ctx = _tokenizer_and_ctx(model, run.ctx, run.kv_format, dry_run)
     if max_tokens >= n_ctx:
         raise BadInput(f"--max-tokens {max_tokens:,} leaves no room for the context in {n_ctx:,} tokens",
                        hint="lower --max-tokens or raise --ctx")
@@ -131,20 +139,28 @@ def _ask(args, model, include, exclude, max_file_tokens, dry_run, json_out, run:
                           f"(it asks for at least {MAX_MIN_CONTEXT:,})", style="dim"), soft_wrap=True)
         if (warning := check_context(mode, n_ctx)) is not None:
             ui.err.print(Text(warning, style="yellow"), soft_wrap=True)
-    with busy(ui.err, f"loading {path.name}"):
-        eng = load_engine(path, run.engine, run.kv_format, run.device, run.threads, n_ctx)
+    if server is not None:
+        from v4cli.engine.remote import RemoteSession
+
+        # the same layout as a local prompt (head + context + tail), sent as the messages it was rendered from
+        messages = ([System(run.system)] if run.system else []) + [User(context.text)]
+        session, name = RemoteSession(server, lambda: (messages, mode)), server.model
+    else:
+        with busy(ui.err, f"loading {path.name}"):
+            eng = load_engine(path, run.engine, run.kv_format, run.device, run.threads, n_ctx)
+        session, name = open_session(eng, run.chunk, run.cache_size), path.name
     ids = head + context.ids + tail
     marks = [m for m in ask_marks(len(head), context.pieces) if m < len(ids)]
     reply = Reply(mode)
     view = StreamView(mode, ui.console, ui.err, run.hide_thinking)
     try:
         with view:  # Ctrl-C propagates: the error boundary exits 130
-            run_turn(open_session(eng, run.chunk, run.cache_size), ids, sampling, reply, marks,
+            run_turn(session, ids, sampling, reply, marks,
                      None if json_out else view.event, view.progress)
     except (RuntimeError, MemoryError) as e:
         raise V4Error(f"generation failed: {e}") from e
     if json_out:
-        sys.stdout.write(json.dumps(reply.to_json(path.name), ensure_ascii=False) + "\n")
+        sys.stdout.write(json.dumps(reply.to_json(name), ensure_ascii=False) + "\n")
     else:
         ui.err.print(Text(status_line(reply), style="dim"), soft_wrap=True)
 

@@ -8,7 +8,7 @@ import typer
 from rich.text import Text
 
 from v4cli import ui
-from v4cli.commands.options import MODEL, MODEL_POSITIONAL, RunOptions, options, pick_model
+from v4cli.commands.options import MODEL, MODEL_POSITIONAL, RemoteOptions, RunOptions, options, pick_model
 from v4cli.errors import V4Error
 from v4cli.prompt.encoding import Mode
 
@@ -24,8 +24,9 @@ def _error(e: V4Error) -> None:
     ui.err.print(Text(ui.error_line(e), style="red"), soft_wrap=True)
 
 
-@options(run=RunOptions)
-def chat_cmd(model_opt: str | None = MODEL, model: str | None = MODEL_POSITIONAL, *, run: RunOptions) -> None:
+@options(run=RunOptions, remote=RemoteOptions)
+def chat_cmd(model_opt: str | None = MODEL, model: str | None = MODEL_POSITIONAL, *, run: RunOptions,
+             remote: RemoteOptions) -> None:
     """Chat with a model. Type /help for commands; Ctrl-C stops an answer, Ctrl-D leaves."""
     from v4cli.chat import slash
     from v4cli.chat.answer import Chat, InterruptLatch, load_engine, open_session, plan_context, resolve_model
@@ -34,16 +35,27 @@ def chat_cmd(model_opt: str | None = MODEL, model: str | None = MODEL_POSITIONAL
     from v4cli.prompt.encoding import check_context
 
     sampling = run.sampling()
-    path = resolve_model(pick_model(model_opt, model))
-    n_ctx = plan_context(path, run.ctx, run.kv_format)
-    with busy(ui.err, f"loading {path.name}"):
-        eng = load_engine(path, run.engine, run.kv_format, run.device, run.threads, n_ctx)
-    chat = Chat(open_session(eng, run.chunk, run.cache_size), PromptEncoder(eng.tokenizer),
-                Conversation(Mode(run.mode), run.system), sampling, n_ctx, path.name)
+    name = pick_model(model_opt, model)
+    if (server := remote.connect(run.ctx, name)) is not None:
+        from v4cli.engine.remote import RemoteSession
+        from v4cli.ingest import official_tokenizer
+
+        # the same turns, /commands and counts as a local chat: only the model runs elsewhere
+        session = RemoteSession(server, lambda: (chat.conversation.messages(), chat.conversation.mode))
+        encoder, n_ctx, model_name = PromptEncoder(official_tokenizer()), server.ctx, server.model
+        label = f"{server.model} at {server.url}"
+    else:
+        path = resolve_model(name)
+        n_ctx = plan_context(path, run.ctx, run.kv_format)
+        with busy(ui.err, f"loading {path.name}"):
+            eng = load_engine(path, run.engine, run.kv_format, run.device, run.threads, n_ctx)
+        session, encoder = open_session(eng, run.chunk, run.cache_size), PromptEncoder(eng.tokenizer)
+        model_name = label = path.name
+    chat = Chat(session, encoder, Conversation(Mode(run.mode), run.system), sampling, n_ctx, model_name)
     interactive = sys.stdin.isatty()
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
-    _say(f"{path.name} · mode {chat.conversation.mode.value} · context {n_ctx:,} tokens · /help for commands")
+    _say(f"{label} · mode {chat.conversation.mode.value} · context {n_ctx:,} tokens · /help for commands")
     if (warning := check_context(run.mode, n_ctx)) is not None:
         _say(warning, style="yellow")
 

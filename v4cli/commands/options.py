@@ -20,6 +20,7 @@ import typer
 
 from v4cli.engine.generate import DEFAULT_CHUNK
 from v4cli.engine.prefix_cache import DEFAULT_CACHE_SIZE
+from v4cli.engine.remote import API_KEY_ENV
 from v4cli.engine.sampling import SamplingParams
 from v4cli.errors import BadInput
 from v4cli.prompt.encoding import Mode
@@ -133,6 +134,36 @@ class RunOptions(LoadOptions):
         """SamplingParams from these flags (it validates them: BadInput on nonsense)."""
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                               seed=self.seed, max_tokens=self.max_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteOptions:
+    """`--remote URL`: `v4 chat` and `v4 ask` run the model on an OpenAI-compatible server (v4cli.engine.remote)
+    instead of loading a GGUF; --ctx then caps the context the server reports."""
+
+    remote: str | None = _flag(typer.Option(
+        None, "--remote", metavar="URL",
+        help="Run on an OpenAI-compatible server (v4 serve, vLLM, SGLang, DeepSeek's API), e.g. http://gpu:8000."))
+    remote_model: str | None = _flag(typer.Option(
+        None, "--remote-model", metavar="NAME", help="Model to ask the remote for (default: the first it lists)."))
+    # OPENAI_API_KEY is not read, so a key meant for OpenAI is never sent to another host
+    api_key: str | None = _flag(typer.Option(
+        None, "--api-key", envvar=API_KEY_ENV, show_envvar=True, show_default=False,
+        help="API key for --remote."))
+
+    def connect(self, ctx: int | None, model: str | None = None):
+        """The Remote to run on (RemoteError if it is down or refuses the key), or None without --remote.
+        `model` is a local model also named (-m), which --remote leaves nothing to do."""
+        if self.remote is None:
+            if self.remote_model is not None:
+                raise BadInput("--remote-model needs --remote URL")
+            return None
+        if model is not None:
+            raise BadInput(f"-m {model} names a local model, and --remote runs the remote's",
+                           hint="drop -m; --remote-model NAME picks among the remote's models")
+        from v4cli.engine.remote import Remote
+
+        return Remote.connect(self.remote, self.remote_model, self.api_key, ctx)
 
 
 def options(**groups: type) -> Callable[[Callable], Callable]:

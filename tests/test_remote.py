@@ -1,0 +1,155 @@
+"""`--remote URL`: `v4 ask` and `v4 chat` against a real `v4 serve` process on the tiny model give the same greedy
+answers as the local engine; the remote's context length is the budget; a server that is down or refuses the key
+is one line and exit code 4. Also the request each server family gets for each thinking mode."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import sys
+
+import pytest
+from serve_util import serve_fixture, served
+
+from v4cli.cli import main
+from v4cli.engine.remote import base_url, thinking_fields, to_openai
+from v4cli.errors import BadInput
+from v4cli.prompt.encoding import Assistant, Mode, System, ToolCall, ToolResult, User
+
+served_tiny = serve_fixture()
+GREEDY = ["--temperature", "0", "--seed", "1", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("V4_HOME", str(tmp_path / "home"))
+    for var in ("V4_MODEL", "V4_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    (tmp_path / "notes.md").write_text("# Notes\n\nThe compressor folds four tokens into one entry.\n")
+    monkeypatch.chdir(tmp_path)
+
+
+def run(argv, capsys, monkeypatch, stdin: str = "") -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))  # piped, not a terminal
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------- units
+
+
+def test_base_url_takes_either_spelling():
+    assert base_url("http://gpu:8000") == base_url("http://gpu:8000/v1/") == "http://gpu:8000/v1"
+    with pytest.raises(BadInput, match="not an http"):
+        base_url("gpu:8000")
+
+
+def test_each_server_family_gets_the_mode_its_way():
+    # v4 serve (and any other OpenAI-style server): reasoning_effort, read back through serve.core.EFFORT_MODES
+    from v4cli.serve.core import EFFORT_MODES
+
+    for mode in Mode:
+        assert EFFORT_MODES[thinking_fields("openai", mode)["reasoning_effort"]] is mode
+    # vLLM / SGLang: the V4 template's kwargs; DeepSeek's API: its thinking switch plus an effort
+    assert thinking_fields("vllm", Mode.NON_THINK) == {"chat_template_kwargs": {"thinking": False}}
+    assert thinking_fields("sglang", Mode.MAX) == {"chat_template_kwargs": {"thinking": True,
+                                                                            "reasoning_effort": "max"}}
+    assert thinking_fields("deepseek", Mode.NON_THINK) == {"thinking": {"type": "disabled"}}
+    assert thinking_fields("deepseek", Mode.HIGH) == {"thinking": {"type": "enabled"}, "reasoning_effort": "high"}
+
+
+def test_typed_messages_become_openai_messages():
+    msgs = [System("s"), User("q"), Assistant("", "why", (ToolCall("search", {"q": "cats", "n": 2}, "c1"),)),
+            ToolResult("found", "c1"), Assistant("a")]
+    assert to_openai(msgs) == [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "", "reasoning_content": "why",
+         "tool_calls": [{"id": "c1", "type": "function",
+                         "function": {"name": "search", "arguments": '{"q": "cats", "n": 2}'}}]},
+        {"role": "tool", "content": "found", "tool_call_id": "c1"},
+        {"role": "assistant", "content": "a"},
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- a real v4 serve
+
+
+@pytest.mark.parametrize("mode", ["non-think", "high"])
+def test_ask_remote_gives_the_local_answer(served_tiny, tiny_gguf, capsys, monkeypatch, mode):
+    common = ["notes.md", "What does the compressor do?", "--mode", mode, "--max-tokens", "8", "--json", *GREEDY]
+    code, out, err = run(["ask", "-m", str(tiny_gguf("q8")), *common], capsys, monkeypatch)
+    assert code == 0, err
+    local = json.loads(out)
+    code, out, err = run(["ask", "--remote", served_tiny.url, *common], capsys, monkeypatch)
+    assert code == 0, err
+    remote = json.loads(out)
+    assert (remote["answer"], remote["reasoning"]) == (local["answer"], local["reasoning"])
+    assert remote["answer"] or remote["reasoning"]  # something was generated to compare
+    assert remote["usage"]["prompt_tokens"] == local["usage"]["prompt_tokens"]
+    assert remote["model"] == "tiny-q8.gguf" and remote["mode"] == mode
+
+
+def test_chat_remote_gives_the_local_answers(served_tiny, tiny_gguf, capsys, monkeypatch):
+    # two turns, so the second request carries the first answer back as an assistant message
+    turns = "What does the compressor do?\nAnd the indexer?\n"
+    common = ["--mode", "non-think", "--max-tokens", "6", *GREEDY]
+    code, local, err = run(["chat", str(tiny_gguf("q8")), *common], capsys, monkeypatch, stdin=turns)
+    assert code == 0, err
+    code, remote, err = run(["chat", "--remote", served_tiny.url, *common], capsys, monkeypatch, stdin=turns)
+    assert code == 0, err
+    assert remote == local and remote.strip()
+    assert f"tiny-q8.gguf at {served_tiny.url}/v1" in err
+
+
+def test_budget_is_the_remotes_context(served_tiny, capsys, monkeypatch):
+    ctx = served_tiny.get("/v1/models")[1]["data"][0]["context_length"]
+    code, out, err = run(["ask", "--remote", served_tiny.url, "notes.md", "q?", "--dry-run", "--json",
+                          "--max-tokens", "100"], capsys, monkeypatch)
+    assert code == 0, err
+    assert json.loads(out)["budget"] == ctx - 100
+    # --ctx caps it
+    code, out, err = run(["ask", "--remote", served_tiny.url, "notes.md", "q?", "--ctx", "120", "--max-tokens",
+                          "100"], capsys, monkeypatch)
+    assert code == 2 and "over the budget of 20" in err
+
+
+def test_remote_down_is_one_line(capsys, monkeypatch):
+    url = f"http://127.0.0.1:{free_port()}"
+    for argv in (["ask", "--remote", url, "notes.md", "q?"], ["chat", "--remote", url]):
+        code, out, err = run(argv, capsys, monkeypatch)
+        assert code == 4 and out == ""
+        assert err.count("\n") == 1 and err.startswith(f"error: cannot reach the remote at {url}/v1")
+
+
+def test_a_refused_key_is_one_line(tiny_gguf, tmp_path, capsys, monkeypatch):
+    ask = ["ask", "notes.md", "q?", "--max-tokens", "2", "--mode", "non-think", *GREEDY]
+    with served(tiny_gguf("q8"), "--api-key", "sekret", home=tmp_path / "serve-home") as srv:
+        code, _, err = run([*ask, "--remote", srv.url, "--api-key", "wrong"], capsys, monkeypatch)
+        assert code == 4 and err.count("\n") == 1
+        assert f"the remote at {srv.url}/v1 rejected the API key (HTTP 401)" in err and "--api-key" in err
+        code, _, err = run([*ask, "--remote", srv.url], capsys, monkeypatch)
+        assert code == 4 and "wants an API key" in err
+        monkeypatch.setenv("V4_API_KEY", "sekret")  # the variable --api-key falls back to
+        code, out, err = run([*ask, "--remote", srv.url], capsys, monkeypatch)
+        assert code == 0, err
+
+
+def test_remote_flags_without_remote(capsys, monkeypatch, tiny_gguf):
+    code, _, err = run(["ask", "--remote-model", "x", "notes.md", "q?"], capsys, monkeypatch)
+    assert code == 2 and "--remote-model needs --remote URL" in err
+    code, _, err = run(["ask", "--remote", "http://127.0.0.1:1", "-m", str(tiny_gguf("q8")), "notes.md", "q?"],
+                       capsys, monkeypatch)
+    assert code == 2 and "names a local model" in err

@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from fastapi.sse import EventSourceResponse, format_sse_event
+from fastapi.sse import format_sse_event
 
 from v4cli.engine.sampling import SamplingParams
 from v4cli.errors import BadInput
@@ -23,6 +23,7 @@ from v4cli.prompt.encoding import Assistant, Message, Mode, System, ToolCall, To
 from v4cli.prompt.parser import ContentDelta, ReasoningDelta, ToolCallEvent
 from v4cli.serve.app import APIError, Server, api_error, openai_error, read_json
 from v4cli.serve.core import EFFORT_MODES, ChatRequest, Constraint, Result, TokenLogprobs
+from v4cli.serve.sse import COMMENT_PING, event_stream, frame, with_pings
 
 DEFAULT_EFFORT = "high"
 MAX_TOP_LOGPROBS = 20
@@ -260,7 +261,7 @@ class _Completion:
     def chunk(self, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> bytes:
         body = {**self.head("chat.completion.chunk"),
                 "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
-        return format_sse_event(data_str=json.dumps(body, ensure_ascii=False))
+        return frame(None, body)
 
 
 async def _stream(server: Server, job, request: Request, include_usage: bool) -> AsyncIterator[bytes]:
@@ -268,8 +269,10 @@ async def _stream(server: Server, job, request: Request, include_usage: bool) ->
     yield c.chunk({"role": "assistant", "content": ""})
     calls = 0
     try:
-        async for ev in server.runner.events(job, request.is_disconnected):
-            if isinstance(ev, ReasoningDelta):
+        async for ev in with_pings(server.runner.events(job, request.is_disconnected)):
+            if ev is None:  # queued or prefilling: a comment keeps idle-timeout clients and proxies waiting
+                yield COMMENT_PING
+            elif isinstance(ev, ReasoningDelta):
                 yield c.chunk({"reasoning_content": ev.text})
             elif isinstance(ev, ContentDelta):
                 yield c.chunk({"content": ev.text})
@@ -283,10 +286,9 @@ async def _stream(server: Server, job, request: Request, include_usage: bool) ->
                     return
                 yield c.chunk({}, ev.finish_reason)
                 if include_usage:
-                    yield format_sse_event(data_str=json.dumps({**c.head("chat.completion.chunk"), "choices": [],
-                                                                "usage": usage(ev)}))
+                    yield frame(None, {**c.head("chat.completion.chunk"), "choices": [], "usage": usage(ev)})
     except Exception as e:  # the status line is sent: the error goes out as the stream's last event
-        yield format_sse_event(data_str=json.dumps(openai_error(api_error(e))))
+        yield frame(None, openai_error(api_error(e)))
         if not isinstance(e, APIError):
             raise
     yield format_sse_event(data_str="[DONE]")
@@ -329,8 +331,16 @@ def router(server: Server) -> APIRouter:
         if req.stream:
             opts = body.get("stream_options")
             include_usage = isinstance(opts, Mapping) and bool(opts.get("include_usage"))
-            return EventSourceResponse(_stream(server, job, request, include_usage),
-                                       headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+            return event_stream(_stream(server, job, request, include_usage))
         return JSONResponse(await _complete(server, job, request))
+
+    @r.post("/tokenize")
+    async def tokenize(request: Request):
+        """The prompt ids a Chat Completions body would be fed as (vLLM's /tokenize shape): for checking a client's
+        prompt, and the tests' proof that the wire format renders what our encoder renders."""
+        req = to_request(await read_json(request), server.runner.model_name)
+        server.runner.check_model(req.model)
+        ids = server.runner.prompt_ids(req)
+        return {"count": len(ids), "max_model_len": server.runner.ctx, "tokens": ids}
 
     return r

@@ -144,18 +144,19 @@ def _ask(args, model, include, exclude, max_file_tokens, dry_run, json_out, run:
 
         # the same layout as a local prompt (head + context + tail), sent as the messages it was rendered from
         messages = ([System(run.system)] if run.system else []) + [User(context.text)]
-        session, name = RemoteSession(server, lambda: (messages, mode)), server.model
+        make_session, name = lambda: RemoteSession(server, lambda: (messages, mode)), server.model
     else:
         with busy(ui.err, f"loading {path.name}"):
             eng = load_engine(path, run.engine, run.kv_format, run.device, run.threads, n_ctx)
-        session, name = open_session(eng, run.chunk, run.cache_size), path.name
+        # made inside the try below: a cache that cannot be allocated is a generation failure
+        make_session, name = lambda: open_session(eng, run.chunk, run.cache_size), path.name
     ids = head + context.ids + tail
     marks = [m for m in ask_marks(len(head), context.pieces) if m < len(ids)]
     reply = Reply(mode)
     view = StreamView(mode, ui.console, ui.err, run.hide_thinking)
     try:
         with view:  # Ctrl-C propagates: the error boundary exits 130
-            run_turn(session, ids, sampling, reply, marks,
+            run_turn(make_session(), ids, sampling, reply, marks,
                      None if json_out else view.event, view.progress)
     except (RuntimeError, MemoryError) as e:
         raise V4Error(f"generation failed: {e}") from e

@@ -1,9 +1,10 @@
 """OpenAI Responses API: `/v1/responses`, what Codex CLI speaks. Stateless: the client sends the whole history.
 
 `input` (a string or a list of items) becomes typed messages: `instructions` and system/developer messages →
-System; user messages → User; an assistant turn is the run of `reasoning`, assistant `message` and `function_call`
-items between two user-side items → one Assistant (reasoning from the item's reasoning_text content, else its
-summary; calls keep their call_id); `function_call_output` → ToolResult. Function tools (flat Responses shape, or
+System (adjacent ones joined by a blank line, as on the Chat route); user messages → User; an assistant turn is the
+run of `reasoning`, assistant `message` and `function_call` items between two user-side items → one Assistant
+(reasoning from the item's reasoning_text content, else its summary; calls keep their call_id);
+`function_call_output` → ToolResult. Function tools (flat Responses shape, or
 Chat's nested one) are mapped; other tool types (web_search, local_shell, custom, mcp, ...) and items of them are
 ignored, since nothing here runs them. `reasoning.effort` maps through EFFORT_MODES; without it, OpenAI's default
 effort (medium) → high. `store` is ignored; `previous_response_id` is refused with a 400 (nothing is stored).
@@ -133,7 +134,12 @@ def messages_of(body: Mapping[str, Any]) -> list[Message]:
                 continue
             flush()
             if role in ("system", "developer"):
-                out.append(System(text))
+                # adjacent ones (instructions, then Codex's developer message) make one system prompt, as on the
+                # Chat route, so the tools block follows all of it
+                if out and isinstance(out[-1], System):
+                    out[-1] = System(out[-1].content + "\n\n" + text)
+                else:
+                    out.append(System(text))
             elif role == "user":
                 out.append(User(text))
             else:

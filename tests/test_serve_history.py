@@ -211,3 +211,101 @@ def test_encode_falls_back_when_ids_do_not_spell_the_text(tok):
 
 def test_marks_one_short_of_the_prompt():
     assert History.marks([0, 5, 6]) == [2] and History.marks([0]) == []
+
+
+# ---------------------------------------------------------------- a real server
+
+
+AGENT_TOOLS = [{"type": "function", "function": {
+    "name": "read_file", "description": "Read a file of the repository",
+    # an enum and a boolean: constrained decoding closes the call in a few tokens even on random weights
+    "parameters": {"type": "object", "required": ["path", "limit"],
+                   "properties": {"path": {"type": "string", "enum": ["a.py", "b.py"]},
+                                  "limit": {"type": "boolean"}}}}}]
+
+
+@pytest.mark.slow
+def test_agent_request_reuses_the_previous_one_from_ram_and_from_disk(tiny_gguf, tmp_path):
+    """Request 2 = request 1's history + the assistant turn as the client returns it (reasoning_content dropped,
+    arguments re-serialized) + a tool result: its cached prompt tokens cover request 1's prompt and every token
+    the model generated, in RAM; after a restart (same V4_HOME) the disk prefix cache covers all of it."""
+    import json
+
+    import openai
+    from serve_util import served
+
+    system = "You are a coding agent working in a small repository. " * 40
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": "What does a.py print?"}]
+    kw = dict(model="tiny", tools=AGENT_TOOLS, reasoning_effort="high", seed=3)
+    gguf = tiny_gguf("q8")
+
+    def followup(m, arguments):
+        call = m.tool_calls[0]
+        turn = {"role": "assistant", "content": m.content,  # no reasoning_content: clients drop it
+                "tool_calls": [{"id": call.id, "type": "function",
+                                "function": {"name": call.function.name, "arguments": arguments}}]}
+        return msgs + [turn, {"role": "tool", "tool_call_id": call.id, "content": "print('hi')"}]
+
+    with served(gguf, "--alias", "tiny", home=tmp_path) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused")
+        r1 = client.chat.completions.create(
+            messages=msgs, max_tokens=300, tool_choice={"type": "function", "function": {"name": "read_file"}}, **kw)
+        m = r1.choices[0].message
+        assert r1.choices[0].finish_reason == "tool_calls" and m.reasoning_content
+        p1, c1 = r1.usage.prompt_tokens, r1.usage.completion_tokens
+        args = json.loads(m.tool_calls[0].function.arguments)
+        second = followup(m, json.dumps(args, indent=2, sort_keys=True))  # re-serialized by the client
+        r2 = client.chat.completions.create(messages=second, max_tokens=4, **kw)
+        # everything fed to the engine so far: request 1's prompt and its generated tokens but the last sampled
+        # one (EOS, never fed back), matched token for token
+        assert r2.usage.prompt_tokens_details.cached_tokens == p1 + c1 - 1
+        assert r2.usage.prompt_tokens_details.cached_tokens >= 0.9 * p1
+        # the control: a turn the model did not produce (the other file) shares only request 1's prompt
+        other = {**args, "path": "b.py" if args["path"] == "a.py" else "a.py"}
+        r3 = client.chat.completions.create(messages=followup(m, json.dumps(other)), max_tokens=4, **kw)
+        assert p1 - 1 <= r3.usage.prompt_tokens_details.cached_tokens < p1 + c1 - 1
+
+    with served(gguf, "--alias", "tiny", home=tmp_path) as srv:  # a restart: RAM is gone, the disk prefix cache is not
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused")
+        again = client.chat.completions.create(messages=second, max_tokens=4, **kw)
+        # the history file brought back the reasoning and the sampled ids: the same prompt as before the restart,
+        # restored from the snapshot request 2 saved one token short of its end
+        assert again.usage.prompt_tokens == r2.usage.prompt_tokens
+        assert again.usage.prompt_tokens_details.cached_tokens == r2.usage.prompt_tokens - 1 >= 0.9 * p1
+
+
+def test_history_file_survives_a_restart(tmp_path):
+    path = tmp_path / "model" / "serve-history.jsonl"
+    h = History(path=path)
+    h.remember(request([SYSTEM, ASK]), result(generated(), RAW), [5, 6, 7])
+    again = History(path=path)  # a restarted server
+    assert RAW + EOS in next_prompt(again, as_client_sends_it()) and again.hits == 1
+    assert again._turns[next(iter(again._turns))].ids == (5, 6, 7)
+
+
+def test_history_file_skips_what_it_did_not_write_and_stays_bounded(tmp_path):
+    path = tmp_path / "serve-history.jsonl"
+    h = History(path=path)
+    h.remember(request([SYSTEM, ASK]), result(generated(), RAW))
+    good = path.read_bytes()
+    path.write_bytes(b"not json\n" + b'{"key": "../x", "answer": "a", "ids": []}\n' + b"\xff\xfe\n"
+                     + good + good[:-20])  # the last line cut short, as by a crash mid-write
+    with pytest.warns(Warning, match="skipped 4 unreadable"):
+        h = History(path=path)
+    assert len(h) == 1 and RAW + EOS in next_prompt(h, as_client_sends_it())
+    # many turns: the file is compacted, never more than about twice what memory holds
+    small = History(max_entries=4, path=tmp_path / "small.jsonl")
+    for i in range(100):
+        small.remember(request([User(f"q{i}")], tools=[]), result(Assistant(f"a{i}"), f"r{i}</think>a{i}"))
+    lines = (tmp_path / "small.jsonl").read_text().splitlines()
+    assert len(lines) <= 2 * 4 + 16 and len(History(max_entries=4, path=tmp_path / "small.jsonl")) == 4
+    assert History(path=tmp_path / "small.jsonl").prepare([User("q99"), Assistant("a99"), User("?")])[1].exact == "a99"
+
+
+def test_for_session_keeps_the_file_next_to_the_disk_cache(tmp_path):
+    from types import SimpleNamespace
+
+    assert History.for_session(SimpleNamespace(store=None)).path is None  # --cache-size 0
+    folder = tmp_path / "prefix-cache" / "0123456789abcdef"
+    kept = History.for_session(SimpleNamespace(store=SimpleNamespace(folder=folder)))
+    assert kept.path == folder / "serve-history.jsonl"

@@ -26,18 +26,29 @@ sampled ids — under a key made of what a client sends back, normalized, chaine
 `prepare` swaps each matching assistant turn for one that renders to the exact sampled text; a turn the server
 did not generate (or forgot) renders as usual. `encode` turns the prepared messages into ids, splicing in the
 sampled ids where the turn's text decodes from them exactly. Snapshots: `marks` (see its docstring).
+
+With a `path` (`for_session`: next to the model's disk prefix cache entries), every remembered turn is also
+appended to a JSON-lines file and read back at start, so after a restart a resent history still renders to the
+ids the disk prefix cache saved — without it, the first generated turn of the history would re-render without
+its reasoning and with re-tokenized text, and the disk cache would cover only the prompt up to that turn. The
+file is rewritten (compacted) once it holds twice what memory keeps. Two servers sharing it may lose each other's
+latest lines at a compaction: that costs reuse, never a wrong prompt (a lost turn renders as the client sent it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
+from v4cli.errors import V4Warning
 from v4cli.prompt.encoding import (
     EOS,
     EOS_ID,
@@ -58,6 +69,12 @@ MAX_ENTRIES = 256
 # Characters (and ids) held across all entries: a 1M-token agent transcript of generated turns is a few MB of text,
 # so this keeps many long conversations while bounding a server that runs for weeks.
 MAX_CHARS = 64 << 20
+FILE_NAME = "serve-history.jsonl"
+_KEY = re.compile(r"[0-9a-f]{64}")
+
+
+class HistoryWarning(V4Warning):
+    """The history file could not be read or written: reuse after a restart is lost, serving goes on."""
 
 
 @dataclass(frozen=True)
@@ -116,13 +133,66 @@ def split_raw(raw: str, thinking: bool) -> tuple[str | None, str]:
 class History:
     """The generated turns of recent requests (LRU, bounded in count and size); thread-safe."""
 
-    def __init__(self, max_entries: int = MAX_ENTRIES, max_chars: int = MAX_CHARS):
+    def __init__(self, max_entries: int = MAX_ENTRIES, max_chars: int = MAX_CHARS, path: Path | None = None):
         self.max_entries, self.max_chars = max_entries, max_chars
         self._turns: OrderedDict[str, Turn] = OrderedDict()
         self._chars = 0
         self._lock = threading.Lock()
         self.hits = 0  # assistant turns swapped for their exact form (for tests and /health)
         self.spliced = 0  # turns whose sampled ids went into a prompt as they were sampled
+        self.path = Path(path) if path is not None else None
+        self._lines = 0  # lines in the file, to know when to compact it
+        if self.path is not None:
+            self._load()
+
+    @classmethod
+    def for_session(cls, session: Any, **kw) -> History:
+        """A History kept next to the session's disk prefix cache entries (this model's folder), so a restarted
+        server reuses them; in memory only when the session has no disk cache (`--cache-size 0`)."""
+        folder = getattr(getattr(session, "store", None), "folder", None)
+        return cls(path=Path(folder) / FILE_NAME if folder is not None else None, **kw)
+
+    # -- the file ----------------------------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        bad = 0
+        try:
+            with open(self.path, "rb") as f:
+                for line in f:
+                    self._lines += 1
+                    item = _parse_line(line)
+                    if item is None:
+                        bad += 1
+                    else:
+                        self._put_memory(*item)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            warnings.warn(HistoryWarning(f"cannot read {self.path}: {e}; earlier turns will not be reused"))
+            return
+        if bad:
+            warnings.warn(HistoryWarning(f"{self.path}: skipped {bad} unreadable line(s)"))
+
+    def _append(self, key: str, turn: Turn) -> None:
+        if self.path is None:
+            return
+        try:
+            if self._lines + 1 > 2 * max(len(self._turns), 1) + 16:
+                self._compact()
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(_line(key, turn))
+                self._lines += 1
+        except OSError as e:
+            warnings.warn(HistoryWarning(f"cannot write {self.path}: {e}; this turn is reused until a restart only"))
+
+    def _compact(self) -> None:
+        from v4cli.store import atomic_open
+
+        with atomic_open(self.path) as f:
+            f.write("".join(_line(k, t) for k, t in self._turns.items()).encode())
+        self._lines = len(self._turns)
 
     def __len__(self) -> int:
         return len(self._turns)
@@ -143,16 +213,21 @@ class History:
 
     def _put(self, key: str, turn: Turn) -> None:
         with self._lock:
-            old = self._turns.pop(key, None)
-            if old is not None:
-                self._chars -= old.size
-            if turn.size > self.max_chars:
-                return
-            self._turns[key] = turn
-            self._chars += turn.size
-            while len(self._turns) > self.max_entries or self._chars > self.max_chars:
-                _, gone = self._turns.popitem(last=False)
-                self._chars -= gone.size
+            if self._put_memory(key, turn):
+                self._append(key, turn)
+
+    def _put_memory(self, key: str, turn: Turn) -> bool:
+        old = self._turns.pop(key, None)
+        if old is not None:
+            self._chars -= old.size
+        if turn.size > self.max_chars:
+            return False
+        self._turns[key] = turn
+        self._chars += turn.size
+        while len(self._turns) > self.max_entries or self._chars > self.max_chars:
+            _, gone = self._turns.popitem(last=False)
+            self._chars -= gone.size
+        return True
 
     def _get(self, key: str | None) -> Turn | None:
         if key is None:
@@ -257,3 +332,23 @@ class History:
         `encode` puts those same ids into the next prompt."""
         return [len(ids) - 1] if len(ids) > 1 else []
 
+
+def _line(key: str, turn: Turn) -> str:
+    return json.dumps({"key": key, "reasoning": turn.reasoning, "answer": turn.answer, "ids": list(turn.ids)},
+                      ensure_ascii=False) + "\n"
+
+
+def _parse_line(line: bytes) -> tuple[str, Turn] | None:
+    """(key, turn) from one line of the file, or None for anything this module did not write."""
+    try:
+        d = json.loads(line.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError is one
+        return None
+    if not isinstance(d, dict):
+        return None
+    key, reasoning, answer, ids = d.get("key"), d.get("reasoning"), d.get("answer"), d.get("ids")
+    if not (isinstance(key, str) and _KEY.fullmatch(key) and isinstance(answer, str)
+            and (reasoning is None or isinstance(reasoning, str)) and isinstance(ids, list)
+            and all(type(i) is int and 0 <= i < 1 << 32 for i in ids)):
+        return None
+    return key, Turn(reasoning, answer, tuple(ids))

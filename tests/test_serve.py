@@ -66,7 +66,7 @@ def local(tiny_gguf, one_thread):
         run_turn(open_session(eng, 64, "0"), encoder.encode(render(messages, mode)), sampling, reply)
         return reply
 
-    answer.encoder = encoder
+    answer.encoder, answer.tokenizer = encoder, eng.tokenizer
     return answer
 
 
@@ -181,6 +181,48 @@ def test_missing_reasoning_content_is_tolerated(served_tiny, client, local):
     assert ids["tokens"] == local.encoder.encode(text)
     r = client.chat.completions.create(max_tokens=2, temperature=0, **body)
     assert r.choices[0].finish_reason in ("length", "stop", "tool_calls")
+
+
+ENUM_TOOL = {"type": "function", "function": {
+    "name": "read_file", "description": "Read a file.",
+    # an enum ends the argument in a few tokens: a free string on random weights runs to max_tokens
+    "parameters": {"type": "object", "properties": {"path": {"type": "string", "enum": ["a.py", "b.py"]}},
+                   "required": ["path"]}}}
+
+
+@pytest.mark.slow
+def test_tool_call_round_trip(served_tiny, client, local):
+    """tool_choice=named: constrained decoding makes even random weights call the tool. The call comes back as
+    OpenAI tool_calls (JSON arguments, a call_ id, finish tool_calls), identically when streamed; sent back with
+    its result, the next prompt is our rendering of those typed messages and reuses the first request's work."""
+    first = [{"role": "user", "content": "Read a.py."}]
+    ask = dict(model="tiny-q8.gguf", tools=[ENUM_TOOL], max_tokens=60, temperature=0, reasoning_effort="none")
+    forced = {"type": "function", "function": {"name": "read_file"}}
+    r = client.chat.completions.create(messages=first, tool_choice=forced, **ask)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    args = json.loads(call.function.arguments)
+    assert call.id.startswith("call_") and call.function.name == "read_file" and args["path"] in ("a.py", "b.py")
+    streamed, finish = [], None
+    for ch in client.chat.completions.create(messages=first, tool_choice=forced, stream=True, **ask):
+        streamed += ch.choices[0].delta.tool_calls or []
+        finish = ch.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and [(c.function.name, c.function.arguments) for c in streamed] == \
+        [("read_file", call.function.arguments)]
+
+    second = [*first, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+              {"role": "tool", "tool_call_id": call.id, "content": "print(1)"}]
+    typed = [User("Read a.py."), Assistant("", None, (ToolCall("read_file", args, call.id),)),
+             ToolResult("print(1)", call.id)]
+    text = render(typed, Mode.NON_THINK, [ENUM_TOOL["function"]])
+    assert f'<{DSML}parameter name="path" string="true">{args["path"]}</{DSML}parameter>' in text
+    assert text.endswith("<｜User｜><tool_result>print(1)</tool_result><｜Assistant｜></think>")
+    status, got = served_tiny.post("/tokenize", {"messages": second, **ask})
+    assert status == 200 and local.tokenizer.decode(got["tokens"], skip_special_tokens=False) == text
+    r2 = client.chat.completions.create(messages=second, **{**ask, "max_tokens": 1})
+    assert r2.usage.prompt_tokens == got["count"]
+    assert r2.usage.prompt_tokens_details.cached_tokens >= r.usage.prompt_tokens
 
 
 # ---------------------------------------------------------------------------------------------- cancellation

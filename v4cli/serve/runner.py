@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from v4cli.errors import BadInput, NotFoundError, V4Error
-from v4cli.prompt.encoding import EOS_ID, Assistant, render
+from v4cli.prompt.encoding import EOS_ID, Assistant
 from v4cli.prompt.parser import End, StreamParser
 from v4cli.serve.core import ChatRequest, Event, Result, TokenLogprobs, Usage
+from v4cli.serve.history import History
 
 DEFAULT_MAX_TOKENS = 32_768  # the per-request cap unless `v4 serve --max-tokens` says otherwise
 
@@ -42,6 +43,7 @@ class Job:
     ids: list[int]
     mark: int
     sampling: Any
+    constraint: Any = None  # the compiled TokenConstraint, when the request has a Constraint
 
 
 class Runner:
@@ -56,7 +58,7 @@ class Runner:
         self.max_tokens, self.max_queue = max_tokens, max_queue
         self.tokenizer = engine.tokenizer
         self.encoder = PromptEncoder(engine.tokenizer)
-        self.history = _history()
+        self.history = History.for_session(session)  # kept beside the disk prefix cache: reuse survives a restart
         self.waiting = 0  # requests queued behind the running one
         self.busy = False
         self.served = 0
@@ -89,10 +91,7 @@ class Runner:
     def prompt_ids(self, req: ChatRequest) -> list[int]:
         """The token ids the model is fed for `req` (BadInput when the messages cannot form a prompt): earlier
         turns this server generated come back as the exact ids it sampled (history.py), so the cache hits."""
-        tools = req.tools or None
-        if self.history is not None:
-            return self.history.encode(req.messages, req.mode, tools, self.encoder, self.tokenizer)
-        return self.encoder.encode(render(req.messages, req.mode, tools))
+        return self.history.encode(req.messages, req.mode, req.tools or None, self.encoder, self.tokenizer)
 
     def count_tokens(self, req: ChatRequest) -> int:
         return len(self.prompt_ids(req))
@@ -110,7 +109,9 @@ class Runner:
         sampling = replace(req.sampling, max_tokens=max(1, min(req.sampling.max_tokens, self.max_tokens, room)))
         # Snapshot one token short of the end: every later request of this conversation starts with that much
         # (in thinking mode without tools the next one renders `</think>` where this one ends in `<think>`)
-        return Job(req, ids, len(ids) - 1, sampling)
+        # compiled here, so a constraint the grammar engine refuses is a 400 before any byte of a stream is sent
+        constraint = self._compile(req) if req.constraint is not None else None
+        return Job(req, ids, len(ids) - 1, sampling, constraint)
 
     # -- running ---------------------------------------------------------------------------------------------
 
@@ -193,8 +194,8 @@ class Runner:
                     put(ev)
 
         kwargs: dict[str, Any] = {}
-        if req.constraint is not None:
-            kwargs["constraint"] = self._compile(req)
+        if job.constraint is not None:
+            kwargs["constraint"] = job.constraint
         if req.logprobs is not None:
             kwargs["logprobs"] = req.logprobs
         t0 = time.perf_counter()
@@ -240,30 +241,18 @@ class Runner:
         decode_s = time.perf_counter() - t_first if t_first is not None else 0.0
         result = Result(reason, Usage(len(job.ids), reused, n), message, "".join(raw), ttft_s=ttft,
                         decode_tps=(n - 1) / decode_s if decode_s > 0 and n > 1 else 0.0)
-        if self.history is not None and reason != "cancelled":
+        if reason != "cancelled":
             self.history.remember(req, result, sampled)
         return result
 
     def _compile(self, req: ChatRequest):
         """The token-level constraint for `req` (constrained decoding, v4cli.engine.grammar)."""
-        try:
-            from v4cli.engine.grammar import compile_constraint
-        except ImportError:
-            raise BadInput("constrained decoding (tool_choice required/named, response_format) is not available "
-                           "in this build yet") from None
+        from v4cli.engine.grammar import compile_constraint
+
         return compile_constraint(req.constraint, req.tools, self.tokenizer, req.mode)
 
     def _logprobs(self, rec) -> TokenLogprobs:
         text = lambda i: self.tokenizer.decode([i], skip_special_tokens=False)  # noqa: E731
         return TokenLogprobs(text(rec.token), float(rec.logprob),
                              tuple((text(i), float(lp)) for i, lp in getattr(rec, "top", ())))
-
-
-def _history():
-    """The prefix-reuse history (v4cli.serve.history), or None where this build has none yet."""
-    try:
-        from v4cli.serve.history import History
-    except ImportError:
-        return None
-    return History()
 

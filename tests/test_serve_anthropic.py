@@ -214,6 +214,16 @@ def test_forced_tool_round_trip(client, model, encoder):
     assert m2.usage.cache_read_input_tokens >= first
 
 
+def test_forced_tool_streams_as_input_json(client, model):
+    """A streamed tool call is a tool_use block whose input arrives as input_json_delta, as the SDK rebuilds it."""
+    with client.messages.stream(model=model, max_tokens=200, tools=[READ_FILE], messages=[
+            {"role": "user", "content": "Read a.py"}], tool_choice={"type": "tool", "name": "read_file"}) as s:
+        kinds = [ev.type for ev in s]
+        final = s.get_final_message()
+    assert "input_json" in kinds and final.stop_reason == "tool_use"
+    assert final.content[-1].type == "tool_use" and set(final.content[-1].input) == {"path"}
+
+
 def test_errors_in_anthropics_shape(served_tiny, client, model):
     key = {"x-api-key": KEY}
     status, body = served_tiny.post("/v1/messages", b'{"model": "x", "messages": [', headers=key)

@@ -209,6 +209,19 @@ def test_forced_function_round_trip(client, model, encoder):
     assert r2.usage.input_tokens_details.cached_tokens >= r.usage.input_tokens
 
 
+def test_forced_function_streams_its_arguments(client, model):
+    events = list(client.responses.create(model=model, input="Read a.py", tools=[READ], stream=True,
+                                          tool_choice={"type": "function", "name": "read_file"},
+                                          reasoning={"effort": "none"}, max_output_tokens=200))
+    kinds = [e.type for e in events]
+    assert kinds[-1] == "response.completed"
+    delta = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    done = next(e for e in events if e.type == "response.function_call_arguments.done")
+    call = events[-1].response.output[-1]
+    assert call.type == "function_call" and call.name == "read_file" and call.arguments == delta == done.arguments
+    assert set(json.loads(delta)) == {"path"}
+
+
 def test_errors_in_openais_shape(served_tiny, client, model):
     status, body = served_tiny.post("/v1/responses", b'{"model": "x", "input": [')
     assert status == 400 and set(body["error"]) == {"message", "type", "param", "code"}

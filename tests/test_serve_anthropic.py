@@ -7,6 +7,9 @@ messages. The translator itself is checked against typed messages without a serv
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import anthropic
 import pytest
 from serve_util import serve_fixture
@@ -16,6 +19,7 @@ from v4cli.prompt.encoding import DSML, Assistant, Mode, System, ToolCall, ToolR
 from v4cli.serve.anthropic import MAX_BUDGET, chat_request
 from v4cli.serve.app import APIError
 from v4cli.serve.core import Constraint
+from v4cli.serve.sse import with_pings
 
 KEY = "s3cret"
 served_tiny = serve_fixture("--ctx", "4096", "--api-key", KEY)
@@ -149,6 +153,38 @@ def test_bad_bodies_are_400s_naming_the_field(body, words):
     assert e.value.status == 400 and e.value.kind == "invalid_request_error" and words in e.value.message
 
 
+def test_pings_fill_silences_and_closing_cancels_the_stream():
+    """A stream silent for longer than the interval gets pings (None) between its items; closing the pinged
+    stream while it waits cancels the step in flight, which is how a vanished client stops a generation."""
+    ended = []
+
+    async def slow():
+        try:
+            yield "a"
+            await asyncio.sleep(0.25)
+            yield "b"
+            await asyncio.sleep(10)
+            yield "never"
+        finally:
+            ended.append(True)
+
+    async def run():
+        out, it = [], with_pings(slow(), interval=0.1)
+        async for item in it:
+            out.append(item)
+            if item == "b":
+                break
+        await asyncio.sleep(0.15)  # the wrapper is not running now: nothing is awaiting the next item
+        nxt = asyncio.ensure_future(anext(it))
+        assert await nxt is None  # a ping: the source is asleep
+        await it.aclose()
+        await asyncio.sleep(0)  # let the cancelled step unwind
+        return out
+
+    out = asyncio.run(run())
+    assert out[0] == "a" and out[-1] == "b" and out[1:-1] and set(out[1:-1]) == {None} and ended == [True]
+
+
 # ---------------------------------------------------------------------------------------------- the server
 
 
@@ -222,6 +258,23 @@ def test_forced_tool_streams_as_input_json(client, model):
         final = s.get_final_message()
     assert "input_json" in kinds and final.stop_reason == "tool_use"
     assert final.content[-1].type == "tool_use" and set(final.content[-1].input) == {"path"}
+
+
+def test_disconnect_cancels_and_frees_the_engine(served_tiny, client, model):
+    """A streaming client that goes away mid-answer stops its generation (through the keep-alive wrapper)."""
+    key = {"x-api-key": KEY}
+    before = served_tiny.get("/health", headers=key)[1]
+    with client.messages.stream(model=model, max_tokens=3000, messages=[{"role": "user", "content": "Go."}]) as s:
+        for i, _ in enumerate(s):
+            if i == 4:
+                break
+        assert served_tiny.get("/health", headers=key)[1]["busy"] is True
+    t0 = time.monotonic()
+    m = client.messages.create(model=model, max_tokens=1, messages=[{"role": "user", "content": "Hi"}])
+    waited = time.monotonic() - t0
+    health = served_tiny.get("/health", headers=key)[1]
+    assert m.usage.output_tokens == 1 and health["cancelled"] == before["cancelled"] + 1 and not health["busy"]
+    assert waited < 15, f"the next request waited {waited:.1f}s"  # 3000 tokens would take minutes
 
 
 def test_errors_in_anthropics_shape(served_tiny, client, model):

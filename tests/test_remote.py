@@ -153,3 +153,63 @@ def test_remote_flags_without_remote(capsys, monkeypatch, tiny_gguf):
     code, _, err = run(["ask", "--remote", "http://127.0.0.1:1", "-m", str(tiny_gguf("q8")), "notes.md", "q?"],
                        capsys, monkeypatch)
     assert code == 2 and "names a local model" in err
+
+
+def test_a_stopped_turn_cancels_the_remote_generation(served_tiny):
+    """chat's Ctrl-C (the latch) stops a turn at the next delta: the stream is closed and the server cancels the
+    generation while the chat goes on."""
+    import time
+
+    from v4cli.chat.answer import InterruptLatch, Reply, run_turn
+    from v4cli.engine.remote import Remote, RemoteSession
+    from v4cli.engine.sampling import SamplingParams
+
+    before = served_tiny.get("/health")[1]
+    session = RemoteSession(Remote.connect(served_tiny.url), lambda: ([User("Go on forever.")], Mode.NON_THINK))
+    latch, reply = InterruptLatch(), Reply(Mode.NON_THINK)
+
+    def stop(_event) -> None:
+        latch.requested = True
+
+    sampling = SamplingParams(temperature=1.0, seed=1, max_tokens=before["context"] // 2)
+    run_turn(session, [0] * 10, sampling, reply, on_event=stop, latch=latch)
+    assert reply.interrupted and reply.finish_reason == "interrupted" and reply.answer
+    deadline = time.monotonic() + 60
+    while (now := served_tiny.get("/health")[1])["busy"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert now["cancelled"] == before["cancelled"] + 1 and not now["busy"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_cancels_the_remote_generation(served_tiny, tmp_path):
+    """Ctrl-C while the answer streams: `v4 ask` exits 130 and the server cancels the generation (it does not run
+    on to --max-tokens for nobody)."""
+    import os
+    import select
+    import signal
+    import subprocess
+    import time
+
+    before = served_tiny.get("/health")[1]
+    env = {**os.environ, "V4_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "v4cli", "ask", "--remote", served_tiny.url, "notes.md",
+                             "Go on forever.", "--mode", "non-think", "--max-tokens", str(before["context"] // 2),
+                             "--temperature", "1", "--seed", "1"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            cwd=tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        got = b""
+        while not got and time.monotonic() < deadline:  # wait until the answer streams
+            if select.select([proc.stdout], [], [], 1.0)[0]:
+                got = os.read(proc.stdout.fileno(), 1024)
+        assert got, proc.stderr.read().decode() if proc.poll() is not None else "no output"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+        while (now := served_tiny.get("/health")[1])["busy"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert now["cancelled"] == before["cancelled"] + 1 and not now["busy"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()

@@ -136,7 +136,6 @@ class Remote:
     model: str
     ctx: int
     dialect: str  # "vllm", "sglang", "deepseek" or "openai" (anything else, `v4 serve` included)
-    ctx_reported: bool
     client: Any
     keyed: bool
 
@@ -173,8 +172,7 @@ class Remote:
         dialect = ("deepseek" if owner == "deepseek" or host.endswith("deepseek.com")
                    else owner if owner in TEMPLATE_SERVERS else "openai")
         n_ctx = min(x for x in (reported, ctx) if x) if reported or ctx else DEFAULT_CTX
-        return cls(root, model if model is not None else entry.id, n_ctx, dialect, reported is not None, client,
-                   key is not None)
+        return cls(root, model if model is not None else entry.id, n_ctx, dialect, client, key is not None)
 
     def request(self, messages: Sequence[Message], mode: Mode, sampling: SamplingParams) -> dict[str, Any]:
         """The chat-completions body (as SDK keyword arguments) for one streamed answer."""

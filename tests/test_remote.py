@@ -14,6 +14,7 @@ from serve_util import serve_fixture, served
 
 from v4cli.cli import main
 from v4cli.engine.remote import base_url, thinking_fields, to_openai
+from v4cli.engine.sampling import SamplingParams
 from v4cli.errors import BadInput
 from v4cli.prompt.encoding import Assistant, Mode, System, ToolCall, ToolResult, User
 
@@ -82,6 +83,72 @@ def test_typed_messages_become_openai_messages():
         {"role": "tool", "content": "found", "tool_call_id": "c1"},
         {"role": "assistant", "content": "a"},
     ]
+
+
+def test_request_fields_per_family():
+    from v4cli.engine.remote import Remote
+
+    greedy = SamplingParams(temperature=0.0, seed=1, max_tokens=9)
+    body = Remote("http://h/v1", "m", 1000, "openai", None, False).request([User("q")], Mode.NON_THINK, greedy)
+    assert body["reasoning_effort"] == "none" and "extra_body" not in body  # nothing a strict server would refuse
+    assert (body["temperature"], body["seed"], body["max_tokens"], body["stream"]) == (0.0, 1, 9, True)
+    body = Remote("http://h/v1", "m", 1000, "vllm", None, False).request(
+        [User("q")], Mode.MAX, SamplingParams(top_k=20, min_p=0.05))
+    assert "reasoning_effort" not in body
+    assert body["extra_body"] == {"chat_template_kwargs": {"thinking": True, "reasoning_effort": "max"},
+                                  "top_k": 20, "min_p": 0.05}
+
+
+class Stream:
+    """What the SDK's stream gives: chunks to iterate, and close()."""
+
+    def __init__(self, chunks):
+        from openai.types.chat import ChatCompletionChunk
+
+        self.chunks = [ChatCompletionChunk.model_validate(
+            {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m", **c}) for c in chunks]
+        self.closed = False
+
+    def __iter__(self):
+        return iter(self.chunks)
+
+    def close(self):
+        self.closed = True
+
+
+def test_deltas_become_the_local_parser_events():
+    """Reasoning (under vLLM's newer name too), content and streamed tool-call fragments come out as the events,
+    message and counts a local turn gives; the server's usage is the count, its cached tokens the reuse."""
+    from v4cli.chat.answer import Reply, run_turn
+    from v4cli.engine.remote import Remote, RemoteSession
+    from v4cli.prompt.parser import ContentDelta, ReasoningDelta, ToolCallEvent
+
+    def choice(delta, finish=None):
+        return {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+    stream = Stream([
+        choice({"role": "assistant", "reasoning_content": "think a"}), choice({"reasoning": "bout it"}),
+        choice({"content": "Hi"}),
+        choice({"tool_calls": [{"index": 0, "id": "t1", "function": {"name": "search", "arguments": '{"q":'}}]}),
+        choice({"tool_calls": [{"index": 0, "function": {"arguments": ' "cats"}'}}]}, "tool_calls"),
+        {"choices": [], "usage": {"prompt_tokens": 20, "completion_tokens": 9, "total_tokens": 29,
+                                  "prompt_tokens_details": {"cached_tokens": 5}}},
+    ])
+
+    class Server(Remote):
+        def stream(self, messages, mode, sampling):
+            return stream
+
+    session = RemoteSession(Server("http://h/v1", "m", 1000, "openai", None, False),
+                            lambda: ([User("q")], Mode.HIGH))
+    events = []
+    reply = run_turn(session, [0] * 20, SamplingParams(), Reply(Mode.HIGH), on_event=events.append)
+    assert "".join(e.text for e in events if isinstance(e, ReasoningDelta)) == "think about it"
+    assert "".join(e.text for e in events if isinstance(e, ContentDelta)) == "Hi"
+    assert [(e.name, e.arguments) for e in events if isinstance(e, ToolCallEvent)] == [("search", {"q": "cats"})]
+    assert reply.message() == Assistant("Hi", "think about it", (ToolCall("search", {"q": "cats"}),))
+    assert (reply.prompt_tokens, reply.reused_tokens, reply.completion_tokens) == (20, 5, 9)
+    assert reply.finish_reason == "eos" and stream.closed and len(session.tokens) == 29
 
 
 # ---------------------------------------------------------------------------------------------- a real v4 serve
@@ -162,7 +229,6 @@ def test_a_stopped_turn_cancels_the_remote_generation(served_tiny):
 
     from v4cli.chat.answer import InterruptLatch, Reply, run_turn
     from v4cli.engine.remote import Remote, RemoteSession
-    from v4cli.engine.sampling import SamplingParams
 
     before = served_tiny.get("/health")[1]
     session = RemoteSession(Remote.connect(served_tiny.url), lambda: ([User("Go on forever.")], Mode.NON_THINK))

@@ -252,6 +252,41 @@ def test_disconnect_cancels_and_frees_the_engine(served_tiny, client):
     assert waited < 15, f"the next request waited {waited:.1f}s"
 
 
+def _wait_until(check, seconds: float) -> float:
+    t0 = time.monotonic()
+    while not check():
+        assert time.monotonic() - t0 < seconds, f"not within {seconds}s"
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def test_non_stream_clients_that_leave_are_cancelled(served_tiny, client):
+    """A non-streaming client that gives up, while queued or while its answer is generated, costs nothing more:
+    the queued one never runs, the running one stops (the server looks for it even while no token arrives)."""
+    import urllib.request
+
+    def give_up(seconds: float) -> None:
+        body = json.dumps({"model": "tiny-q8.gguf", "messages": [{"role": "user", "content": "Go."}],
+                           "max_tokens": 3000, "temperature": 1.0, "reasoning_effort": "none"}).encode()
+        req = urllib.request.Request(served_tiny.url + "/v1/chat/completions", data=body,
+                                     headers={"content-type": "application/json"})
+        with pytest.raises(OSError):  # a read timeout: 3000 tokens take minutes
+            urllib.request.urlopen(req, timeout=seconds)
+
+    health = lambda: served_tiny.get("/health")[1]  # noqa: E731
+    before = health()["cancelled"]
+    running = client.chat.completions.create(model="tiny-q8.gguf", messages=[{"role": "user", "content": "Go."}],
+                                             max_tokens=3000, temperature=1.0, reasoning_effort="none", stream=True)
+    next(iter(running)), next(iter(running))  # the role chunk, then a token: it holds the engine
+    give_up(1.5)  # queued behind it the whole time
+    _wait_until(lambda: health()["queued"] == 0, 5)
+    running.close()
+    _wait_until(lambda: not health()["busy"], 15)
+    give_up(3)  # this one runs, then its client leaves
+    _wait_until(lambda: not health()["busy"], 15)
+    assert health()["cancelled"] == before + 3
+
+
 def test_requests_queue_one_at_a_time(served_tiny, client):
     """Concurrent requests all get answers; /health saw the queue while they ran."""
     results, seen_queue = [], []

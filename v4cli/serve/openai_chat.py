@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 from fastapi.sse import format_sse_event
 
 from v4cli.engine.sampling import SamplingParams
@@ -327,7 +328,9 @@ def router(server: Server) -> APIRouter:
     async def chat_completions(request: Request):
         body = await read_json(request)
         req = to_request(body, server.runner.model_name)
-        job = server.runner.prepare(req)  # a bad or oversized request fails here, before any byte is sent
+        # a bad or oversized request fails here, before any byte is sent; tokenizing a long prompt takes a while,
+        # so off the event loop (other streams keep flowing)
+        job = await run_in_threadpool(server.runner.prepare, req)
         if req.stream:
             opts = body.get("stream_options")
             include_usage = isinstance(opts, Mapping) and bool(opts.get("include_usage"))
@@ -340,7 +343,7 @@ def router(server: Server) -> APIRouter:
         prompt, and the tests' proof that the wire format renders what our encoder renders."""
         req = to_request(await read_json(request), server.runner.model_name)
         server.runner.check_model(req.model)
-        ids = server.runner.prompt_ids(req)
+        ids = await run_in_threadpool(server.runner.prompt_ids, req)
         return {"count": len(ids), "max_model_len": server.runner.ctx, "tokens": ids}
 
     return r

@@ -25,6 +25,7 @@ from v4cli.serve.core import ChatRequest, Event, Result, TokenLogprobs, Usage
 from v4cli.serve.history import History
 
 DEFAULT_MAX_TOKENS = 32_768  # the per-request cap unless `v4 serve --max-tokens` says otherwise
+POLL_S = 0.5  # how often a silent request (queued, or in a long prefill) looks for its client having gone
 
 
 class Busy(V4Error):
@@ -66,6 +67,7 @@ class Runner:
         self._lock: asyncio.Lock | None = None  # made in the serving loop (a lock binds to its loop)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="v4-engine")
         self._stopping = threading.Event()
+        self._encoding = threading.Lock()
 
     @classmethod
     def load(cls, model: str | None, *, engine: str = "torch", kv_format: str = "bf16", device: str = "cpu",
@@ -91,7 +93,8 @@ class Runner:
     def prompt_ids(self, req: ChatRequest) -> list[int]:
         """The token ids the model is fed for `req` (BadInput when the messages cannot form a prompt): earlier
         turns this server generated come back as the exact ids it sampled (history.py), so the cache hits."""
-        return self.history.encode(req.messages, req.mode, req.tools or None, self.encoder, self.tokenizer)
+        with self._encoding:  # the encoder's piece cache is not thread-safe; prepare may run in a threadpool
+            return self.history.encode(req.messages, req.mode, req.tools or None, self.encoder, self.tokenizer)
 
     def count_tokens(self, req: ChatRequest) -> int:
         return len(self.prompt_ids(req))
@@ -135,9 +138,13 @@ class Runner:
         cancel = threading.Event()
         self.waiting += 1
         try:
-            await self._lock.acquire()
+            turn = await self._wait_turn(is_disconnected)
         finally:
             self.waiting -= 1
+        if not turn:  # the client left while queued: nothing ran
+            self.cancelled += 1
+            yield Result("cancelled", Usage(len(job.ids), 0, 0), Assistant(), "")
+            return
         try:
             self.busy = True
             fut = loop.run_in_executor(self._pool, self._work, job, cancel,
@@ -154,7 +161,12 @@ class Runner:
         fut.add_done_callback(finished)  # the engine is free only once the worker has returned
         try:
             while True:
-                item = await queue.get()
+                try:
+                    item = await asyncio.wait_for(queue.get(), POLL_S)
+                except asyncio.TimeoutError:  # a long prefill sends nothing: look for a client gone meanwhile
+                    if is_disconnected is not None and await is_disconnected():
+                        cancel.set()
+                    continue
                 if isinstance(item, BaseException):
                     raise item
                 yield item
@@ -164,6 +176,24 @@ class Runner:
                     cancel.set()
         finally:
             cancel.set()  # a no-op after the Result; otherwise the client went away or the stream failed
+
+    async def _wait_turn(self, is_disconnected: Callable[[], Awaitable[bool]] | None) -> bool:
+        """Take the engine lock (FIFO); False, without it, if the client disconnects while waiting."""
+        acquire = asyncio.ensure_future(self._lock.acquire())
+        ok = False
+        try:
+            while not ok:
+                done, _ = await asyncio.wait({acquire}, timeout=POLL_S)
+                ok = bool(done)
+                if not ok and is_disconnected is not None and await is_disconnected():
+                    break
+        finally:
+            if not ok:
+                if acquire.done() and not acquire.cancelled():
+                    self._lock.release()  # granted just as we gave up (or were cancelled): pass it on
+                else:
+                    acquire.cancel()  # asyncio.Lock hands a cancelled waiter's turn to the next one
+        return ok
 
     def close(self) -> None:
         """Stop the running generation at its next token and let the worker thread end."""

@@ -146,7 +146,7 @@ def info(
     plan: bool = typer.Option(False, "--plan", help="Show where each component would live."),
     vram: int | None = VRAM,
     ram: int | None = RAM,
-    ctx: int = ctx_option(32768, "Context length the plan sizes the KV cache for, like 32K or 1M."),
+    ctx: int = ctx_option("32K", "Context length the plan sizes the KV cache for, like 32K or 1M."),
     kv_format: str = KV,
 ) -> None:
     """Describe a GGUF file or checkpoint: config, tensor types, provenance, KV sizes, placement."""

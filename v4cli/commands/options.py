@@ -59,8 +59,8 @@ def pick_model(option: str | None, positional: str | None, required: str | None 
     return name
 
 
-def ctx_option(default: int | None, help: str) -> Any:
-    """--ctx, read by parse_ctx (1M, 384K, 65536) wherever it appears."""
+def ctx_option(default: int | str | None, help: str) -> Any:
+    """--ctx, read by parse_ctx (1M, 384K, 65536) wherever it appears; a default like "1M" reads the same way."""
     return typer.Option(default, "--ctx", parser=parse_ctx, metavar="TOKENS", help=help)
 
 

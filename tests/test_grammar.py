@@ -147,6 +147,27 @@ def test_first_step_masks(engine):
     assert not allowed[EOS_ID] and not allowed[dsml] and not allowed[tok.token_id("<think>")]
 
 
+def test_budget_spent_inside_a_character_finishes_it_then_forces_think_end(engine):
+    """A token may end mid UTF-8 character, where `</think>` cannot follow: once the budget is spent only tokens
+    made of the character's remaining bytes are allowed (not one that also starts another character), then only
+    `</think>`."""
+    tok = PromptTokenizer(engine.tokenizer)
+    think_end = tok.token_id(THINK_END)
+    lead, cont, cont_lead = 150, 245, 2002  # byte tokens D7 and 94 (ה is D7 94), and the token of bytes 94 D7
+    assert tok.decode([lead, cont]) == "ה"
+    schema = Constraint("json")
+    c = compile_constraint(schema, [], engine.tokenizer, Mode.HIGH)
+    c.start(100)
+    c.advance(lead)
+    assert c.mask()[cont_lead]  # within the budget the grammar allows it
+    c.start(2)  # a budget of one reasoning token
+    c.advance(lead)
+    allowed = c.mask()
+    assert allowed[cont] and not allowed[cont_lead] and not allowed[think_end]
+    c.advance(cont)
+    assert c.mask().nonzero().flatten().tolist() == [think_end]
+
+
 def test_session_passes_the_constraint_and_logprobs_through(engine):
     """What `v4 serve` calls: Session.generate with a constraint and logprobs; the logprobs are the raw model's
     log-softmax at each step (recomputed here from a fresh forward over prompt + sampled tokens)."""

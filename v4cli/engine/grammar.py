@@ -25,6 +25,7 @@ otherwise free text (reasoning, a string argument) could emit `｜DSML｜` and e
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -41,11 +42,13 @@ REASONING_SHARE = 0.5  # the part of max_tokens reasoning may use before `</thin
 
 # How json.dumps(value, ensure_ascii=False) writes JSON, which is how render_tool_calls writes non-string
 # arguments: the model's JSON must re-render to the same bytes. Escapes: those json.dumps emits, no "\/".
+# lenient: keywords llguidance cannot enforce (uniqueItems, propertyNames, unknown formats), common in agents'
+# tool schemas, are ignored rather than failing the request; everything else in the schema is still enforced.
 _JSON_SHAPE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ",
-               "json_allowed_escapes": "\"\\bfnrtu"}
-_NON_STRING = ["number", "integer", "boolean", "null", "object", "array"]
+               "json_allowed_escapes": "\"\\bfnrtu", "lenient": True}
 
 _tokenizers: dict[int, tuple[Any, LLTokenizer]] = {}
+_continuation: dict[int, tuple[LLTokenizer, torch.Tensor]] = {}
 _tokenizers_lock = threading.Lock()
 
 
@@ -71,7 +74,6 @@ class TokenConstraint:
     def __init__(self, grammar: str, tokenizer: LLTokenizer, think_end: int | None):
         self.grammar, self.tokenizer, self.think_end = grammar, tokenizer, think_end
         self.matcher: LLMatcher | None = None
-        self._continuation: torch.Tensor | None = None
 
     def start(self, max_tokens: int) -> None:
         """A fresh matcher for one generation of up to `max_tokens` tokens (sets the reasoning budget)."""
@@ -114,13 +116,15 @@ class TokenConstraint:
             raise V4Error(f"constrained decoding failed: {self.matcher.get_error()}")
 
     def _continuation_tokens(self) -> torch.Tensor:
-        # tokens made only of UTF-8 continuation bytes (0x80-0xBF): computed once, only if a budget ends mid-char
-        if self._continuation is None:
-            tok = self.tokenizer
-            self._continuation = torch.tensor([
-                bool(b) and all(0x80 <= c < 0xC0 for c in b) and not tok.is_special_token(i)
-                for i, b in ((i, tok.decode_bytes([i])) for i in range(tok.vocab_size))])
-        return self._continuation
+        # tokens made only of UTF-8 continuation bytes (0x80-0xBF): computed once per tokenizer (~0.2 s), and only
+        # if some budget ends mid-character
+        tok = self.tokenizer
+        with _tokenizers_lock:
+            if id(tok) not in _continuation:
+                _continuation[id(tok)] = (tok, torch.tensor([
+                    bool(b) and all(0x80 <= c < 0xC0 for c in b) and not tok.is_special_token(i)
+                    for i, b in ((i, tok.decode_bytes([i])) for i in range(tok.vocab_size))]))
+            return _continuation[id(tok)][1]
 
 
 # ---------------------------------------------------------------------------------------------- compiling
@@ -165,7 +169,9 @@ def compile_constraint(constraint: Constraint, tools: Sequence[Mapping[str, Any]
     grammar = LLMatcher.grammar_from_lark("\n".join([start, *rules]))
     error = LLMatcher.validate_grammar(grammar, ll)
     if error and not error.startswith("WARNING"):
-        raise BadInput(f"the requested output format cannot be enforced: {error.strip()}")
+        # the first line says what is wrong; the rest quotes our generated grammar, which the client never wrote
+        reason = re.sub(r"^at \d+\(\d+\): ", "", error.strip().splitlines()[0])
+        raise BadInput(f"the requested output format cannot be enforced: {reason}")
     return TokenConstraint(grammar, ll, think_end if Mode(mode).thinking else None)
 
 
@@ -248,15 +254,39 @@ def _split_string(schema: Mapping[str, Any]) -> tuple[str | None, Mapping[str, A
     if values is not None:
         strings = [v for v in values if isinstance(v, str)]
         others = [v for v in values if not isinstance(v, str)]
-        text = "(" + " | ".join(_lit(s) for s in strings) + ")" if strings else None
-        return text, ({**schema, "enum": others} if others else None)
+        text = "(" + " | ".join(_lit(v) for v in strings) + ")" if strings else None
+        rest = {k: v for k, v in schema.items() if k != "const"}
+        return text, ({**rest, "enum": others} if others else None)
     kind = schema.get("type")
     kinds = [kind] if isinstance(kind, str) else list(kind) if isinstance(kind, list) else None
-    if kinds is not None and "string" not in kinds:
+    if kinds is None:
+        # no plain type: a raw text form when some branch admits a string, and JSON under the whole schema
+        return ("/(?s:.*)/" if _admits_string(schema, schema) else None), schema
+    if "string" not in kinds:
         return None, schema
     lo, hi = int(schema.get("minLength", 0)), schema.get("maxLength")
     text = f"/(?s:.{{{lo},{'' if hi is None else int(hi)}}})/"
-    if kinds is None:  # any type: a string as raw text, anything else as JSON
-        return text, schema
     rest = [k for k in kinds if k != "string"]
     return text, ({**schema, "type": rest} if rest else None)
+
+
+def _admits_string(schema: Any, root: Mapping[str, Any], depth: int = 0) -> bool:
+    """Whether some string is valid under `schema` (refs into the root's $defs followed; unknown: True)."""
+    if not isinstance(schema, Mapping) or depth > 16:
+        return True
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/"):
+        target: Any = root
+        for part in ref[2:].split("/"):
+            target = target.get(part) if isinstance(target, Mapping) else None
+        return _admits_string(target, root, depth + 1)
+    if "enum" in schema or "const" in schema:
+        return any(isinstance(v, str) for v in schema.get("enum", [schema.get("const")]))
+    kind = schema.get("type")
+    if kind is not None:
+        return kind == "string" or (isinstance(kind, list) and "string" in kind)
+    if "anyOf" in schema or "oneOf" in schema:
+        return any(_admits_string(b, root, depth + 1) for b in schema.get("anyOf", schema.get("oneOf", [])))
+    if "allOf" in schema:
+        return all(_admits_string(b, root, depth + 1) for b in schema["allOf"])
+    return True

@@ -149,6 +149,35 @@ def test_max_tokens_is_capped_by_the_server(client):
     assert r.usage.completion_tokens <= 2
 
 
+def test_what_real_clients_send_is_tolerated(served_tiny):
+    """Fields we do not use, tool types we do not run, tool_choice none, the thinking switches of other servers."""
+    body = {"model": "tiny-q8.gguf", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+            "user": "u1", "metadata": {"a": "b"}, "store": False, "parallel_tool_calls": True,
+            "frequency_penalty": 0, "presence_penalty": 0, "stream_options": None, "service_tier": "auto",
+            "tools": [{"type": "web_search_preview"}, {"type": "custom", "custom": {"name": "x"}}],
+            "tool_choice": "none", "chat_template_kwargs": {"thinking": False}}
+    status, r = served_tiny.post("/v1/chat/completions", body)
+    assert status == 200 and "reasoning_content" not in r["choices"][0]["message"]  # non-think, as asked
+    # the prompt is a plain non-think one: no tools block for tools we do not run
+    plain = {"messages": body["messages"], "reasoning_effort": "none"}
+    want = served_tiny.post("/tokenize", plain)[1]["tokens"]
+    assert served_tiny.post("/tokenize", body)[1]["tokens"] == want
+    assert served_tiny.post("/tokenize", {**plain, "reasoning_effort": None, "thinking": {"type": "disabled"}}
+                            )[1]["tokens"] == want
+    assert served_tiny.post("/tokenize", {"messages": body["messages"]})[1]["tokens"] != want  # default: high
+
+
+def test_response_format_json_schema_is_enforced(client):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    r = client.chat.completions.create(
+        model="tiny-q8.gguf", messages=[{"role": "user", "content": "Answer in JSON."}], max_tokens=30,
+        temperature=0, reasoning_effort="none",
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+    assert r.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(r.choices[0].message.content)["ok"], bool)
+
+
 # ---------------------------------------------------------------------------------------------- the prompt
 
 

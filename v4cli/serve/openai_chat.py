@@ -185,13 +185,15 @@ def to_request(body: Mapping[str, Any], default_model: str) -> ChatRequest:
     """A Chat Completions body → ChatRequest (APIError 400 naming the field that is wrong)."""
     messages = to_messages(body.get("messages"))
     tools = to_tools(body.get("tools"))
-    effort = body.get("reasoning_effort") or DEFAULT_EFFORT
+    # vLLM/SGLang clients put the switches in chat_template_kwargs; DeepSeek's API has thinking: {type: disabled}
+    template = body.get("chat_template_kwargs") if isinstance(body.get("chat_template_kwargs"), Mapping) else {}
+    effort = body.get("reasoning_effort") or template.get("reasoning_effort") or DEFAULT_EFFORT
     if effort not in EFFORT_MODES:
         raise APIError(400, f"reasoning_effort must be one of {', '.join(EFFORT_MODES)}, not {effort!r}",
                        param="reasoning_effort")
     mode = EFFORT_MODES[effort]
-    thinking = body.get("thinking")  # DeepSeek's API switch: {"type": "disabled"}
-    if isinstance(thinking, Mapping) and thinking.get("type") == "disabled":
+    thinking = body.get("thinking")
+    if (isinstance(thinking, Mapping) and thinking.get("type") == "disabled") or template.get("thinking") is False:
         mode = Mode.NON_THINK
     if _number(body, "n", int, 1) != 1:
         raise APIError(400, "n must be 1: one choice per request", param="n")

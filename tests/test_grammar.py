@@ -205,3 +205,26 @@ def test_requests_that_cannot_be_enforced_are_bad_input(engine):
     with pytest.raises(BadInput, match="cannot be enforced"):
         compile_constraint(Constraint("json", schema={"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}),
                            [], engine.tokenizer, Mode.NON_THINK)
+
+
+@pytest.mark.llama
+@pytest.mark.slow
+def test_llama_engine_enforces_the_same_constraint(tiny_gguf, one_thread):
+    """`--engine llama` takes the same constraint and logprobs: on the same GGUF (logits equal to ~1e-6) with the
+    same seed it samples the same tokens as the torch engine, so it writes the same valid call."""
+    pytest.importorskip("llama_cpp")
+    from v4cli.engine import Engine
+    from v4cli.engine.llama import LlamaEngine
+
+    gguf = tiny_gguf("f32", "tiny-128")  # the preset llama.cpp loads
+    llama = LlamaEngine.load(gguf, kv_format="f32", n_threads=1, n_ctx=1024)
+    try:
+        text, toks, done = run(llama, Constraint("tool", "book"), [NESTED], Mode.NON_THINK, 2, logprobs=2)
+        ref_text, ref_toks, _ = run(Engine.load(gguf, kv_format="f32"), Constraint("tool", "book"), [NESTED],
+                                    Mode.NON_THINK, 2, logprobs=2)
+    finally:
+        llama.close()
+    assert done.finish_reason == "stop" and text == ref_text
+    assert [r.token for r in toks] == [r.token for r in ref_toks]
+    assert [r.logprob for r in toks] == pytest.approx([r.logprob for r in ref_toks], abs=1e-3)
+    jsonschema.validate(single_call(text, Mode.NON_THINK).arguments, NESTED["parameters"])

@@ -441,3 +441,25 @@ def test_stream_chunks_are_sse_data_lines(served_tiny):
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+@pytest.mark.slow
+@pytest.mark.llama
+def test_llama_engine_serves_too(tiny_gguf, tmp_path):
+    """`--engine llama`: same answers stream and non-stream, and a cancelled stream frees it (its cache cannot be
+    restored from a snapshot, so the server takes none)."""
+    pytest.importorskip("llama_cpp")
+    with served(tiny_gguf("f32", "tiny-128"), "--engine", "llama", "--ctx", "4096", home=tmp_path) as srv:
+        llama = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        ask = dict(model="tiny-128-f32.gguf", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                   temperature=0, reasoning_effort="none")
+        r = llama.chat.completions.create(**ask)
+        assert r.choices[0].message.content and _stream_text(llama, **ask)[0] == r.choices[0].message.content
+        thinking = llama.chat.completions.create(**{**ask, "reasoning_effort": "high"})  # a diverging prompt
+        assert thinking.choices[0].message.reasoning_content
+        stream = llama.chat.completions.create(**{**ask, "max_tokens": 3000, "temperature": 1.0}, stream=True)
+        next(iter(stream)), next(iter(stream))
+        stream.close()
+        t0 = time.monotonic()
+        assert llama.chat.completions.create(**{**ask, "max_tokens": 1}).usage.completion_tokens == 1
+        assert time.monotonic() - t0 < 15 and srv.get("/health")[1]["cancelled"] == 1

@@ -68,6 +68,9 @@ class Runner:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="v4-engine")
         self._stopping = threading.Event()
         self._encoding = threading.Lock()
+        # llama.cpp's cache can be saved but not restored: snapshots would fail the next request that needs one;
+        # it still reuses its live cache when a request extends the last one
+        self._snapshots = hasattr(session.cache, "load_bytes")
 
     @classmethod
     def load(cls, model: str | None, *, engine: str = "torch", kv_format: str = "bf16", device: str = "cpu",
@@ -232,7 +235,8 @@ class Runner:
         ttft, t_first, reused, n, finish = 0.0, None, 0, 0, "length"
         raw: list[str] = []
         sampled: list[int] = []
-        gen = self.session.generate(job.ids, job.sampling, marks=[job.mark], progress=progress, **kwargs)
+        marks = [job.mark] if self._snapshots else []
+        gen = self.session.generate(job.ids, job.sampling, marks=marks, progress=progress, **kwargs)
         try:
             for rec in gen:
                 if t_first is None:

@@ -47,6 +47,8 @@ REASONING_SHARE = 0.5  # the part of max_tokens reasoning may use before `</thin
 _JSON_SHAPE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ",
                "json_allowed_escapes": "\"\\bfnrtu", "lenient": True}
 
+_NL = json.dumps("\n")  # a newline as a Lark literal
+
 _tokenizers: dict[int, tuple[Any, LLTokenizer]] = {}
 _continuation: dict[int, tuple[LLTokenizer, torch.Tensor]] = {}
 _tokenizers_lock = threading.Lock()
@@ -156,11 +158,11 @@ def compile_constraint(constraint: Constraint, tools: Sequence[Mapping[str, Any]
             if not fns:
                 raise BadInput('tool_choice "required" needs at least one tool in the request')
             chosen = fns
-            calls = "call (" + _lit("\n") + " call)*"
+            calls = f"call ({_NL} call)*"
             rules_extra = ["call: " + " | ".join(f"invoke_{i}" for i in range(len(chosen)))]
         d = f"<[{dsml}]>"
-        rules = [f"answer: {_lit(chr(10) * 2 + '<')} {d} {_lit('tool_calls>' + chr(10))} {calls} "
-                 f"{_lit(chr(10) + '</')} {d} {_lit('tool_calls>')}", *rules_extra]
+        opening, after, closing, end = _lit("\n\n<"), _lit("tool_calls>\n"), _lit("\n</"), _lit("tool_calls>")
+        rules = [f"answer: {opening} {d} {after} {calls} {closing} {d} {end}", *rules_extra]
         for i, fn in enumerate(chosen):
             rules += _invoke_rules(i, fn, d)
     else:
@@ -204,7 +206,7 @@ def _invoke_rules(i: int, fn: Mapping[str, Any], d: str) -> list[str]:
     for j, (name, schema) in enumerate(props.items()):
         schema = {**schema, **defs} if isinstance(schema, Mapping) else {}
         rules += _param_rules(f"param_{i}_{j}", name, schema, d)
-        items.append((f"{_lit(chr(10))} param_{i}_{j}", name in required))
+        items.append((f"{_NL} param_{i}_{j}", name in required))
 
     def tail(k: int) -> str:  # the parameters from k on, in order, the optional ones skippable
         return " ".join(item if req else f"({item})?" for item, req in items[k:])
@@ -219,32 +221,32 @@ def _invoke_rules(i: int, fn: Mapping[str, Any], d: str) -> list[str]:
 
     body = nonempty(0)
     if body is None:
-        body = _lit("\n")
+        body = _NL
     elif not any(req for _, req in items):
-        body = f"{body} | {_lit(chr(10))}"
-    head = _lit(f'invoke name="{fn["name"]}">')
-    rules.append(f"invoke_{i}: {_lit('<')} {d} {head} (params_{i}) {_lit(chr(10) + '</')} {d} {_lit('invoke>')}")
+        body = f"{body} | {_NL}"
+    lt, head, closing, end = _lit("<"), _lit('invoke name="' + fn["name"] + '">'), _lit("\n</"), _lit("invoke>")
+    rules.append(f"invoke_{i}: {lt} {d} {head} (params_{i}) {closing} {d} {end}")
     rules.append(f"params_{i}: {body}")
     return rules
 
 
 def _param_rules(rule: str, name: str, schema: Mapping[str, Any], d: str) -> list[str]:
     """One parameter: the string="true" form for the strings its schema admits, string="false" + JSON for the rest."""
-    head = f'{_lit("<")} {d} {_lit(f"parameter name={chr(34)}{name}{chr(34)} string={chr(34)}")}'
-    close = f"{d} {_lit('parameter>')}"
+    lt, head, close = _lit("<"), _lit('parameter name="' + name + '" string="'), _lit("parameter>")
+    as_text, as_json, slash = _lit('true">'), _lit('false">'), _lit("</")
     text, other = _split_string(schema)
     forms, rules = [], []
     if text is not None:
         # the raw text and the "</" that opens the closing tag are one greedy lexeme: the text may contain "</"
         # too; the lexeme ends where the `｜DSML｜` token comes
-        rules.append(f"{rule.upper()}_TEXT: {text} {_lit('</')}")
-        forms.append(f"{_lit(chr(34).join(['true', '>']))} {rule.upper()}_TEXT {close}")
+        rules.append(f"{rule.upper()}_TEXT: {text} {slash}")
+        forms.append(f"{as_text} {rule.upper()}_TEXT {d} {close}")
     if other is not None:
         rules.append(f"{rule}_json: {_json(other)}")
-        forms.append(f"{_lit(chr(34).join(['false', '>']))} {rule}_json {_lit('</')} {close}")
+        forms.append(f"{as_json} {rule}_json {slash} {d} {close}")
     if not forms:
         raise BadInput(f"parameter {name!r} has a schema that admits no value")
-    return [f"{rule}: {head} ({' | '.join(forms)})", *rules]
+    return [f"{rule}: {lt} {d} {head} ({' | '.join(forms)})", *rules]
 
 
 def _split_string(schema: Mapping[str, Any]) -> tuple[str | None, Mapping[str, Any] | None]:

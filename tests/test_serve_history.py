@@ -186,6 +186,24 @@ def test_encode_splices_the_sampled_ids(tok):
     assert tokenizer.decode(ids, skip_special_tokens=False) == text
 
 
+def test_every_generated_turn_of_a_long_history_is_spliced(tok):
+    # request 3 carries two generated turns: both come back as sampled, in order, the second keyed after the first
+    encoder, tokenizer = tok
+    h = History()
+    h.remember(request([SYSTEM, ASK]), result(generated(), RAW), encoder.encode(RAW))
+    second_raw = "Now I know.</think>It prints hi."
+    second_ids = encoder.encode("Now I know.</think>") + [encoder.encode(c)[0] for c in "It prints hi."]
+    history2 = [SYSTEM, ASK, as_client_sends_it(), ToolResult("print('hi')", "toolu_9")]
+    h.remember(request(history2), result(Assistant("It prints hi.", "Now I know."), second_raw), second_ids)
+    msgs = history2 + [Assistant("It prints hi."), User("thanks")]
+    ids = h.encode(msgs, Mode.HIGH, TOOLS, encoder, tokenizer)
+    assert h.spliced == 2
+    text = render(h.prepare(msgs, Mode.HIGH, TOOLS), Mode.HIGH, TOOLS)
+    assert RAW + EOS in text and second_raw + EOS in text and tokenizer.decode(ids, skip_special_tokens=False) == text
+    at = text.index(second_raw)
+    assert ids[len(encoder.encode(text[:at])):][: len(second_ids)] == second_ids
+
+
 def test_encode_without_reasoning_splices_the_answer_ids(tok):
     # thinking mode without tools: the next prompt renders only the answer; its ids follow the sampled </think>
     encoder, tokenizer = tok

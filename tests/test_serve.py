@@ -394,7 +394,8 @@ def test_models_and_health(served_tiny, client):
 
 
 def test_api_key_is_required_when_set(tiny_gguf, tmp_path):
-    with served(tiny_gguf("q8"), "--api-key", "s3cret", home=tmp_path) as srv:
+    """(This server also has --max-queue 0: a request that would wait is refused at once with 503.)"""
+    with served(tiny_gguf("q8"), "--api-key", "s3cret", "--max-queue", "0", home=tmp_path) as srv:
         hi = {"model": "tiny-q8.gguf", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
         status, body = srv.post("/v1/chat/completions", hi)
         assert status == 401 and body["error"]["type"] == "authentication_error"
@@ -407,6 +408,13 @@ def test_api_key_is_required_when_set(tiny_gguf, tmp_path):
         assert srv.get("/health")[0] == 200  # open: load balancers probe it without a key
         key = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)
         assert key.models.list().data[0].id == "tiny-q8.gguf"
+        running = key.chat.completions.create(**{**hi, "max_tokens": 3000, "reasoning_effort": "none"}, stream=True)
+        next(iter(running)), next(iter(running))  # it holds the engine
+        with pytest.raises(openai.InternalServerError) as e:
+            key.chat.completions.create(**hi)
+        assert e.value.status_code == 503 and "--max-queue 0" in e.value.message
+        assert e.value.response.headers["retry-after"] == "1" and "one request at a time" in e.value.message
+        running.close()
 
 
 def test_open_host_without_a_key_is_refused(tiny_gguf, tmp_path):

@@ -93,8 +93,15 @@ def serve_cmd(
                           f"tokens · one request at a time · {'key required' if api_key else 'no key'}",
                           style="dim"), soft_wrap=True)
         config = uvicorn.Config(create_app(server), log_level=log_level, timeout_graceful_shutdown=5)
+
+        class Uvicorn(uvicorn.Server):
+            def handle_exit(self, sig, frame) -> None:
+                # stop the generation at once: uvicorn's graceful wait would otherwise let it run on
+                runner.close()
+                super().handle_exit(sig, frame)
+
         try:
-            uvicorn.Server(config).run(sockets=[sock])
+            Uvicorn(config).run(sockets=[sock])
         finally:
             runner.close()
     finally:

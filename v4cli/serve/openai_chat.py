@@ -285,7 +285,8 @@ async def _stream(server: Server, job, request: Request, include_usage: bool) ->
             elif isinstance(ev, TokenLogprobs):
                 yield c.chunk({}, logprobs={"content": [_logprob(ev)]})
             elif isinstance(ev, Result):
-                if ev.finish_reason == "cancelled":
+                if ev.finish_reason == "cancelled":  # the client is gone, or the server is going
+                    yield frame(None, openai_error(_stopped(server)))
                     return
                 yield c.chunk({}, ev.finish_reason)
                 if include_usage:
@@ -311,6 +312,8 @@ async def _complete(server: Server, job, request: Request) -> dict[str, Any]:
             logprobs.append(_logprob(ev))
         elif isinstance(ev, Result):
             result = ev
+    if result.finish_reason == "cancelled":
+        raise _stopped(server)
     message: dict[str, Any] = {"role": "assistant", "content": "".join(content) or (None if calls else "")}
     if job.req.mode.thinking:
         message["reasoning_content"] = "".join(reasoning)
@@ -321,6 +324,11 @@ async def _complete(server: Server, job, request: Request) -> dict[str, Any]:
             "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason,
                          "logprobs": {"content": logprobs} if job.req.logprobs is not None else None}],
             "usage": usage(result)}
+
+
+def _stopped(server: Server) -> APIError:
+    why = "the server is shutting down" if server.runner.closing else "the client went away"
+    return APIError(503, f"the answer was stopped: {why}", "overloaded_error")
 
 
 def router(server: Server) -> APIRouter:

@@ -133,9 +133,10 @@ class Runner:
         job = req if isinstance(req, Job) else self.prepare(req)
         if self._lock is None:
             self._lock = asyncio.Lock()
-        if self.waiting >= self.max_queue:
-            raise Busy(f"{self.waiting} requests are already waiting for the engine",
-                       hint="retry later; v4 serve runs one request at a time")
+        self._check_open()
+        if self._lock.locked() and self.waiting >= self.max_queue:
+            raise Busy(f"the engine is busy and {self.waiting} more request(s) wait for it "
+                       f"(v4 serve --max-queue {self.max_queue})", hint="retry later; it runs one request at a time")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
@@ -149,6 +150,7 @@ class Runner:
             yield Result("cancelled", Usage(len(job.ids), 0, 0), Assistant(), "")
             return
         try:
+            self._check_open()  # shut down while this one waited
             self.busy = True
             fut = loop.run_in_executor(self._pool, self._work, job, cancel,
                                        lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
@@ -199,9 +201,17 @@ class Runner:
         return ok
 
     def close(self) -> None:
-        """Stop the running generation at its next token and let the worker thread end."""
+        """Shutting down: the running generation stops at its next token, queued and new requests are refused."""
         self._stopping.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def closing(self) -> bool:
+        return self._stopping.is_set()
+
+    def _check_open(self) -> None:
+        if self._stopping.is_set():
+            raise Busy("the server is shutting down", hint="retry once it is back")
 
     def _work(self, job: Job, cancel: threading.Event, put: Callable[[Any], None]) -> None:
         """The worker thread: one generation through the Session, each record turned into events for `put`."""

@@ -364,6 +364,9 @@ def test_bad_requests_get_openai_errors(served_tiny, client):
                                                                                         "function": {"name": "nope"}}},
                        "tool_choice"),
                       ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
+                      ({"messages": [{"role": "user", "content": "x"}], "seed": 1 << 70}, "seed"),
+                      ({"messages": [{"role": "user", "content": "x"}], "temperature": float("nan")}, "finite"),
+                      ({"messages": [{"role": "user", "content": "a\ud800b"}]}, "lone surrogate"),
                       ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
                        "not supported")]:
         status, body = served_tiny.post("/v1/chat/completions", {"model": "tiny-q8.gguf", **bad})

@@ -112,6 +112,11 @@ async def read_json(request: Request) -> dict[str, Any]:
         raise APIError(400, "the request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
+    try:  # JSON may spell a lone surrogate (\ud800), which no tokenizer can take: refuse it here, once for all APIs
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"the request holds text that is not valid Unicode (a lone surrogate: "
+                            f"{e.object[max(0, e.start - 20):e.start]!r}…)") from None
     return data
 
 

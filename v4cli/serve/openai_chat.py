@@ -8,6 +8,7 @@ travel as JSON strings, as OpenAI's clients expect; reasoning goes out as `reaso
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -176,8 +177,10 @@ def _number(body: Mapping[str, Any], key: str, kind: type, default: Any) -> Any:
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-        raise APIError(400, f"{key} must be {'a number' if kind is float else 'an integer'}", param=key)
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) \
+            or (kind is float and not math.isfinite(value)) or (kind is int and abs(value) >= 1 << 63):
+        raise APIError(400, f"{key} must be {'a finite number' if kind is float else 'a 64-bit integer'}",
+                       param=key)
     return kind(value)
 
 

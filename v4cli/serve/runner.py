@@ -29,7 +29,7 @@ POLL_S = 0.5  # how often a silent request (queued, or in a long prefill) looks 
 
 
 class Busy(V4Error):
-    """The queue is full: the request is refused at once rather than waiting without bound."""
+    """The server cannot take the request now (the queue is full, or it is shutting down): refused at once, 503."""
 
 
 class _Cancelled(Exception):
@@ -113,10 +113,10 @@ class Runner:
                            f"{len(ids) - self.ctx + 1:,} over, with no room for an answer",
                            hint="shorten the conversation or restart v4 serve with a larger --ctx")
         sampling = replace(req.sampling, max_tokens=max(1, min(req.sampling.max_tokens, self.max_tokens, room)))
-        # Snapshot one token short of the end: every later request of this conversation starts with that much
-        # (in thinking mode without tools the next one renders `</think>` where this one ends in `<think>`)
         # compiled here, so a constraint the grammar engine refuses is a 400 before any byte of a stream is sent
         constraint = self._compile(req) if req.constraint is not None else None
+        # Snapshot one token short of the end: every later request of this conversation starts with that much
+        # (in thinking mode without tools the next one renders `</think>` where this one ends in `<think>`)
         return Job(req, ids, len(ids) - 1, sampling, constraint)
 
     # -- running ---------------------------------------------------------------------------------------------
@@ -256,7 +256,7 @@ class Runner:
                     n += 1
                     sampled.append(rec.token)
                     raw.append(rec.text)
-                    if req.logprobs is not None and getattr(rec, "logprob", None) is not None:
+                    if rec.logprob is not None:  # present when req.logprobs asked for it
                         put(self._logprobs(rec))
                     emit(parser.feed(rec.text))
                 elif isinstance(rec, DoneRecord):
@@ -266,7 +266,7 @@ class Runner:
                         sampled.append(EOS_ID)
                     raw.append(rec.text)
                     emit(parser.feed(rec.text))
-                if stop():
+                if stop() and not isinstance(rec, DoneRecord):
                     finish = "cancelled"
                     break
         except _Cancelled:
@@ -298,5 +298,5 @@ class Runner:
     def _logprobs(self, rec) -> TokenLogprobs:
         text = lambda i: self.tokenizer.decode([i], skip_special_tokens=False)  # noqa: E731
         return TokenLogprobs(text(rec.token), float(rec.logprob),
-                             tuple((text(i), float(lp)) for i, lp in getattr(rec, "top", ())))
+                             tuple((text(i), float(lp)) for i, lp in rec.top))
 

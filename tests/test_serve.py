@@ -415,10 +415,11 @@ def test_api_key_is_required_when_set(tiny_gguf, tmp_path):
         assert key.models.list().data[0].id == "tiny-q8.gguf"
         running = key.chat.completions.create(**{**hi, "max_tokens": 3000, "reasoning_effort": "none"}, stream=True)
         next(iter(running)), next(iter(running))  # it holds the engine
-        with pytest.raises(openai.InternalServerError) as e:
-            key.chat.completions.create(**hi)
-        assert e.value.status_code == 503 and "--max-queue 0" in e.value.message
-        assert e.value.response.headers["retry-after"] == "1" and "one request at a time" in e.value.message
+        for stream in (False, True):
+            with pytest.raises(openai.InternalServerError) as e:
+                key.chat.completions.create(**hi, stream=stream)
+            assert e.value.status_code == 503 and "--max-queue 0" in e.value.message
+            assert e.value.response.headers["retry-after"] == "1" and "one request at a time" in e.value.message
         running.close()
 
 

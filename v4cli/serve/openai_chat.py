@@ -347,6 +347,7 @@ def router(server: Server) -> APIRouter:
         if req.stream:
             opts = body.get("stream_options")
             include_usage = isinstance(opts, Mapping) and bool(opts.get("include_usage"))
+            server.runner.admit()  # a full queue is a 503 the SDKs retry, not an error inside a 200 stream
             return event_stream(_stream(server, job, request, include_usage))
         return JSONResponse(await _complete(server, job, request))
 

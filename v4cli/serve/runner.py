@@ -133,10 +133,7 @@ class Runner:
         job = req if isinstance(req, Job) else self.prepare(req)
         if self._lock is None:
             self._lock = asyncio.Lock()
-        self._check_open()
-        if self._lock.locked() and self.waiting >= self.max_queue:
-            raise Busy(f"the engine is busy and {self.waiting} more request(s) wait for it "
-                       f"(v4 serve --max-queue {self.max_queue})", hint="retry later; it runs one request at a time")
+        self.admit()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
@@ -181,6 +178,15 @@ class Runner:
                     cancel.set()
         finally:
             cancel.set()  # a no-op after the Result; otherwise the client went away or the stream failed
+
+    def admit(self) -> None:
+        """Busy (503) when the request could not even queue: the server is shutting down, or the engine is busy and
+        --max-queue requests already wait. `events` checks this itself; a streaming API calls it before sending its
+        200, so the client gets a 503 it knows to retry rather than an error inside a stream."""
+        self._check_open()
+        if self._lock is not None and self._lock.locked() and self.waiting >= self.max_queue:
+            raise Busy(f"the engine is busy and {self.waiting} more request(s) wait for it "
+                       f"(v4 serve --max-queue {self.max_queue})", hint="retry later; it runs one request at a time")
 
     async def _wait_turn(self, is_disconnected: Callable[[], Awaitable[bool]] | None) -> bool:
         """Take the engine lock (FIFO); False, without it, if the client disconnects while waiting."""

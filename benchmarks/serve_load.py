@@ -15,6 +15,7 @@ is what is measured).
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import re
@@ -87,10 +88,12 @@ def call(url: str, kind: str, i: int, max_tokens: int) -> tuple[str, int, float]
                 text = r.read().decode()
                 if kind == "stream" and not text.rstrip().endswith("data: [DONE]"):
                     status = -1  # a stream that ended without its terminator
+                elif kind == "stream" and '{"error"' in text:
+                    status = 503  # refused after its 200 (the queue filled between admission and its turn)
     except urllib.error.HTTPError as e:
         status = e.code
         e.read()
-    except OSError:
+    except (OSError, http.client.HTTPException):  # refused connection, or a response cut short
         status = 0
     return kind, status, time.perf_counter() - t0
 

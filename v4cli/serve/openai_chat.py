@@ -20,10 +20,10 @@ from starlette.concurrency import run_in_threadpool
 from fastapi.sse import format_sse_event
 
 from v4cli.engine.sampling import SamplingParams
-from v4cli.errors import BadInput
+from v4cli.errors import BadInput, V4Error
 from v4cli.prompt.encoding import Assistant, Message, Mode, System, ToolCall, ToolResult, User
 from v4cli.prompt.parser import ContentDelta, ReasoningDelta, ToolCallEvent
-from v4cli.serve.app import APIError, Server, api_error, openai_error, read_json
+from v4cli.serve.app import APIError, Server, api_error, log, openai_error, read_json
 from v4cli.serve.core import EFFORT_MODES, ChatRequest, Constraint, Result, TokenLogprobs
 from v4cli.serve.sse import COMMENT_PING, event_stream, frame, with_pings
 
@@ -295,9 +295,10 @@ async def _stream(server: Server, job, request: Request, include_usage: bool) ->
                 if include_usage:
                     yield frame(None, {**c.head("chat.completion.chunk"), "choices": [], "usage": usage(ev)})
     except Exception as e:  # the status line is sent: the error goes out as the stream's last event
+        if not isinstance(e, (APIError, V4Error)):
+            log.exception("internal error in a chat completion stream")
         yield frame(None, openai_error(api_error(e)))
-        if not isinstance(e, APIError):
-            raise
+    # the stream ends properly even after an error: a cut connection reads as a network failure to the client
     yield format_sse_event(data_str="[DONE]")
 
 

@@ -14,6 +14,7 @@ from v4cli.errors import BadInput
 from v4cli.units import parse_size
 
 LOOPBACK_NAMES = ("localhost",)
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 
 
 def _is_loopback(host: str) -> bool:
@@ -78,6 +79,8 @@ def serve_cmd(
     if not _is_loopback(host) and not api_key and not no_auth:
         raise BadInput(f"--host {host} is reachable from other machines and no --api-key is set",
                        hint="pass --api-key KEY (or set $V4_API_KEY), or --no-auth to serve it open")
+    if log_level.lower() not in LOG_LEVELS:
+        raise BadInput(f"--log-level {log_level!r} is not one of {', '.join(LOG_LEVELS)}")
     body_limit = parse_size(max_body)
     name = pick_model(model_opt, model)
     sock = _bind(host, port)  # before the load: a taken port fails in a second, not after minutes of loading
@@ -92,7 +95,7 @@ def serve_cmd(
         ui.err.print(Text(f"serving {runner.model_name} on http://{shown}:{bound_port} · context {runner.ctx:,} "
                           f"tokens · one request at a time · {'key required' if api_key else 'no key'}",
                           style="dim"), soft_wrap=True)
-        config = uvicorn.Config(create_app(server), log_level=log_level, timeout_graceful_shutdown=5)
+        config = uvicorn.Config(create_app(server), log_level=log_level.lower(), timeout_graceful_shutdown=5)
 
         class Uvicorn(uvicorn.Server):
             def handle_exit(self, sig, frame) -> None:

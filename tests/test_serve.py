@@ -385,6 +385,19 @@ def test_oversize_body_is_a_413(served_tiny, client):
     with pytest.raises(openai.APIStatusError) as e:
         client.chat.completions.create(model="tiny-q8.gguf", messages=[{"role": "user", "content": "x" * 300_000}])
     assert e.value.status_code == 413 and "256,000 bytes" in e.value.body["message"]
+    # a chunked body declares no length: it is counted as it arrives
+    import http.client
+    from urllib.parse import urlsplit
+
+    url = urlsplit(served_tiny.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    try:
+        conn.request("POST", "/v1/chat/completions", body=iter([b'{"messages": "'] + [b"x" * 65536] * 5),
+                     headers={"content-type": "application/json"}, encode_chunked=True)
+        r = conn.getresponse()
+        assert r.status == 413 and json.loads(r.read())["error"]["message"].startswith("the request body is over")
+    finally:
+        conn.close()
 
 
 def test_models_and_health(served_tiny, client):

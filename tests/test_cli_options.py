@@ -127,7 +127,7 @@ def test_model_is_named_with_m_in_chat_and_ask(tiny_gguf, tmp_path, capsys, monk
     assert code == 0, err
     assert "notes.txt" in out
     names = {name: {o for p in cmd.params for o in p.opts} for name, cmd in _commands().items()}
-    for name in ("chat", "ask", "info", "plan"):
+    for name in ("chat", "ask", "info", "plan", "eval", "bench", "imatrix"):
         assert {"-m", "--model"} <= names[name], name
 
 
@@ -201,3 +201,18 @@ def test_sampling_errors_name_the_flags(capsys, monkeypatch):
     code, _, err = _run(["ask", "x", "q?", "--top-p", "2", "--dry-run"], capsys, monkeypatch, stdin="text")
     assert code == 2 and "--top-p must be in (0, 1], got 2.0" in err and "top_p" not in err
 
+
+
+def test_every_size_and_context_flag_reads_the_same_units():
+    checked = []
+    for name, cmd in _commands().items():
+        ctx = click.Context(cmd)
+        for p in cmd.params:
+            if "--ctx" in p.opts:
+                assert p.type.convert("1M", p, ctx) == 1 << 20 and p.type.convert("32768", p, ctx) == 32768, name
+                checked.append((name, "--ctx"))
+            for flag in {"--ram", "--vram", "--disk", "--fit"} & set(p.opts):
+                assert p.type.convert("64G", p, ctx) == 64 * 10**9, (name, flag)
+                checked.append((name, flag))
+    assert {("info", "--ctx"), ("plan", "--ctx"), ("chat", "--ctx"), ("ask", "--ctx"), ("info", "--ram"),
+            ("plan", "--vram")} <= set(checked)

@@ -11,6 +11,7 @@ from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeE
 from rich.text import Text
 
 from v4cli import bench, ui
+from v4cli.commands.options import DEVICE, KV, MODEL_POSITIONAL, model_option, pick_model
 from v4cli.errors import BadInput, V4Error
 
 
@@ -39,7 +40,8 @@ def _preset_help() -> str:
 
 
 def bench_cmd(
-    model: Path = typer.Argument(..., help="A deepseek4 GGUF file."),
+    model_opt: str | None = model_option("A deepseek4 GGUF file."),
+    model: str | None = MODEL_POSITIONAL,
     engines: str = typer.Option(None, "--engines", show_default=False, help="Engines to compare, comma-separated "
                                 "(default: torch and llama, those that can run here)."),
     full: bool = typer.Option(False, "--full/--quick", help=_preset_help()),
@@ -49,13 +51,14 @@ def bench_cmd(
     decode_tokens: int = typer.Option(None, "--decode-tokens", min=1, show_default=False,
                                       help="Tokens decoded per context."),
     repeats: int = typer.Option(None, "--repeats", min=1, show_default=False, help="Passes per engine."),
-    kv_format: str = typer.Option("bf16", "--kv-format", help="KV storage: f32, bf16 or fp8."),
-    device: str = typer.Option("cpu", "--device", help="torch device for the torch engine."),
+    kv_format: str = KV,
+    device: str = DEVICE,
     json_out: Path = typer.Option(None, "--json", help="Write all results to this JSON file."),
     plot_out: Path = typer.Option(None, "--plot", help="Prefill and decode charts as a PNG (needs matplotlib: "
                                   "pip install 'v4[plot]')."),
 ) -> None:
     """Compare engines on MODEL: prefill and decode tok/s, time to first token, peak RSS, % of roofline."""
+    model = Path(pick_model(model_opt, model, required="v4 bench -m MODEL.gguf"))
     if plot_out is not None:
         bench.require_matplotlib()
     preset = bench.PRESETS["full" if full else "quick"]

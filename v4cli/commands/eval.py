@@ -13,6 +13,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 from v4cli import ui
+from v4cli.commands.options import (
+    CHUNK, DEVICE, ENGINE, KV, MODEL_POSITIONAL, THREADS, model_option, pick_model,
+)
 from v4cli.errors import BadInput
 
 
@@ -78,15 +81,16 @@ class DraftScore:
 
 
 def eval_cmd(
-    model: Path = typer.Argument(..., help="A deepseek4 GGUF file."),
+    model_opt: str | None = model_option("A deepseek4 GGUF file."),
+    model: str | None = MODEL_POSITIONAL,
     text: Path = typer.Option(None, "--text", help="Score this text file (tokenized with the model's tokenizer)."),
     tokens: Path = typer.Option(None, "--tokens", help="Score these token ids (JSON list or whitespace-separated)."),
-    chunk: int = typer.Option(256, "--chunk", min=1, help="Prefill chunk size."),
+    chunk: int = CHUNK,
     dump_logits: Path = typer.Option(None, "--dump-logits", help="Write all logits [T, vocab] f32 to this .npy."),
-    engine: str = typer.Option("torch", "--engine", help="Inference engine: torch or llama (llama.cpp)."),
-    kv_format: str = typer.Option("bf16", "--kv-format", help="KV storage: f32, bf16 or fp8."),
-    device: str = typer.Option("cpu", "--device", help="torch device."),
-    threads: int = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores)."),
+    engine: str = ENGINE,
+    kv_format: str = KV,
+    device: str = DEVICE,
+    threads: int | None = THREADS,
     mtp: Path = typer.Option(None, "--mtp", help="Also score this MTP draft file (v4 quantize --mtp): how often "
                              "its drafts match the model's own top token (the speculative acceptance rate)."),
 ) -> None:
@@ -95,6 +99,7 @@ def eval_cmd(
 
     from v4cli.engine.select import load_engine
 
+    model = Path(pick_model(model_opt, model, required="v4 eval -m MODEL.gguf --text FILE"))
     if (text is None) == (tokens is None):
         raise BadInput("give exactly one of --text FILE or --tokens FILE")
     # read the input before the model loads: a wrong path should cost a second, not a load

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from v4cli import ui
+from v4cli.commands.options import DEVICE, MODEL, MODEL_POSITIONAL, THREADS, pick_model
 from v4cli.errors import BadInput
 
 DEFAULT_TEXT = "calibration.txt"  # shipped in v4cli/assets (see CALIBRATION.md there: what it is, its licence)
@@ -50,14 +51,15 @@ def _fingerprint(model: Path, text: str, chunk_size: int, n_chunks: int) -> dict
 
 
 def imatrix_cmd(
-    model: str = typer.Argument(None, help="A GGUF path or store name (default: $V4_MODEL, else the store's only GGUF)."),
+    model_opt: str | None = MODEL,
+    model: str | None = MODEL_POSITIONAL,
     text: list[str] = typer.Option([], "--text", "-f", help="Calibration text: a file, a folder, or - for stdin; "
                                    "repeatable (default: the built-in set of code and prose in several languages)."),
     output: Path = typer.Option(None, "-o", "--output", help="Output imatrix (default: <model>.imatrix.gguf here)."),
     chunk_size: int = typer.Option(512, "--chunk-size", "-c", min=1, help="Tokens per chunk (llama.cpp: -c 512)."),
     chunks: int = typer.Option(0, "--chunks", min=0, help="Use at most this many chunks (0 = all)."),
-    device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
-    threads: int = typer.Option(None, "--threads", min=1, help="CPU threads (default: torch's choice)."),
+    device: str = DEVICE,
+    threads: int | None = THREADS,
     save_every: float = typer.Option(60.0, "--save-every", min=1.0, help="Seconds between progress saves."),
 ) -> None:
     """Measure which weight columns matter (mean squared activations) for `v4 quantize --imatrix`.
@@ -74,7 +76,7 @@ def imatrix_cmd(
     from v4cli.engine.loader import load_model
     from v4cli.store import atomic_open
 
-    path = resolve_model(model)
+    path = resolve_model(pick_model(model_opt, model))
     if threads:
         torch.set_num_threads(threads)
     out = output or Path(f"{path.name.removesuffix('.gguf')}.imatrix.gguf")

@@ -8,7 +8,9 @@ import typer
 from rich.table import Table
 
 from v4cli import ui
+from v4cli.commands.options import ctx_option
 from v4cli.errors import BadInput
+from v4cli.units import parse_size
 
 
 def _source(src: str) -> tuple[dict, Path | None, str | None]:
@@ -39,8 +41,9 @@ def quantize(
                                       "I-quant mix (needs --imatrix): iq3-108, iq2-100, iq2-90, iq2-80."),
     imatrix: Path | None = typer.Option(None, "--imatrix", help="Importance matrix guiding the low-bit quantizers: "
                                         "from `v4 imatrix`, or llama.cpp's (GGUF or legacy .dat)."),
-    fit: str | None = typer.Option(None, "--fit", help="Choose the best recipe whose file fits this RAM (e.g. 128G)."),
-    ctx: str = typer.Option("1M", "--ctx", help="Context the --fit budget must leave room for (fp8 KV): 1M, 384K."),
+    fit: int | None = typer.Option(None, "--fit", parser=parse_size, metavar="SIZE",
+                                   help="Choose the best recipe whose file fits this RAM (e.g. 128G)."),
+    ctx: int = ctx_option("1M", "Context the --fit budget must leave room for (fp8 KV), like 1M or 384K."),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="Override: PATTERN=TYPE on GGUF names; repeatable."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan's types and exact size; write nothing."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="With --dry-run: also list every tensor."),

@@ -146,21 +146,32 @@ class Runner:
             self.cancelled += 1
             yield Result("cancelled", Usage(len(job.ids), 0, 0), Assistant(), "")
             return
+        released = False
+
+        def finished(*_) -> None:  # runs in the loop; once, whichever of its two callers comes first
+            nonlocal released
+            if not released:
+                released, self.busy = True, False
+                self._lock.release()
+
+        def last(item) -> None:
+            queue.put_nowait(item)
+            finished()
+
         try:
             self._check_open()  # shut down while this one waited
             self.busy = True
+            # The last event and the engine's release arrive in one loop callback, so a client that sends its
+            # next request as soon as it reads the answer finds the engine free (the worker thread may not run
+            # again for a while). The pool's one thread still starts the next job only once this one has
+            # returned; the future's completion frees the lock too, should the job never run (pool shut down).
             fut = loop.run_in_executor(self._pool, self._work, job, cancel,
-                                       lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+                                       lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
+                                       lambda item: loop.call_soon_threadsafe(last, item))
         except BaseException:
-            self.busy = False
-            self._lock.release()
+            finished()
             raise
-
-        def finished(_f) -> None:
-            self.busy = False
-            self._lock.release()
-
-        fut.add_done_callback(finished)  # the engine is free only once the worker has returned
+        fut.add_done_callback(finished)
         try:
             while True:
                 try:
@@ -219,12 +230,15 @@ class Runner:
         if self._stopping.is_set():
             raise Busy("the server is shutting down", hint="retry once it is back")
 
-    def _work(self, job: Job, cancel: threading.Event, put: Callable[[Any], None]) -> None:
-        """The worker thread: one generation through the Session, each record turned into events for `put`."""
+    def _work(self, job: Job, cancel: threading.Event, put: Callable[[Any], None], last: Callable[[Any], None]
+              ) -> None:
+        """The worker thread: one generation through the Session, each record turned into events for `put`, and
+        the Result (or the exception) to `last` once nothing more will touch the engine."""
         try:
-            put(self._generate(job, cancel, put))
+            item: Any = self._generate(job, cancel, put)
         except BaseException as e:  # handed to the request's coroutine, which raises it there
-            put(e)
+            item = e
+        last(item)
 
     def _generate(self, job: Job, cancel: threading.Event, put: Callable[[Any], None]) -> Result:
         from v4cli.engine.records import DoneRecord, TokenRecord

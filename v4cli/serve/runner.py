@@ -171,7 +171,13 @@ class Runner:
         except BaseException:
             finished()
             raise
-        fut.add_done_callback(finished)
+
+        def never_ran(f) -> None:
+            if f.cancelled():  # the pool shut down before it started: nothing else will answer this request
+                queue.put_nowait(Busy("the server is shutting down", hint="retry once it is back"))
+            finished()
+
+        fut.add_done_callback(never_ran)
         try:
             while True:
                 try:

@@ -490,3 +490,41 @@ def test_llama_engine_serves_too(tiny_gguf, tmp_path):
         t0 = time.monotonic()
         assert llama.chat.completions.create(**{**ask, "max_tokens": 1}).usage.completion_tokens == 1
         assert time.monotonic() - t0 < 15 and srv.get("/health")[1]["cancelled"] == 1
+
+
+def test_ctrl_c_stops_the_answer_and_refuses_the_queue(tiny_gguf, tmp_path):
+    """Shutdown does not wait for a long answer to finish: it is stopped (an error event ends its stream), the
+    requests queued behind it get 503, and the process exits promptly and cleanly."""
+    import signal
+    import urllib.error
+    import urllib.request
+
+    with served(tiny_gguf("q8"), home=tmp_path) as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        long = dict(model="tiny-q8.gguf", messages=[{"role": "user", "content": "Go."}], max_tokens=3000,
+                    temperature=1.0, reasoning_effort="none")
+        stream = c.chat.completions.create(**long, stream=True)
+        it = iter(stream)
+        next(it), next(it)
+        queued = []
+
+        def wait_in_queue():
+            req = urllib.request.Request(srv.url + "/v1/chat/completions", data=json.dumps(long).encode(),
+                                         headers={"content-type": "application/json"})
+            try:
+                urllib.request.urlopen(req, timeout=60)
+            except urllib.error.HTTPError as e:
+                queued.append((e.code, json.loads(e.read())["error"]["message"]))
+
+        waiter = threading.Thread(target=wait_in_queue)
+        waiter.start()
+        _wait_until(lambda: srv.get("/health")[1]["queued"] == 1, 10)
+        t0 = time.monotonic()
+        srv.proc.send_signal(signal.SIGINT)
+        with pytest.raises(openai.APIError, match="shutting down"):
+            for _ in it:
+                pass
+        waiter.join(timeout=30)
+        assert srv.proc.wait(timeout=30) == 130 and "Traceback" not in srv.log  # Ctrl-C's usual status
+        assert time.monotonic() - t0 < 15  # 3000 tokens would take minutes
+        assert queued == [(503, "the server is shutting down (retry once it is back)")]

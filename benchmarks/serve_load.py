@@ -68,7 +68,8 @@ def call(url: str, kind: str, i: int, max_tokens: int) -> tuple[str, int, float]
     """One request of `kind`: (kind, HTTP status or 0 for a connection failure, seconds)."""
     body = {"messages": [{"role": "user", "content": f"Request {i}: say something short."}],
             # an abandoned stream asks for more, so the hang-up lands mid-generation
-            "max_tokens": max_tokens * (16 if kind == "abandon" else 1), "temperature": 1.0, "seed": i, "reasoning_effort": "none",
+            "max_tokens": max_tokens * (16 if kind == "abandon" else 1),
+            "temperature": 1.0, "seed": i, "reasoning_effort": "none",
             "stream": kind in ("stream", "abandon")}
     data = b'{"messages": [' if kind == "malformed" else json.dumps(body).encode()
     req = urllib.request.Request(url + "/v1/chat/completions", data=data,

@@ -24,7 +24,7 @@ from v4cli.prompt.encoding import DSML, Assistant, Mode, System, ToolCall, ToolR
 from v4cli.serve import openai_chat
 
 CTX = 4096
-served_tiny = serve_fixture("--ctx", str(CTX), "--max-body", "256K", "--max-tokens", "3000")
+served_tiny = serve_fixture("--ctx", str(CTX), "--max-body", "256K", "--max-tokens", "3000", "--alias", "deepseek-v4")
 
 TOOLS = [{"type": "function", "function": {"name": "read_file", "description": "Read a file.",
                                            "parameters": {"type": "object",
@@ -406,6 +406,10 @@ def test_models_and_health(served_tiny, client):
     assert models["models"][0]["name"] == "tiny-q8.gguf" and models["data"][0]["context_length"] == CTX
     status, health = served_tiny.get("/health")
     assert status == 200 and health["model"] == "tiny-q8.gguf" and "one request at a time" in health["scheduling"]
+    # the names a request may use: the file name, its stem, an --alias
+    for name in ("tiny-q8.gguf", "tiny-q8", "deepseek-v4"):
+        r = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+        assert r.model == "tiny-q8.gguf"
 
 
 # ---------------------------------------------------------------------------------------------- security

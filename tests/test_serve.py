@@ -354,6 +354,10 @@ def test_bad_requests_get_openai_errors(served_tiny, client):
     assert status == 400 and "not valid JSON" in body["error"]["message"]
     assert body["error"]["type"] == "invalid_request_error" and set(body["error"]) == {"message", "type", "param",
                                                                                         "code"}
+    assert served_tiny.get("/v1/nothing") == (404, {"error": {"message": "no such endpoint: GET /v1/nothing",
+                                                              "type": "invalid_request_error", "param": None,
+                                                              "code": None}})
+    assert served_tiny.get("/v1/chat/completions")[0] == 405
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     assert e.value.body["code"] == "model_not_found" and "tiny-q8.gguf" in e.value.body["message"]

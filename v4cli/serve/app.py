@@ -191,8 +191,8 @@ def create_app(server: Server) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        message = f"no such endpoint: {request.method} {request.url.path}" if e.status_code in (404, 405) \
-            else str(e.detail)
+        message = {404: f"no such endpoint: {request.method} {request.url.path}",
+                   405: f"{request.url.path} does not take {request.method}"}.get(e.status_code, str(e.detail))
         return error_response(request.url.path, APIError(e.status_code, message, kind))
 
     @app.exception_handler(RequestValidationError)

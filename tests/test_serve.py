@@ -141,6 +141,11 @@ def test_logprobs_match_the_sampled_tokens(client):
         assert len(lp.top_logprobs) == 3 and lp.logprob <= 0
         # greedy: the sampled token is the most likely one
         assert lp.top_logprobs[0].token == lp.token and lp.top_logprobs[0].logprob == pytest.approx(lp.logprob)
+    streamed = [lp for ch in client.chat.completions.create(
+        model="tiny-q8.gguf", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0,
+        reasoning_effort="none", logprobs=True, top_logprobs=3, stream=True)
+        for c in ch.choices if c.logprobs for lp in c.logprobs.content]
+    assert [(lp.token, lp.logprob) for lp in streamed] == [(lp.token, lp.logprob) for lp in lps]
 
 
 def test_max_tokens_is_capped_by_the_server(client):

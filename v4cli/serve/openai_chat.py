@@ -58,7 +58,7 @@ def _text(content: Any, where: str) -> str:
     raise APIError(400, f"{where} must be a string or a list of text parts", param=where)
 
 
-def _arguments(raw: Any, where: str) -> dict[str, Any]:
+def arguments(raw: Any, where: str) -> dict[str, Any]:
     """A tool call's `arguments`: a JSON string of an object (an object itself is accepted too)."""
     if raw is None or raw == "":
         return {}
@@ -83,7 +83,7 @@ def _tool_calls(calls: Any, where: str) -> tuple[ToolCall, ...]:
         fn = c.get("function") if isinstance(c, Mapping) else None
         if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or not fn["name"]:
             raise APIError(400, f"{at} needs function.name", param=at)
-        out.append(ToolCall(fn["name"], _arguments(fn.get("arguments"), f"{at}.function.arguments"), c.get("id")))
+        out.append(ToolCall(fn["name"], arguments(fn.get("arguments"), f"{at}.function.arguments"), c.get("id")))
     return tuple(out)
 
 

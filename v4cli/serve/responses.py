@@ -33,6 +33,7 @@ from v4cli.prompt.parser import ContentDelta, ReasoningDelta, ToolCallEvent
 from v4cli.serve.app import APIError, Server, api_error, read_json
 from v4cli.serve.core import EFFORT_MODES, ChatRequest, Constraint, Result
 from v4cli.serve.sse import COMMENT_PING, event_stream, frame, with_pings
+from v4cli.serve.openai_chat import arguments
 
 log = logging.getLogger("v4.serve")
 
@@ -71,19 +72,6 @@ def _text(content: Any, where: str) -> str:
         elif kind != "refusal":
             raise _bad(f"{where}[{i}] is not a text part", where)
     return "\n".join(out)
-
-
-def _arguments(raw: Any, where: str) -> dict[str, Any]:
-    if raw is None or raw == "":
-        return {}
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise _bad(f"{where} is not valid JSON: {e}", where) from None
-    if not isinstance(raw, dict):
-        raise _bad(f"{where} must encode a JSON object", where)
-    return raw
 
 
 class _Turn:
@@ -156,7 +144,7 @@ def messages_of(body: Mapping[str, Any]) -> list[Message]:
             if not isinstance(name, str) or not name:
                 raise _bad(f"{where}.name is required", where)
             call_id = item.get("call_id")
-            turn.calls.append(ToolCall(name, _arguments(item.get("arguments"), f"{where}.arguments"),
+            turn.calls.append(ToolCall(name, arguments(item.get("arguments"), f"{where}.arguments"),
                                        call_id if isinstance(call_id, str) else None))
         elif kind == "function_call_output":
             flush()

@@ -95,6 +95,30 @@ def test_two_caches_interleave_exactly(llama):
     assert ca.pos == 30 + 3 and ca.nbytes() > 0
 
 
+def test_session_restores_a_snapshot_on_the_llama_engine(llama):
+    """A prompt that diverges from the live cache after a marked prefix (a chat turn in thinking mode, whose reasoning
+    the next prompt drops) restores the snapshot into a fresh llama cache: same tokens as a cold run."""
+    from v4cli.engine.session import Session
+
+    a = random_token_ids(40, seed=3)
+    b = a[:30] + random_token_ids(8, seed=4)
+    session = Session(llama, chunk=16)
+    list(session.generate(a, SamplingParams(temperature=0, max_tokens=4), marks=[30]))
+    got = [r.token for r in session.generate(b, SamplingParams(temperature=0, max_tokens=6))
+           if isinstance(r, TokenRecord)]
+    assert session.reused == 30
+    assert got == tokens(llama, b, temperature=0, max_tokens=6)[0]
+
+
+def test_llama_cache_refuses_a_state_without_its_length(llama):
+    from v4cli.model.cache import BadState
+
+    with pytest.raises(BadState):
+        llama.new_cache().load_bytes(b"state")
+    with pytest.raises(BadState):
+        llama.new_cache().load_bytes(b"", 12)
+
+
 def test_stop_on_eos(llama):
     prompt = random_token_ids(20, seed=6)
     first, _ = tokens(llama, prompt, temperature=0, max_tokens=1, stop_on_eos=False)

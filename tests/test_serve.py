@@ -486,8 +486,8 @@ def test_stream_chunks_are_sse_data_lines(served_tiny):
 @pytest.mark.slow
 @pytest.mark.llama
 def test_llama_engine_serves_too(tiny_gguf, tmp_path):
-    """`--engine llama`: same answers stream and non-stream, and a cancelled stream frees it (its cache cannot be
-    restored from a snapshot, so the server takes none)."""
+    """`--engine llama`: same answers stream and non-stream, a diverging prompt restores the snapshot of the
+    shared prefix (llama.cpp's sequence state), and a cancelled stream frees it."""
     pytest.importorskip("llama_cpp")
     with served(tiny_gguf("f32", "tiny-128"), "--engine", "llama", "--ctx", "4096", home=tmp_path) as srv:
         llama = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=120)

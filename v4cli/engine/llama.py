@@ -144,6 +144,19 @@ class LlamaCache:
             return self.engine._seq_state_get()
         return self._saved or b""
 
+    def load_bytes(self, data: bytes, n_tokens: int | None = None) -> None:
+        """Take `to_bytes` output of a cache of this engine, the state after `n_tokens` tokens. llama.cpp checks the
+        bytes when this cache next owns the context (`llama_state_seq_set_data`); here only what it cannot."""
+        from v4cli.model.cache import BadState
+
+        if n_tokens is None or n_tokens < 0:
+            raise BadState("a llama.cpp sequence state needs its token count")
+        if not isinstance(data, (bytes, bytearray)) or (n_tokens > 0 and not data):
+            raise BadState(f"no llama.cpp sequence state for {n_tokens} tokens")
+        if self.engine._owner is self:
+            self.engine._owner = None  # the context holds our old state: _activate must load the new one
+        self._saved, self.pos = bytes(data), n_tokens
+
 
 class LlamaEngine:
     """llama.cpp behind the torch Engine's interface: tokenizer, args, new_cache, prefill, logits, generate."""

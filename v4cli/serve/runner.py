@@ -68,8 +68,8 @@ class Runner:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="v4-engine")
         self._stopping = threading.Event()
         self._encoding = threading.Lock()
-        # llama.cpp's cache can be saved but not restored: snapshots would fail the next request that needs one;
-        # it still reuses its live cache when a request extends the last one
+        # snapshots only where the engine's cache can take a state back (both engines today; a backend without
+        # it still reuses its live cache when a request extends the last one)
         self._snapshots = hasattr(session.cache, "load_bytes")
 
     @classmethod

@@ -198,6 +198,20 @@ def test_non_stream_message(client, model, encoder):
     assert m.usage.input_tokens + m.usage.cache_read_input_tokens == want
 
 
+def test_stop_sequence_is_reported(client, model):
+    """A stop string ends the answer before it, and the message says which one (stop_reason stop_sequence)."""
+    ask = dict(model=model, max_tokens=12, messages=[{"role": "user", "content": "Count."}],
+               extra_body={"temperature": 0})  # this SDK no longer takes temperature as an argument
+    full = client.messages.create(**ask).content[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    m = client.messages.create(stop_sequences=["\x00never", stop], **ask)
+    assert m.stop_reason == "stop_sequence" and m.stop_sequence == stop
+    assert (m.content[0].text if m.content else "") == full[: full.find(stop)]
+    with client.messages.stream(stop_sequences=[stop], **ask) as s:
+        final = s.get_final_message()
+    assert final.stop_reason == "stop_sequence" and final.stop_sequence == stop
+
+
 def test_stream_text_and_thinking_blocks(client, model):
     """The SDK's stream helper accepts our event sequence; text and thinking arrive as deltas of their blocks."""
     with client.messages.stream(model=model, max_tokens=8, messages=[{"role": "user", "content": "hi"}]) as s:

@@ -71,14 +71,16 @@ class StopMatcher:
     def __init__(self, stops: tuple[str, ...]):
         self.stops = tuple(s for s in stops if s)
         self.pending = ""
+        self.matched: str | None = None  # the stop string that ended the text, once one did
 
     def push(self, text: str) -> tuple[str, bool]:
         """→ (text safe to emit, stopped)."""
         if not self.stops:
             return text, False
         buf = self.pending + text
-        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        hits = [(i, s) for s in self.stops if (i := buf.find(s)) >= 0]
+        if hits:
+            cut, self.matched = min(hits, key=lambda h: (h[0], -len(h[1])))  # earliest; the longest at a tie
             self.pending = ""
             return buf[:cut], True
         hold = 0

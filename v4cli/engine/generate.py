@@ -177,4 +177,4 @@ class Engine:
         if not cut:
             tail, _ = stopper.push(detok.flush() if detok else "")
             tail += stopper.flush()
-        yield DoneRecord(reason, tail, timings, Memory(peak_rss_bytes(), cache.nbytes()))
+        yield DoneRecord(reason, tail, timings, Memory(peak_rss_bytes(), cache.nbytes()), stopper.matched)

@@ -391,4 +391,4 @@ class LlamaEngine:
         if not cut:
             tail, _ = stopper.push(detok.flush())
             tail += stopper.flush()
-        yield DoneRecord(reason, tail, timings, Memory(peak_rss_bytes(), cache.nbytes()))
+        yield DoneRecord(reason, tail, timings, Memory(peak_rss_bytes(), cache.nbytes()), stopper.matched)

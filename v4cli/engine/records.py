@@ -44,9 +44,11 @@ class Memory:
 
 @dataclass
 class DoneRecord:
-    """The last record: why generation stopped ("eos", "stop", "length"), text held back and flushed, stats."""
+    """The last record: why generation stopped ("eos", "stop", "length"), text held back and flushed, stats, and
+    for "stop" the stop string that matched (Anthropic's API reports it)."""
 
     finish_reason: str
     text: str
     timings: Timings
     memory: Memory
+    stop: str | None = None

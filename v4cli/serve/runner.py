@@ -269,6 +269,7 @@ class Runner:
             kwargs["logprobs"] = req.logprobs
         t0 = time.perf_counter()
         ttft, t_first, reused, n, finish = 0.0, None, 0, 0, "length"
+        stop_string: str | None = None
         raw: list[str] = []
         sampled: list[int] = []
         marks = [job.mark] if self._snapshots else []
@@ -286,7 +287,7 @@ class Runner:
                         put(self._logprobs(rec))
                     emit(parser.feed(rec.text))
                 elif isinstance(rec, DoneRecord):
-                    finish = rec.finish_reason
+                    finish, stop_string = rec.finish_reason, rec.stop
                     if finish == "eos":
                         n += 1  # EOS was sampled, though never yielded as a token
                         sampled.append(EOS_ID)
@@ -310,7 +311,8 @@ class Runner:
             reason = "tool_calls"
         decode_s = time.perf_counter() - t_first if t_first is not None else 0.0
         result = Result(reason, Usage(len(job.ids), reused, n), message, "".join(raw), ttft_s=ttft,
-                        decode_tps=(n - 1) / decode_s if decode_s > 0 and n > 1 else 0.0)
+                        decode_tps=(n - 1) / decode_s if decode_s > 0 and n > 1 else 0.0,
+                        stop_sequence=stop_string if finish == "stop" else None)
         if reason != "cancelled":
             self.history.remember(req, result, sampled)
         return result

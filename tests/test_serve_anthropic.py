@@ -245,8 +245,10 @@ def test_forced_tool_round_trip(client, model, encoder):
     """tool_choice names a tool: constrained decoding makes even random weights call it (stop_reason tool_use);
     sent back with a tool_result, the next prompt holds that call's exact DSML and reuses the first prompt."""
     ask = [{"role": "user", "content": "Read a.py"}]
+    # greedy: a sampled argument string can tokenize otherwise than our encoder would (the server splices the
+    # sampled ids back for reuse), which would make the counts below differ now and then
     m = client.messages.create(model=model, max_tokens=200, tools=[READ_FILE], messages=ask,
-                               tool_choice={"type": "tool", "name": "read_file"})
+                               tool_choice={"type": "tool", "name": "read_file"}, extra_body={"temperature": 0})
     assert m.stop_reason == "tool_use" and [b.type for b in m.content][-1] == "tool_use"
     call = m.content[-1]
     assert call.name == "read_file" and set(call.input) == {"path"} and call.id.startswith("toolu_")

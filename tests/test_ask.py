@@ -13,12 +13,12 @@ import time
 from dataclasses import dataclass
 
 import pytest
+from cli_util import run_cli
 import torch
 
 from v4cli.chat import answer
 from v4cli.chat.answer import ask_marks, wrap_ids
 from v4cli.chat.conversation import PromptEncoder
-from v4cli.cli import main
 from v4cli.prompt.encoding import DSML, Mode, System, User, load_tokenizer, render
 
 @pytest.fixture(autouse=True)
@@ -66,14 +66,7 @@ class Stdin:
 
 
 def run(argv, capsys, monkeypatch, stdin: str = "") -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "stdin", Stdin(stdin))
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(argv, capsys, monkeypatch, Stdin(stdin))
 
 
 def no_load(*a, **k):

@@ -8,11 +8,11 @@ import os
 import sys
 
 import pytest
+from cli_util import run_cli
 from gguf import GGUFReader
 
 from quant.config import ModelArgs
 from v4cli import bench, kvsize
-from v4cli.cli import main
 from v4cli.errors import BadInput
 from v4cli.gguf_file import GGUFFile
 
@@ -27,13 +27,7 @@ def q8(tiny_gguf):
 
 def run(argv, capsys) -> tuple[int, str, str]:
     """The real entry point, error boundary included: (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(argv, capsys)
 
 
 def shim_llama(tmp_path, monkeypatch, init: str, lib: str | None = None) -> None:

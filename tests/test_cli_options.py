@@ -6,15 +6,15 @@ import dataclasses
 import inspect
 import io
 import re
-import sys
 from pathlib import Path
 
 import click
 import pytest
+from cli_util import run_cli
 import typer.main
 from typer.testing import CliRunner
 
-from v4cli.cli import app, main
+from v4cli.cli import app
 from v4cli.commands.ask import ask_cmd
 from v4cli.commands.chat import chat_cmd
 from v4cli.commands.info import info
@@ -47,14 +47,7 @@ def _help(*args: str) -> str:
 
 
 def _run(argv, capsys, monkeypatch, stdin: str = "") -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))  # piped: not a terminal
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(argv, capsys, monkeypatch, io.StringIO(stdin))  # piped: not a terminal
 
 
 # ---------------------------------------------------------------------------------------------- item 8: argument help

@@ -7,18 +7,12 @@ import re
 import sys
 
 import pytest
+from cli_util import run_cli
 
-from v4cli.cli import main
 
 
 def run(argv, capsys) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(argv, capsys)
 
 
 @pytest.fixture

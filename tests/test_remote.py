@@ -10,9 +10,9 @@ import socket
 import sys
 
 import pytest
+from cli_util import run_cli
 from serve_util import serve_fixture, served
 
-from v4cli.cli import main
 from v4cli.engine.remote import base_url, thinking_fields, to_openai
 from v4cli.engine.sampling import SamplingParams
 from v4cli.errors import BadInput
@@ -32,14 +32,7 @@ def isolated(tmp_path, monkeypatch):
 
 
 def run(argv, capsys, monkeypatch, stdin: str = "") -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))  # piped, not a terminal
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(argv, capsys, monkeypatch, io.StringIO(stdin))  # piped, not a terminal
 
 
 def free_port() -> int:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from quant.convert import convert  # noqa: E402
 from quant.recipes import get_recipe  # noqa: E402
 from v4cli.engine import Engine  # noqa: E402
-from v4cli.model.cache import kv_bytes_per_token  # noqa: E402
+from v4cli.model.kvsize import bytes_per_token as kv_bytes_per_token  # noqa: E402
 from quant.config import FLASH_CONFIG, ModelArgs  # noqa: E402
 from v4cli.testing.tiny import make_tiny_checkpoint  # noqa: E402
 from v4cli.testing.trained import train_tiny  # noqa: E402

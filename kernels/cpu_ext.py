@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, quants as gq
 
-from v4cli.errors import V4Error
+from quant.errors import V4Error
 
 # every .cpp here is one translation unit of the library; the .inc files are included by them
 SOURCES = ("qmatmul.cpp", "qmatmul_isa.inc", "iquant_isa.inc", "qgemm_isa.inc", "mhc.cpp", "attention.cpp",

@@ -14,7 +14,7 @@ import torch
 from gguf import quants as gq
 
 from quant.ggml import QType, row_bytes, tensor_bytes, type_info
-from v4cli.errors import BadInput, UnsupportedModel
+from quant.errors import BadInput, UnsupportedModel
 
 QK_K = 256
 

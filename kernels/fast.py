@@ -25,7 +25,7 @@ from gguf import GGMLQuantizationType as Q
 from kernels import attention, cpu_ext
 from kernels.linear import QWeight, reference_linear, register, register_batch, register_moe
 from quant import ggml
-from v4cli.errors import BadInput
+from quant.errors import BadInput
 
 
 # The types registered with the dispatcher, filled in by _install(): those of quant.ggml.TYPES for which the library

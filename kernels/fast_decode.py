@@ -15,7 +15,7 @@ import torch
 from kernels import cpu_ext, decode
 from kernels.linear import QWeight
 from kernels.mhc import MixerParams
-from v4cli.errors import BadInput
+from quant.errors import BadInput
 
 i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
-from v4cli.errors import UnsupportedModel
+from quant.errors import UnsupportedModel
 
 # ggml types that are plain torch dtypes: viewed in place, never copied
 _PLAIN: dict[Q, torch.dtype] = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16,

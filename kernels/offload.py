@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from kernels.linear import QWeight
-from v4cli.errors import BadInput
+from quant.errors import BadInput
 
 HOST, STREAM = "host", "stream"
 # Rates of the cost model. The CPU's grouped expert products (int8 GEMM, kernels/cpu) ran at 165-169 GFLOP/s per

@@ -14,7 +14,7 @@ from pathlib import Path
 from gguf import GGUFValueType
 
 from quant import keys as K
-from v4cli.errors import CheckpointError, UnsupportedModel
+from quant.errors import CheckpointError, UnsupportedModel
 
 SUPPORTED_ARCHS = ("DeepseekV4ForCausalLM",)
 SUPPORTED_MODEL_TYPES = ("deepseek_v4",)

@@ -35,7 +35,7 @@ from quant.official import FP8, I8, Checkpoint, dequantized_rows, rows
 from quant.recipes import Recipe, choose_type, file_type
 from quant.tokenizer import tokenizer_kv
 from v4cli import __version__
-from v4cli.errors import BadInput, CheckpointError, DiskSpaceError
+from quant.errors import BadInput, CheckpointError, DiskSpaceError
 from v4cli.partials import partial_path
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from gguf.quants import dequantize
 
 from quant import iq2, iq3
 from quant.ggml import QType, byte_shape, type_info
-from v4cli.errors import BadInput, UnsupportedModel
+from quant.errors import BadInput, UnsupportedModel
 
 QK_K = 256
 GROUP_MAX_EPS = np.float32(1e-15)  # ggml's "all zero" threshold for a group

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from v4cli.errors import BadInput, UnsupportedModel
+from quant.errors import BadInput, UnsupportedModel
 
 QType = GGMLQuantizationType
 

@@ -44,7 +44,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from v4cli.errors import BadInput
+from quant.errors import BadInput
 
 TYPE = "imatrix"
 KEY_TYPE = "general.type"

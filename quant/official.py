@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from v4cli.errors import CheckpointError
+from quant.errors import CheckpointError
 from v4cli.safepath import UnsafePath, inside, safe_relpath
 
 # safetensors dtype strings as the official files use them

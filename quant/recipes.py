@@ -18,7 +18,7 @@ from gguf import LlamaFileType
 from quant import names as N
 from quant.ggml import type_info
 from quant.official import F32
-from v4cli.errors import BadInput
+from quant.errors import BadInput
 
 SOURCE = "source"
 

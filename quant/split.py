@@ -22,7 +22,7 @@ from gguf import GGUFValueType
 
 from quant import keys as K
 from quant.convert import _fsync_dir, disk_full_is_an_error
-from v4cli.errors import BadInput, DiskSpaceError
+from quant.errors import BadInput, DiskSpaceError
 from v4cli.gguf_file import _SCALAR_DTYPES, DEFAULT_ALIGNMENT, GGUFModel, TensorInfo, open_gguf
 from v4cli.partials import partial_path
 from v4cli.registry import split_path

@@ -8,7 +8,7 @@ from pathlib import Path
 from gguf import GGUFValueType, TokenType
 
 from quant import keys as K
-from v4cli.errors import CheckpointError
+from quant.errors import CheckpointError
 from v4cli.prompt.template import chat_template
 
 

@@ -12,8 +12,9 @@ from cli_util import run_cli
 from gguf import GGUFReader
 
 from quant.config import ModelArgs
-from v4cli import bench, kvsize
-from v4cli.errors import BadInput
+from v4cli import bench
+from v4cli.model import kvsize
+from quant.errors import BadInput
 from v4cli.gguf_file import GGUFFile
 
 PRESET = "tiny-128"  # llama.cpp loads this preset only

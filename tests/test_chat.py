@@ -19,7 +19,7 @@ from v4cli.chat.conversation import Conversation, PromptEncoder
 from v4cli.chat.render import StreamView, split_finished, status_line
 from v4cli.engine import SamplingParams
 from v4cli.engine.records import DoneRecord, Memory, Timings, TokenRecord
-from v4cli.errors import BadInput, NotFoundError
+from quant.errors import BadInput, NotFoundError
 from v4cli.prompt.encoding import (
     DSML,
     EOS,

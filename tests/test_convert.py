@@ -24,7 +24,7 @@ from quant.inventory import official_inventory
 from quant.official import Checkpoint, dequantized
 from quant.recipes import RECIPES, file_type, get_recipe
 from v4cli.cli import main
-from v4cli.errors import BadInput, CheckpointError, DiskSpaceError, UnsupportedModel
+from quant.errors import BadInput, CheckpointError, DiskSpaceError, UnsupportedModel
 from v4cli.prompt.template import chat_template
 from v4cli.testing.tiny import write_checkpoint
 

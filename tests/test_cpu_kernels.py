@@ -17,7 +17,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from kernels import cpu_ext
 from kernels.linear import QWeight, linear, linear_many, reference_linear, reference_routed_experts, routed_experts
 from quant.formats import quantize
-from v4cli.errors import BadInput
+from quant.errors import BadInput
 
 fast = pytest.importorskip("kernels.fast")
 pytestmark = pytest.mark.skipif(not fast.AVAILABLE, reason="CPU kernels did not build (no compiler or no AVX2)")

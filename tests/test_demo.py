@@ -13,7 +13,7 @@ import pytest
 from kernels import cpu_ext
 from v4cli.chat.answer import resolve_model
 from v4cli.cli import main
-from v4cli.errors import V4Warning
+from quant.errors import V4Warning
 from v4cli.store import Store
 
 NEXT = ["next        v4 chat", '            v4 ask . "what is this?"', "            v4 ls",

@@ -9,7 +9,7 @@ from gguf import quants as gq
 
 from kernels.dequant import DEQUANTIZABLE, dequantize, dequantize_rows
 from quant.ggml import SUPPORTED, QType, type_info
-from v4cli.errors import BadInput, UnsupportedModel
+from quant.errors import BadInput, UnsupportedModel
 
 # Byte offsets of the f16 scale fields in each block; random bytes there could be Inf/NaN, so they get real scales.
 F16_FIELDS: dict[QType, tuple[int, ...]] = {

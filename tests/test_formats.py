@@ -22,7 +22,7 @@ from quant.formats import (
     quantize,
 )
 from quant.ggml import QType, byte_shape, row_bytes, tensor_bytes, type_info
-from v4cli.errors import BadInput, UnsupportedModel
+from quant.errors import BadInput, UnsupportedModel
 
 K_QUANTS = (QType.Q6_K, QType.Q4_K, QType.Q3_K, QType.Q2_K)
 # Relative RMSE (error RMS / data RMS) of ggml's reference quantizers on this data, with a little headroom:

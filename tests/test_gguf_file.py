@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 from quant import keys as K
 from quant import names as N
 from quant.config import FLASH_CONFIG, ModelArgs
-from v4cli import kvsize
+from v4cli.model import kvsize
 from v4cli.cli import app, main
-from v4cli.errors import GGUFError, UnsupportedModel
+from quant.errors import GGUFError, UnsupportedModel
 from v4cli.gguf_file import GGUFFile, deepseek4_tensor_shapes
 from v4cli.store import format_bytes
 

@@ -21,7 +21,7 @@ from gguf import GGUFValueType as VT
 
 from quant import keys as K
 from quant.config import FLASH_CONFIG, ModelArgs
-from v4cli.errors import GGUFError, UnsupportedModel
+from quant.errors import GGUFError, UnsupportedModel
 from v4cli.gguf_file import GGUFFile, deepseek4_tensor_shapes
 
 CASE_SECONDS = 2.0  # a parse of these files takes milliseconds; anything near this is a hang

@@ -15,7 +15,7 @@ from v4cli.engine.grammar import REASONING_SHARE, compile_constraint
 from v4cli.engine.records import DoneRecord, TokenRecord
 from v4cli.engine.sampling import SamplingParams
 from v4cli.engine.session import Session
-from v4cli.errors import BadInput
+from quant.errors import BadInput
 from v4cli.prompt.encoding import EOS_ID, THINK_END, Mode, PromptTokenizer, User, encode, render_tool_calls
 from v4cli.prompt.parser import ToolCallEvent, parse_completion
 from v4cli.serve.core import Constraint

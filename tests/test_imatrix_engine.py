@@ -13,7 +13,7 @@ from v4cli.cli import main
 from v4cli.engine.detok import tokenizer_from_metadata
 from v4cli.engine.imatrix import calibration_windows, chunk_windows, collect
 from v4cli.engine.loader import load_model
-from v4cli.errors import BadInput
+from quant.errors import BadInput
 from v4cli.gguf_file import open_gguf
 
 DATA = Path(__file__).parent / "data"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from quant.imatrix import Imatrix, load_imatrix
-from v4cli.errors import BadInput
+from quant.errors import BadInput
 from v4cli.gguf_file import GGUFFile
 
 DATA = Path(__file__).parent / "data"

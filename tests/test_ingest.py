@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from v4cli import ingest
-from v4cli.errors import BadInput, V4Warning
+from quant.errors import BadInput, V4Warning
 from v4cli.ingest import (
     BINARY,
     EXCLUDED,

@@ -7,8 +7,8 @@ import copy
 import pytest
 
 from quant.config import FLASH_CONFIG, ModelArgs
-from v4cli import kvsize
-from v4cli.errors import BadInput
+from v4cli.model import kvsize
+from quant.errors import BadInput
 
 FLASH = ModelArgs.from_config(FLASH_CONFIG)
 

@@ -20,7 +20,7 @@ from v4cli.engine.llama import (
     expert_override_patterns,
 )
 from v4cli.engine.select import load_engine
-from v4cli.errors import BadInput, GGUFError, NotFoundError
+from quant.errors import BadInput, GGUFError, NotFoundError
 from v4cli.testing.tiny import random_token_ids
 
 pytestmark = [pytest.mark.llama, pytest.mark.usefixtures("one_thread")]  # one_thread: see conftest

@@ -17,9 +17,9 @@ from quant.convert import convert
 from quant.recipes import get_recipe
 from kernels.linear import QWeight
 from v4cli.engine import Engine
-from v4cli.errors import GGUFError
+from quant.errors import GGUFError
 from v4cli.gguf_file import GGUFFile
-from v4cli.model.cache import kv_bytes_per_token
+from v4cli.model.kvsize import bytes_per_token as kv_bytes_per_token
 from v4cli.model.deepseek4 import DeepseekV4
 from v4cli.testing.golden import golden_logits, load_reference_model
 from v4cli.testing.tiny import build_tensors, random_token_ids, tiny_config, write_checkpoint

@@ -18,7 +18,7 @@ from quant.recipes import get_recipe
 from v4cli.cli import app
 from v4cli.engine import Engine
 from v4cli.engine.loader import load_mtp
-from v4cli.errors import CheckpointError, GGUFError
+from quant.errors import CheckpointError, GGUFError
 from v4cli.gguf_file import GGUFFile, deepseek4_tensor_shapes
 from v4cli.testing.tiny import make_tiny_checkpoint, random_token_ids
 

@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType as Q
 from kernels import offload
 from kernels.linear import QWeight
 from v4cli.engine import Engine
-from v4cli.errors import BadInput
+from quant.errors import BadInput
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -131,7 +131,7 @@ def test_hybrid_engine_matches_cpu(tiny_gguf, how, small_slots, monkeypatch):
     # with mix / finish replayed from CUDA graphs around the experts' round trip, against the CPU engine.
     from v4cli.engine.cuda_graphs import Graphed
     from v4cli.gguf_file import GGUFFile
-    from v4cli.kvsize import kv_bytes
+    from v4cli.model.kvsize import kv_bytes
     from v4cli.placement import GPU_RESERVE
     from v4cli.testing.tiny import random_token_ids
     from quant import names as N

@@ -12,9 +12,9 @@ from gguf import GGMLQuantizationType as Q
 from quant import keys as K
 from quant import names as N
 from quant.config import FLASH_CONFIG, ModelArgs
-from v4cli import kvsize
+from v4cli.model import kvsize
 from v4cli.engine.loader import _tensors, placement
-from v4cli.errors import DoesNotFit
+from quant.errors import DoesNotFit
 from v4cli.gguf_file import GGUFFile, deepseek4_tensor_shapes
 from v4cli.placement import (
     CPU,

@@ -11,10 +11,10 @@ from quant import names as N
 from quant.config import FLASH_CONFIG, ModelArgs
 from quant.recipes import FIT_ORDER
 from v4cli.cli import main
-from v4cli.errors import BadInput, DoesNotFit
+from quant.errors import BadInput, DoesNotFit
 from v4cli.fit import choose_recipe
 from v4cli.gguf_file import GGUFFile
-from v4cli.kvsize import kv_bytes
+from v4cli.model.kvsize import kv_bytes
 from v4cli.plan import (
     DISK,
     GPU,

@@ -39,7 +39,7 @@ from v4cli.engine.prefix_cache import (
     prefix_keys,
 )
 from v4cli.engine.session import Session
-from v4cli.errors import BadInput
+from quant.errors import BadInput
 from v4cli.model import cache as model_cache
 from v4cli.model.cache import STATE_LAYOUT, BadState
 from v4cli.testing.tiny import random_token_ids

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from v4cli.errors import BadInput, NotFoundError
+from quant.errors import BadInput, NotFoundError
 from v4cli.prompt import (
     MAX_MIN_CONTEXT,
     Assistant,

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from v4cli import hub
 from v4cli.cli import app, main
-from v4cli.errors import BadInput, DiskSpaceError, DownloadError, NotFoundError
+from quant.errors import BadInput, DiskSpaceError, DownloadError, NotFoundError
 from v4cli.registry import CHECKPOINT_PATTERNS, REGISTRY, HubSpec
 from v4cli.store import MANIFEST, PARTIAL, Store, format_bytes
 

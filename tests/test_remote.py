@@ -15,7 +15,7 @@ from serve_util import serve_fixture, served
 
 from v4cli.engine.remote import base_url, thinking_fields, to_openai
 from v4cli.engine.sampling import SamplingParams
-from v4cli.errors import BadInput
+from quant.errors import BadInput
 from v4cli.prompt.encoding import Assistant, Mode, System, ToolCall, ToolResult, User
 
 served_tiny = serve_fixture()

@@ -7,7 +7,7 @@ import torch
 
 from v4cli.engine.detok import Detokenizer, StopMatcher
 from v4cli.engine.sampling import Sampler, SamplingParams
-from v4cli.errors import BadInput
+from quant.errors import BadInput
 
 LOGITS = torch.log(torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]))
 

@@ -16,7 +16,7 @@ from quant.split import split_gguf
 from v4cli.cli import app, main
 from v4cli.engine import Engine
 from v4cli.engine.prefix_cache import model_fingerprint
-from v4cli.errors import BadInput, GGUFError
+from quant.errors import BadInput, GGUFError
 from v4cli.gguf_file import GGUFFile, SplitGGUF, open_gguf
 from v4cli.testing.tiny import random_token_ids
 

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from v4cli.cli import app, main
-from v4cli.errors import BadInput, NotFoundError
+from quant.errors import BadInput, NotFoundError
 from v4cli.registry import CHECKPOINT_PATTERNS, REGISTRY, HubSpec, LocalSpec, resolve_name
 from v4cli.store import (
     MANIFEST,

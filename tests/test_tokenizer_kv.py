@@ -9,7 +9,7 @@ from gguf import TokenType
 from quant import keys as K
 from quant.tokenizer import tokenizer_kv
 from v4cli.engine.detok import tokenizer_from_metadata
-from v4cli.errors import GGUFError
+from quant.errors import GGUFError
 from v4cli.prompt.encoding import load_tokenizer
 from v4cli.testing.corpus import mixed_corpus
 from v4cli.testing.tiny import official_tokenizer_dir

@@ -32,8 +32,8 @@ from pathlib import Path
 
 from quant import names as N
 from quant.config import FLASH_CONFIG, ModelArgs
-from v4cli import kvsize
-from v4cli.errors import BadInput, V4Error
+from v4cli.model import kvsize
+from quant.errors import BadInput, V4Error
 from v4cli.gguf_file import GGUFModel, open_gguf
 
 DEFAULT_ENGINES = ("torch", "llama")  # those of them that are installed, when --engines is not given

@@ -20,7 +20,7 @@ import typer.core
 from kernels import cpu_ext
 from v4cli import __version__, commands, ui
 from v4cli.commands.options import normalize_flag
-from v4cli.errors import V4Error, V4Warning
+from quant.errors import V4Error, V4Warning
 
 
 def _keep_argument_help(init):

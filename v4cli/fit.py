@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from quant.recipes import FIT_ORDER, RECIPES
 from v4cli.units import parse_size
-from v4cli.errors import DoesNotFit
+from quant.errors import DoesNotFit
 from v4cli.plan import (
     GPU_RESERVE,
     KV_FORMATS,

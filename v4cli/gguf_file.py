@@ -34,7 +34,7 @@ from quant import keys as K
 from quant.ggml import TYPES as GGML_TYPES
 from quant import names as N
 from quant.config import ModelArgs
-from v4cli.errors import GGUFError, UnsupportedModel
+from quant.errors import GGUFError, UnsupportedModel
 from v4cli.registry import find_gguf, parse_split_name, split_path
 
 MAGIC = b"GGUF"

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from v4cli import __version__
-from v4cli.errors import BadInput, DiskSpaceError, DownloadError, NotFoundError, V4Error
+from quant.errors import BadInput, DiskSpaceError, DownloadError, NotFoundError, V4Error
 from v4cli.registry import HubSpec, LocalSpec, resolve_name
 from v4cli.safepath import UnsafePath, hex_digest, inside, safe_relpath
 from v4cli.store import PARTIAL, FileRecord, Manifest, Store, check_file, format_bytes, hash_file

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from v4cli.errors import BadInput, NotFoundError, V4Warning
+from quant.errors import BadInput, NotFoundError, V4Warning
 from v4cli.secrets import scan_text, secret_name
 
 if TYPE_CHECKING:

@@ -25,8 +25,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from quant import names as N
 from quant.config import FLASH_CONFIG, ModelArgs
-from v4cli import kvsize
-from v4cli.errors import BadInput, DoesNotFit
+from v4cli.model import kvsize
+from quant.errors import BadInput, DoesNotFit
 from v4cli.gguf_file import deepseek4_tensor_shapes
 
 GPU, CPU, MMAP = "cuda:0", "cpu", "mmap"

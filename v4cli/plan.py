@@ -21,7 +21,7 @@ from gguf import GGMLQuantizationType
 
 from quant import names as N
 from quant.config import ModelArgs
-from v4cli.errors import BadInput, DoesNotFit
+from quant.errors import BadInput, DoesNotFit
 from v4cli.placement import COMPONENTS, GPU_RESERVE, PlacementPlan
 from v4cli.units import parse_ctx  # noqa: F401  (planner callers import it from here)
 
@@ -271,7 +271,7 @@ def _read_per_token(args: ModelArgs, role: str, layer: int | None, nbytes: int) 
 def kv_read_per_token(args: ModelArgs, fmt: str, ctx: int) -> int:
     """Bytes of KV one decoded token reads at context `ctx`: every layer's window and compressor state, every HCA
     entry, every CSA indexer key, and only the indexer's top-k CSA entries (most of the cache is not read)."""
-    from v4cli.kvsize import compressor_state_bytes, entry_bytes, index_key_bytes
+    from v4cli.model.kvsize import compressor_state_bytes, entry_bytes, index_key_bytes
 
     entry, key = entry_bytes(args, fmt), index_key_bytes(args, fmt)
     total = compressor_state_bytes(args)
@@ -636,7 +636,7 @@ def plan_for(model: str, machine: Machine, ctx: int | None = None, kv_format: st
     """`v4 plan MODEL`: a GGUF file → its placement; a checkpoint or registry name → the recipe that fits, then its
     placement. `flash` needs no download: its layout is known from config alone (quant.config.FLASH_CONFIG)."""
     from quant.config import FLASH_CONFIG
-    from v4cli.errors import NotFoundError
+    from quant.errors import NotFoundError
     from v4cli.registry import HubSpec, resolve_name
     from v4cli.store import Store
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from v4cli.errors import BadInput, NotFoundError
+from quant.errors import BadInput, NotFoundError
 
 # Only what the runner reads from an official checkpoint; everything else in the repo (README, figures,
 # inference/ code, LICENSE) is skipped.

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from v4cli.errors import BadInput, DownloadError, NotFoundError
+from quant.errors import BadInput, DownloadError, NotFoundError
 from v4cli.partials import find_partials
 from v4cli.registry import (CHECKPOINT_PATTERNS, HubSpec, LocalSpec, describe_model, gguf_models, is_gguf,
                              resolve_name)

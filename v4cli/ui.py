@@ -17,7 +17,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from v4cli.errors import V4Error
+from quant.errors import V4Error
 
 console = Console(stderr=False)
 err = Console(stderr=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from v4cli.errors import BadInput
+from quant.errors import BadInput
 
 # decimal like the sizes store.format_bytes prints (and GPU and RAM labels); `i` suffixes are binary
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}

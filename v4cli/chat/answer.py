@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from v4cli.errors import BadInput, NotFoundError, V4Warning
+from quant.errors import BadInput, NotFoundError, V4Warning
 from v4cli.prompt.encoding import Assistant, Mode, User, render
 from v4cli.prompt.parser import Event, ParseError, StreamParser, ToolCallEvent
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from v4cli.errors import BadInput, NotFoundError
+from quant.errors import BadInput, NotFoundError
 from v4cli.prompt.encoding import (
     Assistant,
     Message,

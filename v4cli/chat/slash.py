@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from v4cli.errors import BadInput
+from quant.errors import BadInput
 from v4cli.prompt.encoding import Mode, check_context
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ from rich.text import Text
 
 from v4cli import ui
 from v4cli.commands.options import MODEL, RemoteOptions, RunOptions, options
-from v4cli.errors import BadInput, NotFoundError, V4Error
+from quant.errors import BadInput, NotFoundError, V4Error
 from v4cli.prompt.encoding import Mode, System, User
 
 STDIN_ARG = "-"

@@ -12,7 +12,7 @@ from rich.text import Text
 
 from v4cli import bench, ui
 from v4cli.commands.options import DEVICE, KV, MODEL_POSITIONAL, model_option, pick_model
-from v4cli.errors import BadInput, V4Error
+from quant.errors import BadInput, V4Error
 
 
 def _ints(text: str | None, flag: str, default: tuple[int, ...]) -> tuple[int, ...]:

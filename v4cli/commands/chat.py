@@ -9,7 +9,7 @@ from rich.text import Text
 
 from v4cli import ui
 from v4cli.commands.options import MODEL, MODEL_POSITIONAL, RemoteOptions, RunOptions, options, pick_model
-from v4cli.errors import V4Error
+from quant.errors import V4Error
 from v4cli.prompt.encoding import Mode
 
 

@@ -16,7 +16,7 @@ from v4cli import ui
 from v4cli.commands.options import (
     CHUNK, DEVICE, ENGINE, KV, MODEL_POSITIONAL, THREADS, model_option, pick_model,
 )
-from v4cli.errors import BadInput
+from quant.errors import BadInput
 
 
 def _read_text(path: Path, flag: str) -> str:

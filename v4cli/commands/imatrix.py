@@ -11,7 +11,7 @@ import typer
 
 from v4cli import ui
 from v4cli.commands.options import DEVICE, MODEL, MODEL_POSITIONAL, THREADS, pick_model
-from v4cli.errors import BadInput
+from quant.errors import BadInput
 
 DEFAULT_TEXT = "calibration.txt"  # shipped in v4cli/assets (see CALIBRATION.md there: what it is, its licence)
 

@@ -10,9 +10,10 @@ from rich.table import Table
 
 from quant import keys as K
 from quant.config import ModelArgs
-from v4cli import kvsize, ui
+from v4cli.model import kvsize
+from v4cli import ui
 from v4cli.commands.options import KV, RAM, VRAM, ctx_option, model_option, pick_model
-from v4cli.errors import GGUFError, NotFoundError
+from quant.errors import GGUFError, NotFoundError
 from v4cli.gguf_file import open_gguf
 from v4cli.store import format_bytes
 from v4cli.placement import DEFAULT_RECIPE_TYPES, PlacementPlan, inventory_for

@@ -22,7 +22,7 @@ from v4cli.engine.generate import DEFAULT_CHUNK
 from v4cli.engine.prefix_cache import DEFAULT_CACHE_SIZE
 from v4cli.engine.remote import API_KEY_ENV
 from v4cli.engine.sampling import SamplingParams
-from v4cli.errors import BadInput
+from quant.errors import BadInput
 from v4cli.prompt.encoding import Mode
 from v4cli.units import parse_ctx, parse_size
 

@@ -39,7 +39,7 @@ def _rate(bw: float) -> str:
 
 def _bw(text: str | None, flag: str) -> float | None:
     """'90' or '90GB/s' (GB/s) → bytes/s."""
-    from v4cli.errors import BadInput
+    from quant.errors import BadInput
 
     if text is None:
         return None

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from v4cli import ui
 from v4cli.commands.options import ctx_option
-from v4cli.errors import BadInput
+from quant.errors import BadInput
 from v4cli.units import parse_size
 
 

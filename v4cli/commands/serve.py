@@ -10,7 +10,7 @@ from rich.text import Text
 
 from v4cli import ui
 from v4cli.commands.options import CACHE_SIZE, CTX, MODEL, MODEL_POSITIONAL, LoadOptions, options, pick_model
-from v4cli.errors import BadInput
+from quant.errors import BadInput
 from v4cli.units import parse_size
 
 LOOPBACK_NAMES = ("localhost",)

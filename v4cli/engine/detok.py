@@ -6,7 +6,7 @@ from tokenizers import Tokenizer
 
 from quant import keys as K
 from quant.tokenizer import tokenizer_json_from_kv
-from v4cli.errors import CheckpointError, GGUFError
+from quant.errors import CheckpointError, GGUFError
 from v4cli.prompt.encoding import BOS, BOS_ID, EOS, EOS_ID, SPECIAL_TOKENS, default_tokenizer_path
 
 

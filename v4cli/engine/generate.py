@@ -19,7 +19,7 @@ from v4cli.engine.detok import Detokenizer, StopMatcher, tokenizer_from_metadata
 from v4cli.engine.loader import load_model, load_mtp
 from v4cli.engine.records import DoneRecord, Memory, Timings, TokenRecord
 from v4cli.engine.sampling import Sampler, SamplingParams, token_logprobs
-from v4cli.errors import BadInput
+from quant.errors import BadInput
 from v4cli.model.cache import KV_FORMATS, ModelCache
 from v4cli.model.deepseek4 import MTP, DeepseekV4
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from llguidance import LLMatcher, LLTokenizer
 
-from v4cli.errors import BadInput, V4Error
+from quant.errors import BadInput, V4Error
 from v4cli.prompt.encoding import DSML, EOS_ID, SPECIAL_TOKENS, THINK_END, Mode, PromptTokenizer
 from v4cli.serve.core import Constraint
 

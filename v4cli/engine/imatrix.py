@@ -26,7 +26,7 @@ from quant import keys as K
 from quant import names as N
 from quant.config import ModelArgs
 from quant.imatrix import Imatrix
-from v4cli.errors import BadInput
+from quant.errors import BadInput
 
 MIN_CHUNK = 32  # below this a chunk's experts could take the fused decode path, which hides its inputs
 

@@ -28,7 +28,7 @@ from v4cli.engine.detok import Detokenizer, StopMatcher, tokenizer_from_metadata
 from v4cli.engine.generate import DEFAULT_CHUNK, peak_rss_bytes
 from v4cli.engine.records import DoneRecord, Memory, Timings, TokenRecord
 from v4cli.engine.sampling import Sampler, SamplingParams, token_logprobs
-from v4cli.errors import BadInput, GGUFError, NotFoundError, V4Error
+from quant.errors import BadInput, GGUFError, NotFoundError, V4Error
 from v4cli.gguf_file import GGUFModel, open_gguf
 
 INSTALL_HINT = "pip install llama-cpp-python==0.3.36 (a CPU build takes about 11 minutes on 2 cores)"

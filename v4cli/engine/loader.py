@@ -10,7 +10,7 @@ import torch
 
 from kernels.linear import QWeight
 from quant import names as N
-from v4cli.errors import BadInput, GGUFError
+from quant.errors import BadInput, GGUFError
 from v4cli.gguf_file import GGUFModel, open_gguf
 from v4cli.model.deepseek4 import MTP, DeepseekV4
 from v4cli.placement import GPU, PlacementPlan

@@ -39,7 +39,7 @@ from typing import BinaryIO, TypeVar
 import numpy as np
 
 from quant import keys as K
-from v4cli.errors import BadInput, NotFoundError, V4Warning
+from quant.errors import BadInput, NotFoundError, V4Warning
 from v4cli.store import _fsync_dir, atomic_open, atomic_write_json, default_root
 from v4cli.units import parse_size
 

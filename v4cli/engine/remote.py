@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from v4cli.engine.records import DoneRecord, Memory, Timings, TokenRecord
 from v4cli.engine.sampling import SamplingParams
-from v4cli.errors import BadInput, RemoteError
+from quant.errors import BadInput, RemoteError
 from v4cli.prompt.encoding import (
     THINK_END,
     Assistant,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from v4cli.errors import BadInput
+from quant.errors import BadInput
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from v4cli.errors import BadInput
+from quant.errors import BadInput
 
 ENGINES = ("torch", "llama")
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
 from v4cli.engine.generate import DEFAULT_CHUNK, Engine
 from v4cli.engine.records import DoneRecord, TokenRecord
 from v4cli.engine.sampling import SamplingParams
-from v4cli.errors import BadInput
+from quant.errors import BadInput
 from v4cli.model.cache import ModelCache
 
 if TYPE_CHECKING:

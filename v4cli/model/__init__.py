@@ -1,6 +1,6 @@
-"""DeepSeek-V4 model code: the forward pass and its per-sequence state."""
+"""DeepSeek-V4 model code: the forward pass, its per-sequence state and that state's sizes."""
 
-from v4cli.model.cache import ModelCache, kv_bytes_per_token
+from v4cli.model.cache import ModelCache
 from v4cli.model.deepseek4 import DeepseekV4
 
-__all__ = ["DeepseekV4", "ModelCache", "kv_bytes_per_token"]
+__all__ = ["DeepseekV4", "ModelCache"]

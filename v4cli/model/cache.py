@@ -20,11 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from v4cli.errors import BadInput
-
-KV_FORMATS = ("f32", "bf16", "fp8")
-FP8_BLOCK = 64
-FP4_BLOCK = 32
+from quant.errors import BadInput
+from v4cli.model.kvsize import FP4_SCALE_BLOCK as FP4_BLOCK, FP8_SCALE_BLOCK as FP8_BLOCK, KV_FORMATS
 _FP4_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 _FP4_MIDS = (_FP4_GRID[1:] + _FP4_GRID[:-1]) / 2
 # The layout of `state_dict`: key names and each key's dtype and shape. Bump it when either changes: `to_bytes`
@@ -424,21 +421,3 @@ def _keys(sd: dict, want: set[str], where: str) -> None:
         extra, missing = sorted(map(str, set(sd) - want)), sorted(want - set(sd))
         raise BadState(f"{where}" + "; ".join(f"{k} {v[:3]}" for k, v in (("unexpected", extra),
                                                                          ("missing", missing)) if v))
-
-
-def kv_bytes_per_token(args, kv_format: str) -> float:
-    """The formula: compressed-entry bytes per token for a model (excludes the constant-size windows).
-
-    Flash: bf16 21·(512·2 + 128·2)/4 + 20·512·2/128 = 6,880 B; fp8 ≈ 3,509 B.
-    """
-    kv, idx = codecs(kv_format, args.qk_rope_head_dim)
-    total = 0.0
-    for layer in range(args.num_hidden_layers):
-        ratio = args.compress_ratios[layer]
-        if ratio == 0:
-            continue
-        per_entry = kv.row_bytes(args.head_dim)
-        if args.is_csa(layer):
-            per_entry += idx.row_bytes(args.index_head_dim)
-        total += per_entry / ratio
-    return total

@@ -25,7 +25,7 @@ from kernels.mhc import MixerParams, hc_collapse, hc_post, hc_pre
 from kernels.norm import rms_norm
 from quant import names
 from quant.config import ModelArgs
-from v4cli.errors import GGUFError
+from quant.errors import GGUFError
 from v4cli.model.cache import CompressorState, LayerCache, ModelCache, Rows, codecs
 
 

@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from v4cli.errors import BadInput, NotFoundError, V4Error
+from quant.errors import BadInput, NotFoundError, V4Error
 from v4cli.serve.runner import Busy, Runner
 
 log = logging.getLogger("v4.serve")

@@ -48,7 +48,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from v4cli.errors import V4Warning
+from quant.errors import V4Warning
 from v4cli.prompt.encoding import (
     EOS,
     EOS_ID,

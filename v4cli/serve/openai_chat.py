@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from fastapi.sse import format_sse_event
 
 from v4cli.engine.sampling import SamplingParams
-from v4cli.errors import BadInput, V4Error
+from quant.errors import BadInput, V4Error
 from v4cli.prompt.encoding import Assistant, Message, Mode, System, ToolCall, ToolResult, User
 from v4cli.prompt.parser import ContentDelta, ReasoningDelta, ToolCallEvent
 from v4cli.serve.app import APIError, Server, api_error, log, openai_error, read_json

@@ -27,7 +27,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from v4cli.engine.sampling import SamplingParams
-from v4cli.errors import BadInput
+from quant.errors import BadInput
 from v4cli.prompt.encoding import Assistant, Message, Mode, System, ToolCall, ToolResult, User
 from v4cli.prompt.parser import ContentDelta, ReasoningDelta, ToolCallEvent
 from v4cli.serve.app import APIError, Server, api_error, read_json

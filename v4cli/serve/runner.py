@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from v4cli.errors import BadInput, NotFoundError, V4Error
+from quant.errors import BadInput, NotFoundError, V4Error
 from v4cli.prompt.encoding import EOS_ID, Assistant
 from v4cli.prompt.parser import End, StreamParser
 from v4cli.serve.core import ChatRequest, Event, Result, TokenLogprobs, Usage

@@ -1,4 +1,5 @@
-"""The one exception hierarchy. Library code raises these; the CLI maps them to a line and an exit code."""
+"""The one exception hierarchy, at the bottom of the import graph (quant, kernels, model, engine and CLI all raise
+these). Library code raises them; the CLI's error boundary maps them to a line and an exit code."""
 
 from __future__ import annotations
 

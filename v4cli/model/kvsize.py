@@ -18,9 +18,13 @@ from __future__ import annotations
 import math
 
 from quant.config import ModelArgs
-from v4cli.errors import BadInput
+from quant.errors import BadInput
 
+# The one table of KV-cache formats: what ModelCache stores (v4cli/model/cache.py codecs) and the planners size.
+# f32 is exact and meant for tests; bf16 is the default (exact enough, no rounding of the rope dims); fp8 is
+# DeepSeek's own runtime format at about half of bf16.
 KV_FORMATS = ("bf16", "fp8", "f32")
+DEFAULT_KV_FORMAT = "bf16"
 FP8_SCALE_BLOCK = 64  # values per E8M0 scale byte in FP8 KV entries
 FP4_SCALE_BLOCK = 32  # values per E8M0 scale byte in FP4 indexer keys
 STATE_BYTES = 4  # compressor partial-window state is fp32 in every format

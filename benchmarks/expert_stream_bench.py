@@ -24,8 +24,8 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
-from kernels import offload
-from kernels.linear import QWeight, grouped_experts, use_fast
+from kernels import backends, offload
+from kernels.linear import QWeight, grouped_experts
 
 I, D, K = 2048, 4096, 6  # Flash: expert width, hidden size, experts per token
 LIMIT = 10.0
@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
     qtype, E = Q[a.type], a.experts
-    use_fast()
+    backends.load()
     ws = (stack(qtype, E, I, D, 1), stack(qtype, E, I, D, 2), stack(qtype, E, D, I, 3))
     layer_bytes = E * offload.expert_bytes(ws)
     threads = torch.get_num_threads()

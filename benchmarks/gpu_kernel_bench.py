@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--types", default=",".join(TYPES))
     ap.add_argument("--calls", type=int, default=200)
     a = ap.parse_args()
-    if not (torch.cuda.is_available() and gpu.AVAILABLE):
+    if not (torch.cuda.is_available() and gpu.available()):
         raise SystemExit("needs a CUDA GPU and Triton")
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     bw = copy_bandwidth()

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
-from kernels import fast
+from kernels import backends, fast
 from kernels.linear import QWeight, reference_linear
 
 # Flash shapes: (name, out N, in K)
@@ -201,7 +201,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not fast.AVAILABLE:
+    if not backends.load(reference=False)["kernels.fast"]:
         raise SystemExit("the CPU kernels did not build; nothing to benchmark")
     rng = np.random.default_rng(0)
     torch.manual_seed(0)

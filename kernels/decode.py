@@ -3,10 +3,9 @@
 At one token each half of a block (`Block.pre`: mHC collapse, norm, attention projections, their norms and RoPE;
 `Block.post`: output projection, mHC expand, the FFN half with routing and experts) is a few weight streams wrapped
 in ~20-40 small ops, and on CPU those ops cost more than the arithmetic. The model describes each half once in a
-`PreWeights` / `PostWeights`; a fast kernel registered for a device type (kernels.fast_decode registers the
-compiled CPU one) runs a whole half in one call. The reference is the model's own composition (Block.pre /
-Block.post in v4cli/model/deepseek4.py), which runs whenever no fast kernel is registered or it declines;
-`V4_KERNELS=reference` forces it.
+`PreWeights` / `PostWeights`; a fast kernel in `block_pre_op` / `block_post_op` (kernels/dispatch.py;
+kernels.fast_decode files the compiled CPU one) runs a whole half in one call. The reference is the model's own
+composition (Block.pre / Block.post in v4cli/model/deepseek4.py), which the caller runs whenever these return None.
 """
 
 from __future__ import annotations
@@ -15,7 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.linear import QWeight, registrar, try_fast
+from kernels.dispatch import Op
+from kernels.linear import QWeight
 from kernels.mhc import MixerParams
 
 
@@ -62,21 +62,24 @@ class PostWeights:
     plans: dict = field(default_factory=dict, repr=False)
 
 
-_PRE: dict = {}
-_POST: dict = {}
-# fast `block_pre(w, X, pos)` / `block_post(w, out, cs, X, post, comb, ids)` for one device type; may return None
-register_pre = registrar(_PRE)
-register_post = registrar(_POST)
+def _caller_runs_reference(*args) -> None:
+    """None: the caller runs its own composition, the reference of both halves."""
+    return None
+
+
+# fast `block_pre(w, X, pos)` / `block_post(w, out, cs, X, post, comb, ids)` by X's device type; may return None
+block_pre_op = Op("block_pre", _caller_runs_reference, device=lambda w, X, pos: X.device.type)
+block_post_op = Op("block_post", _caller_runs_reference, device=lambda w, out, cs, X, *rest: X.device.type)
 
 
 def block_pre(w: PreWeights, X: torch.Tensor, pos: torch.Tensor):
     """Streams X [1, S, D] at pos [1] → (x, q, kv, qr, cs, post, comb) as Block.pre returns them, or None (no fast
     kernel, or it declined: the caller runs the reference)."""
-    return try_fast(_PRE, X, w, X, pos)
+    return block_pre_op(w, X, pos)
 
 
 def block_post(w: PostWeights, out: torch.Tensor, cs: torch.Tensor, X: torch.Tensor, post: torch.Tensor,
                comb: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
     """The attention output out [1, H, d] → the streams after the block [1, S, D] as Block.post returns them, or
     None (the caller runs the reference)."""
-    return try_fast(_POST, X, w, out, cs, X, post, comb, ids)
+    return block_post_op(w, out, cs, X, post, comb, ids)

@@ -1,9 +1,10 @@
-"""Compiled CPU kernels (kernels/cpu/qmatmul.cpp) registered with the `linear` dispatcher.
+"""Compiled CPU kernels (kernels/cpu/qmatmul.cpp) for the `linear`, `linear_many`, `routed_experts` and
+`index_scores` ops.
 
-Importing this module builds or loads the library and registers `cpu_linear` for every type of the one type table
-(quant.ggml.TYPES) that the library has kernels for (it is asked, see `TYPES`), plus `cpu_routed_experts` for the
-MoE. If the build fails, or the CPU lacks AVX2, it registers nothing (cpu_ext logs why at debug level), so
-everything keeps the torch reference.
+`install()` (called once by kernels.backends.load) builds or loads the library and files `cpu_linear` for every type
+of the one type table (quant.ggml.TYPES) that the library has kernels for (it is asked, see `TYPES`), plus the
+batched, MoE and indexer kernels. If the build fails, or the CPU lacks AVX2, it files nothing (cpu_ext logs why at
+debug level), so everything keeps the torch reference.
 
 Accuracy: integer types quantize activations to int8 per 32 values (scale = absmax/127), as llama.cpp does on
 CPU; expect ~0.5 % relative error against the f32 reference. The fused row kernels (few rows) and the int8 GEMM
@@ -22,13 +23,14 @@ from typing import NamedTuple
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from kernels import attention, cpu_ext
-from kernels.linear import QWeight, reference_linear, register, register_batch, register_moe
+from kernels import cpu_ext
+from kernels.attention import index_scores_op
+from kernels.linear import QWeight, linear_many_op, linear_op, reference_linear, routed_experts_op
 from quant import ggml
 from quant.errors import BadInput
 
 
-# The types registered with the dispatcher, filled in by _install(): those of quant.ggml.TYPES for which the library
+# The types `linear` runs here, filled in by install(): those of quant.ggml.TYPES for which the library
 # reports kernels (v4_supported at a row length every block size divides), so a type gains its fast path by gaining
 # kernels in the library, with no list here to update.
 TYPES: tuple[Q, ...] = ()
@@ -229,19 +231,16 @@ def cpu_index_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, scale
     return out if rc == 0 else None
 
 
-def _install() -> bool:
+def install() -> bool:
+    """File the kernels in the ops' "cpu" tables; False (nothing filed) without a usable library."""
     global _lib, TYPES
     lib = cpu_ext.usable()
     if lib is None:
         return False
     _lib = lib
     TYPES = tuple(t for t in ggml.TYPES if lib.v4_supported(int(t), _PROBE_K) == 1)
-    for t in TYPES:
-        register(t, "cpu")(cpu_linear)
-    register_moe("cpu")(cpu_routed_experts)
-    register_batch("cpu")(cpu_linear_many)
-    attention.register("cpu")(cpu_index_scores)
+    linear_op.register("cpu", cpu_linear, qtypes=TYPES)
+    linear_many_op.register("cpu", cpu_linear_many)
+    routed_experts_op.register("cpu", cpu_routed_experts)
+    index_scores_op.register("cpu", cpu_index_scores)
     return True
-
-
-AVAILABLE = _install()

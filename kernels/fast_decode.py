@@ -1,4 +1,4 @@
-"""The compiled fused decode halves (kernels/cpu/decode.cpp) registered with kernels.decode.
+"""The compiled fused decode halves (kernels/cpu/decode.cpp) for kernels.decode's ops.
 
 Each `PreWeights` / `PostWeights` is turned once into the C structs decode.cpp reads (pointers, types, shapes; the
 spec keeps the tensors alive), kept in the spec's `plans`. A call then costs a few output allocations
@@ -161,14 +161,12 @@ class FusedDecode:
         return Xout
 
 
-def _install() -> bool:
+def install() -> bool:
+    """File the fused halves in their ops' "cpu" tables; False (nothing filed) without a usable library."""
     lib = cpu_ext.usable()
     if lib is None:
         return False
     fused = FusedDecode(lib)
-    decode.register_pre("cpu")(fused.pre)
-    decode.register_post("cpu")(fused.post)
+    decode.block_pre_op.register("cpu", fused.pre)
+    decode.block_post_op.register("cpu", fused.post)
     return True
-
-
-AVAILABLE = _install()

@@ -1,9 +1,9 @@
-"""Compiled CPU mHC mixers and RMSNorm (kernels/cpu/mhc.cpp) registered with kernels.mhc and kernels.norm.
+"""Compiled CPU mHC mixers and RMSNorm (kernels/cpu/mhc.cpp) for the ops of kernels.mhc and kernels.norm.
 
 One C call replaces the ~130 small torch ops of a block's pre-mix (the Sinkhorn rounds alone are 6 ops × 20), which
 at decode cost more than the arithmetic: ~0.6 ms per call, four calls per layer pair. Results match the references
 to f32 rounding (the RMS scale is applied after the dots instead of before). If the library did not build, or
-the CPU lacks AVX2, nothing is registered and the references run.
+the CPU lacks AVX2, `install()` files nothing and the references run.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import ctypes
 
 import torch
 
-from kernels import cpu_ext, mhc, norm
+from kernels import cpu_ext, mhc
+from kernels.norm import rms_norm_op
 
 
 def _ok(*ts: torch.Tensor) -> bool:
@@ -72,14 +73,14 @@ class CpuMixers:
         return y if rc == 0 else None
 
 
-def _install() -> bool:
+def install() -> bool:
+    """File the mixers and RMSNorm in their ops' "cpu" tables; False (nothing filed) without a usable library."""
     lib = cpu_ext.usable()
     if lib is None:
         return False
     cpu = CpuMixers(lib)
-    mhc.register("cpu", cpu)
-    norm.register("cpu")(cpu.rms_norm)
+    mhc.hc_pre_op.register("cpu", cpu.pre)
+    mhc.hc_collapse_op.register("cpu", cpu.collapse)
+    mhc.hc_post_op.register("cpu", cpu.post)
+    rms_norm_op.register("cpu", cpu.rms_norm)
     return True
-
-
-AVAILABLE = _install()

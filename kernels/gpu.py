@@ -1,4 +1,4 @@
-"""Triton kernels for CUDA, registered with the `linear` / `routed_experts` dispatchers.
+"""Triton kernels for CUDA, for the `linear`, `routed_experts` and mHC ops.
 
 Decode on a GPU is bound by the bytes of weights read, so each quantized type gets a fused dequantize-and-multiply
 kernel that reads the GGUF blocks in place (no f32 or bf16 copy of the weight is ever made) for few activation
@@ -15,8 +15,8 @@ Accuracy: the decoders dequantize exactly as kernels/dequant.py; the fused kerne
 only, ~1e-6 relative against the reference). BF16/F16 weights go to cuBLAS with activations rounded to their dtype
 (~4e-3 relative).
 
-Importing this module registers nothing unless Triton imports and a CUDA device is present (or
-TRITON_INTERPRET=1, which runs the same kernels on CPU tensors for the parity tests).
+`install()` (called once by kernels.backends.load) files nothing unless Triton imports and a CUDA device is present
+(or TRITON_INTERPRET=1, which runs the same kernels on CPU tensors for the parity tests).
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ from gguf import GGMLQuantizationType as Q
 
 from kernels import mhc
 from kernels.dequant import tables
-from kernels.linear import QWeight, reference_linear, register, register_moe, swiglu
+from kernels.linear import QWeight, linear_op, reference_linear, routed_experts_op, swiglu
 from kernels.mhc import MixerParams
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # the CPU-only install: the dispatcher keeps the torch reference on CUDA
+except ImportError:  # the CPU-only install: install() files nothing, so CUDA keeps the torch reference
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -579,16 +579,17 @@ class GpuMixers:
         return None
 
 
-def _install() -> bool:
-    if triton is None or not (torch.cuda.is_available() or INTERPRET):
+def available() -> bool:
+    """Whether the kernels can run here: Triton imports and there is a CUDA device (or TRITON_INTERPRET=1)."""
+    return triton is not None and (torch.cuda.is_available() or INTERPRET)
+
+
+def install() -> bool:
+    """File the kernels in the ops' "cuda" tables; False (nothing filed) where they cannot run."""
+    if not available():
         return False
-    for t in TYPES:
-        register(t, "cuda")(gpu_linear)
-    for t in (Q.BF16, Q.F16):
-        register(t, "cuda")(gpu_linear_bf16)
-    register_moe("cuda")(gpu_routed_experts)
-    mhc.register("cuda", GpuMixers())
+    linear_op.register("cuda", gpu_linear, qtypes=TYPES)
+    linear_op.register("cuda", gpu_linear_bf16, qtypes=(Q.BF16, Q.F16))
+    routed_experts_op.register("cuda", gpu_routed_experts)
+    mhc.hc_pre_op.register("cuda", GpuMixers().pre)
     return True
-
-
-AVAILABLE = _install()

@@ -1,19 +1,16 @@
 """Quantized weights and the linear op the model calls.
 
 `QWeight` keeps a tensor in its GGUF encoding (raw bytes + ggml type + torch-order shape); nothing is
-dequantized at load. `linear(x, w)` dispatches on (qtype, device type) to a registered kernel, falling back
-to the reference: dequantize, then matmul. Fast kernels plug in with `register(qtype, device_type)`;
-`kernels.fast` (the compiled CPU kernels) and `kernels.gpu` (Triton, for CUDA) register themselves on the first
-call. `routed_experts` is the same arrangement for a decode-time MoE over a few (token, expert) pairs.
-`V4_KERNELS=reference` forces the references. `observing(fn)` shows every product's input to `fn` (v4 imatrix).
+dequantized at load. `linear(x, w)` dispatches on (qtype, device type) to a fast kernel in `linear_op`'s table,
+falling back to the reference: dequantize, then matmul. `linear_many` (a layer's small products in one call) and
+`routed_experts` (a decode-time MoE over a few (token, expert) pairs) are ops of the same kind (kernels/dispatch.py);
+the backends fill their tables when kernels.backends.load runs. Every product's input goes to the function that
+`dispatch.observing` installed (v4 imatrix).
 """
 
 from __future__ import annotations
 
 import itertools
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -21,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
+from kernels.dispatch import Op, observer
 from quant.errors import UnsupportedModel
 
 # ggml types that are plain torch dtypes: viewed in place, never copied
@@ -109,20 +107,6 @@ class QWeight:
         return QWeight(self.raw.to(device), self.qtype, self.shape)
 
 
-Kernel = Callable[[torch.Tensor, QWeight], torch.Tensor]
-_KERNELS: dict[tuple[Q, str], Kernel] = {}
-
-
-def register(qtype: Q, device_type: str) -> Callable[[Kernel], Kernel]:
-    """Decorator: a fast `linear` kernel for one ggml type on one device type ("cpu", "cuda")."""
-
-    def deco(fn: Kernel) -> Kernel:
-        _KERNELS[(qtype, device_type)] = fn
-        return fn
-
-    return deco
-
-
 def reference_linear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
     """y = x @ Wᵀ in f32: plain types directly, anything else dequantized first."""
     p = w.plain()
@@ -131,99 +115,34 @@ def reference_linear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
     return F.linear(x, w.dense())
 
 
-_fast_imported = False
-
-
-def use_fast() -> bool:
-    """False under V4_KERNELS=reference; otherwise imports kernels.fast once (it registers what it can build)."""
-    global _fast_imported
-    if os.environ.get("V4_KERNELS", "").lower() == "reference":
-        return False
-    if not _fast_imported:
-        _fast_imported = True
-        import kernels.fast  # noqa: F401  (registers kernels as a side effect; a failed build keeps the reference)
-        import kernels.fast_mhc  # noqa: F401
-        import kernels.fast_decode  # noqa: F401
-        import kernels.gpu  # noqa: F401  (Triton; registers only where CUDA and Triton are present)
-    return True
-
-
-def try_fast(registry: dict, like: torch.Tensor, *args):
-    """The registered fast kernel for `like`'s device called on args, or None (none registered, or it declined).
-
-    Fused kernels decline while `observing`: they run products whose inputs the observer would not see."""
-    if _observer is not None:
-        return None
-    fn = registry.get(like.device.type) if use_fast() else None
-    return fn(*args) if fn is not None else None
-
-
-Observer = Callable[[torch.Tensor, QWeight], None]
-_observer: Observer | None = None
-
-
-@contextmanager
-def observing(fn: Observer) -> Iterator[None]:
-    """Within the block, every weight product calls fn(x, w) with its input first: an importance matrix is made of
-    these inputs. Experts then always go one product per expert (`grouped_experts`), so that each expert's slice
-    of the stacked tensor shows up with only the tokens routed to it."""
-    global _observer
-    prev, _observer = _observer, fn
-    try:
-        yield
-    finally:
-        _observer = prev
-
-
-def _linear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
-    fn = _KERNELS.get((w.qtype, x.device.type), reference_linear) if use_fast() else reference_linear
-    return fn(x, w)
+# fast kernels per (ggml type, device type); not fused: the observer sees each input in `linear` itself
+linear_op = Op("linear", reference_linear, fused=False, qtype=lambda x, w: w.qtype)
 
 
 def linear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
     """x [..., in] f32 → [..., out] f32 through the best registered kernel for w."""
-    if _observer is not None:
-        _observer(x, w)
-    return _linear(x, w)
+    obs = observer()
+    if obs is not None:
+        obs(x, w)
+    return linear_op(x, w)
 
 
-BatchKernel = Callable[[Sequence[tuple[torch.Tensor, QWeight]]], "list[torch.Tensor] | None"]
-_BATCH_KERNELS: dict[str, BatchKernel] = {}
+def separate_linears(pairs: Sequence[tuple[torch.Tensor, QWeight]]) -> list[torch.Tensor]:
+    """`linear_many`'s reference: one `linear` kernel call per pair."""
+    return [linear_op(x, w) for x, w in pairs]
 
 
-def registrar(registry: dict) -> Callable[[str], Callable]:
-    """A `register_*(device_type)` decorator that files a fast kernel in `registry`."""
-
-    def register_for(device_type: str) -> Callable:
-        def deco(fn):
-            registry[device_type] = fn
-            return fn
-
-        return deco
-
-    return register_for
-
-
-# a fast `linear_many` for one device type; it may return None to decline a call
-register_batch = registrar(_BATCH_KERNELS)
+linear_many_op = Op("linear_many", separate_linears, device=lambda pairs: pairs[0][0].device.type)
 
 
 def linear_many(pairs: Sequence[tuple[torch.Tensor, QWeight]]) -> list[torch.Tensor]:
     """[linear(x, w) for x, w in pairs], in one kernel call where one is registered: at decode a layer's small
     projections cost more in per-call overhead than in arithmetic."""
-    if _observer is not None:
+    obs = observer()
+    if obs is not None:
         for x, w in pairs:
-            _observer(x, w)
-    ys = try_fast(_BATCH_KERNELS, pairs[0][0], pairs) if pairs else None
-    return ys if ys is not None else [_linear(x, w) for x, w in pairs]
-
-
-MoeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, QWeight, QWeight, QWeight, float], torch.Tensor]
-_MOE_KERNELS: dict[str, MoeKernel] = {}
-
-
-# a fast `routed_experts` kernel for one device type; it may return None to decline a call
-register_moe = registrar(_MOE_KERNELS)
+            obs(x, w)
+    return linear_many_op(pairs) if pairs else []
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
@@ -244,17 +163,19 @@ def reference_routed_experts(x: torch.Tensor, idx: torch.Tensor, wts: torch.Tens
     return y.view(T, k, -1).sum(1)
 
 
+routed_experts_op = Op("routed_experts", reference_routed_experts)
+
+
 def routed_experts(x: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, w1: QWeight, w3: QWeight, w2: QWeight,
                    limit: float) -> torch.Tensor:
     """Routed MoE output [T, D] for x [T, D], expert ids idx [T, k] (int64), weights wts [T, k] (f32).
 
     w1 / w3 (gate / up) are 3-D [E, I, D] and w2 (down) [E, D, I]. Meant for decode-sized batches; a fast kernel
-    reads each selected expert's bytes once without building f32 copies.
+    reads each selected expert's bytes once without building f32 copies. While `observing`, one product per expert.
     """
-    if _observer is not None:  # the fused kernels never show their inputs
+    if observer() is not None:
         return grouped_experts(x, idx, wts, w1, w3, w2, limit)
-    y = try_fast(_MOE_KERNELS, x, x, idx, wts, w1, w3, w2, limit)
-    return y if y is not None else reference_routed_experts(x, idx, wts, w1, w3, w2, limit)
+    return routed_experts_op(x, idx, wts, w1, w3, w2, limit)
 
 
 def grouped_experts(x: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, w1: QWeight, w3: QWeight, w2: QWeight,

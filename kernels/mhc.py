@@ -3,18 +3,18 @@
 Each block mixes S residual streams X [T, S, D]: `hc_pre` collapses them into the block input and gives the
 weights `post` [T, S] and the Sinkhorn-balanced `comb` [T, S, S] that `hc_post` uses to expand the block output
 back; `hc_collapse` is the head's version (weights only, no post/comb). The references are the model's math
-step by step; a fast kernel registered with `register(device_type, kernels)` (kernels.fast registers the
-compiled CPU ones) replaces them, and `V4_KERNELS=reference` forces the references.
+step by step. Each mixer is an op (kernels/dispatch.py): kernels.fast_mhc files the compiled CPU mixers in their
+tables and kernels.gpu the CUDA Sinkhorn; a fast mixer may return None to decline, and the reference runs.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from kernels.linear import use_fast
+from kernels.dispatch import Op
 
 
 class MixerParams(NamedTuple):
@@ -27,26 +27,6 @@ class MixerParams(NamedTuple):
     iters: int
     eps: float
     norm_eps: float
-
-
-class MixerKernels(Protocol):
-    def pre(self, X: torch.Tensor, p: MixerParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None: ...
-
-    def collapse(self, X: torch.Tensor, p: MixerParams) -> torch.Tensor | None: ...
-
-    def post(self, y: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor | None: ...
-
-
-_FAST: dict[str, MixerKernels] = {}
-
-
-def register(device_type: str, kernels: MixerKernels) -> None:
-    """Fast mixers for one device type; each method may return None to decline a call (→ the reference)."""
-    _FAST[device_type] = kernels
-
-
-def _fast(x: torch.Tensor) -> MixerKernels | None:
-    return _FAST.get(x.device.type) if use_fast() else None
 
 
 def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -92,22 +72,22 @@ def reference_post(y: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: t
     return post[..., None] * y[:, None, :] + torch.einsum("tjk,tjd->tkd", comb, X)
 
 
+# The mixers see only activations and their own small f32 weights, never a QWeight: not fused for the observer.
+hc_pre_op = Op("hc_pre", reference_pre, fused=False)
+hc_collapse_op = Op("hc_collapse", reference_collapse, fused=False)
+hc_post_op = Op("hc_post", reference_post, fused=False, device=lambda y, X, post, comb: X.device.type)
+
+
 def hc_pre(X: torch.Tensor, p: MixerParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """X [T, S, D] → (block input [T, D], post [T, S], comb [T, S, S])."""
-    k = _fast(X)
-    out = k.pre(X, p) if k is not None else None
-    return out if out is not None else reference_pre(X, p)
+    return hc_pre_op(X, p)
 
 
 def hc_collapse(X: torch.Tensor, p: MixerParams) -> torch.Tensor:
     """The head's collapse: X [T, S, D] → Σ_s sigmoid-weight[s]·X[:, s] [T, D] (before the head's RMSNorm)."""
-    k = _fast(X)
-    out = k.collapse(X, p) if k is not None else None
-    return out if out is not None else reference_collapse(X, p)
+    return hc_collapse_op(X, p)
 
 
 def hc_post(y: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """X'[:, k] = post[:, k]·y + Σ_j comb[:, j, k]·X[:, j]  ([T, S, D])."""
-    k = _fast(X)
-    out = k.post(y, X, post, comb) if k is not None else None
-    return out if out is not None else reference_post(y, X, post, comb)
+    return hc_post_op(y, X, post, comb)

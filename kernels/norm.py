@@ -1,8 +1,8 @@
 """RMSNorm: the plain torch reference and the fast-path dispatch.
 
 A decode step runs ~6 RMSNorms per layer on a few KB each, where torch's ~6 ops per norm cost more than the
-arithmetic. A fast kernel registered with `register(device_type)(fn)` (kernels.fast_mhc registers the compiled CPU
-one) replaces the reference; it may return None to decline a call, and `V4_KERNELS=reference` forces the reference.
+arithmetic. `rms_norm_op` (kernels/dispatch.py) holds the fast kernels (kernels.fast_mhc files the compiled CPU
+one); one may return None to decline a call, and the reference runs.
 """
 
 from __future__ import annotations
@@ -10,11 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.linear import registrar, try_fast
-
-_FAST: dict = {}
-# a fast `rms_norm(x, weight, eps)` for one device type; it may return None to decline a call
-register = registrar(_FAST)
+from kernels.dispatch import Op
 
 
 def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -22,6 +18,8 @@ def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float)
     return F.rms_norm(x, x.shape[-1:], weight, eps)
 
 
+rms_norm_op = Op("rms_norm", reference_rms_norm)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    y = try_fast(_FAST, x, x, weight, eps)
-    return y if y is not None else reference_rms_norm(x, weight, eps)
+    return rms_norm_op(x, weight, eps)

@@ -21,6 +21,25 @@ from quant.recipes import get_recipe
 from v4cli.testing.tiny import make_tiny_checkpoint
 
 
+@pytest.fixture(autouse=True)
+def kernels_as_the_environment_says():
+    """After each test, the ops go back to what $V4_KERNELS says (the references, unless the run set it): a test
+    that loads the fast kernels (or an engine with V4_KERNELS unset) leaves them on process-wide otherwise."""
+    yield
+    from kernels import backends
+
+    backends.load()
+
+
+@pytest.fixture
+def fast_kernels(monkeypatch):
+    """The fast kernels for one test: V4_KERNELS unset (engines it loads use them too) and the backends loaded."""
+    from kernels import backends
+
+    monkeypatch.delenv("V4_KERNELS", raising=False)
+    backends.load()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module: on shared 2-core boxes OpenMP spinning costs 10x on tiny ops."""

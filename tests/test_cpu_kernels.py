@@ -14,19 +14,13 @@ import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
-from kernels import cpu_ext
+from kernels import backends, cpu_ext, fast
 from kernels.linear import QWeight, linear, linear_many, reference_linear, reference_routed_experts, routed_experts
 from quant.formats import quantize
 from quant.errors import BadInput
 
-fast = pytest.importorskip("kernels.fast")
-pytestmark = pytest.mark.skipif(not fast.AVAILABLE, reason="CPU kernels did not build (no compiler or no AVX2)")
-
-
-
-@pytest.fixture(autouse=True)
-def fast_kernels(monkeypatch):
-    monkeypatch.delenv("V4_KERNELS", raising=False)  # conftest defaults the suite to the reference kernels
+pytestmark = [pytest.mark.skipif(cpu_ext.usable() is None, reason="CPU kernels did not build (no compiler or no AVX2)"),
+              pytest.mark.usefixtures("fast_kernels")]  # conftest defaults the suite to the reference kernels
 
 
 INT_TYPES = (Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q2_K, Q.Q3_K, Q.Q6_K, Q.MXFP4)
@@ -112,6 +106,7 @@ def test_dispatcher_uses_fast_kernel_and_keeps_shape():
 
 def test_reference_forced_by_env(monkeypatch):
     monkeypatch.setenv("V4_KERNELS", "reference")
+    backends.load()  # read at load, as the engine loader does
     w = make_weight(Q.Q4_K, (19, 256))
     x = torch.randn(2, 256)
     assert torch.equal(linear(x, w), reference_linear(x, w))
@@ -207,7 +202,7 @@ def test_failed_build_keeps_reference(monkeypatch):
         raise cpu_ext.KernelBuildError("no compiler")
 
     monkeypatch.setattr(cpu_ext, "load", broken)
-    assert fast._install() is False
+    assert fast.install() is False
 
 
 def test_build_is_cached():
@@ -287,11 +282,11 @@ def test_engine_with_fast_kernels_tracks_reference(tiny_gguf, monkeypatch, chunk
     ids = random_token_ids(48, seed=3)
     lossless, q8 = Engine.load(tiny_gguf("lossless"), kv_format="f32"), Engine.load(tiny_gguf("q8"), kv_format="f32")
     fast_logits = lossless.logits(ids, chunk=chunk)
-    monkeypatch.setenv("V4_KERNELS", "reference")
+    backends.load(reference=True)
     ref_logits = lossless.logits(ids, chunk=chunk)
     q8_cost = kl(ref_logits, q8.logits(ids, chunk=chunk))
     assert 0 < kl(ref_logits, fast_logits) <= 3 * q8_cost
-    monkeypatch.delenv("V4_KERNELS")
+    backends.load(reference=False)
     recs = list(q8.generate(ids, SamplingParams(temperature=0.0, max_tokens=5, stop_on_eos=False)))
     assert sum(isinstance(r, TokenRecord) for r in recs) == 5
 
@@ -348,67 +343,3 @@ def test_index_scores_decline_and_fall_back():
     torch.testing.assert_close(attention.index_scores(q, w, keys, 0.5), attention.reference_index_scores(q, w, keys, 0.5),
                                rtol=0, atol=0)
 
-
-def _one_token_inputs(blk, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    S, D = blk.attn_hc.p.S, blk.attn_norm.shape[0]
-    return torch.randn(1, S, D, generator=g), torch.tensor([37 + seed])
-
-
-@pytest.mark.parametrize("recipe", ["lossless", "q8"])
-def test_fused_decode_halves_match_the_model_composition(tiny_gguf, recipe, monkeypatch):
-    # The fused one-token pre / post (kernels/cpu/decode.cpp) against the model's own composition of the same fast
-    # kernels. pre: the same calls, only RoPE's cos/sin and the complex product round differently (≤ 1e-6). post: the
-    # inverse RoPE's rounding can flip an int8 (or bf16) activation rounding in the output projection, and the
-    # router's dot order differs, so ≤ 2e-3 relative; every layer kind (hash and score routing, each attention kind).
-    from kernels import decode
-    from v4cli.engine import Engine
-
-    import kernels.fast_decode  # noqa: F401  (registers the fused halves)
-
-    model = Engine.load(tiny_gguf(recipe), kv_format="f32").model
-    fast_pre, fast_post = dict(decode._PRE), dict(decode._POST)
-    assert fast_pre and fast_post
-    ids = torch.tensor([11])
-    with torch.no_grad():
-        for i, blk in enumerate(model.blocks):
-            X, pos = _one_token_inputs(blk, i)
-            fused = blk.pre(X, pos)
-            out = torch.randn(1, blk.attn.H, blk.attn.d, generator=torch.Generator().manual_seed(i)) * 0.3
-            fused_X = blk.post(out, fused[4], X, fused[5], fused[6], ids)
-            monkeypatch.setattr(decode, "_PRE", {})
-            monkeypatch.setattr(decode, "_POST", {})
-            ref = blk.pre(X, pos)
-            ref_X = blk.post(out, ref[4], X, ref[5], ref[6], ids)
-            monkeypatch.setattr(decode, "_PRE", fast_pre)
-            monkeypatch.setattr(decode, "_POST", fast_post)
-            for a, b in zip(fused, ref):
-                assert a.shape == b.shape and a.dtype == b.dtype
-                a, b = (torch.view_as_real(t) if t.is_complex() else t for t in (a, b))
-                assert rel_rms(a, b) <= 1e-6
-            assert fused_X.shape == ref_X.shape
-            assert rel_rms(fused_X, ref_X) <= 2e-3
-    assert {blk.moe.hash for blk in model.blocks} == {True, False}
-    assert len({blk.attn.ratio for blk in model.blocks}) == 3
-
-
-def test_fused_decode_declines_what_it_does_not_cover(tiny_gguf):
-    from kernels import decode
-    from v4cli.engine import Engine
-
-    blk = Engine.load(tiny_gguf("lossless"), kv_format="f32").model.blocks[0]
-    X, pos = _one_token_inputs(blk, 0)
-    assert decode.block_pre(blk.pre_weights, X.double(), pos) is None  # not f32
-    assert decode.block_pre(blk.pre_weights, X.repeat(2, 1, 1), torch.tensor([3, 4])) is None  # two tokens
-    assert decode.block_pre(blk.pre_weights, X, pos) is not None
-
-
-def test_fused_decode_rejects_a_token_outside_the_hash_table(tiny_gguf):
-    from kernels import decode
-    from v4cli.engine import Engine
-
-    blk = next(b for b in Engine.load(tiny_gguf("lossless"), kv_format="f32").model.blocks if b.moe.hash)
-    X, pos = _one_token_inputs(blk, 0)
-    x, q, kv, qr, cs, post, comb = decode.block_pre(blk.pre_weights, X, pos)
-    with pytest.raises(BadInput):
-        decode.block_post(blk.post_weights, q, cs, X, post, comb, torch.tensor([blk.moe.tid2eid.shape[0]]))

@@ -14,10 +14,11 @@ import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
+from kernels import cpu_ext, fast
 from kernels.linear import QWeight, linear, linear_many, reference_linear, reference_routed_experts
 
-fast = pytest.importorskip("kernels.fast")
-pytestmark = pytest.mark.skipif(not fast.AVAILABLE, reason="CPU kernels did not build (no compiler or no AVX2)")
+pytestmark = [pytest.mark.skipif(cpu_ext.usable() is None, reason="CPU kernels did not build (no compiler or no AVX2)"),
+              pytest.mark.usefixtures("fast_kernels")]  # conftest defaults the suite to the reference kernels
 
 TYPES = (Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ1_S, Q.IQ1_M, Q.IQ4_XS, Q.IQ4_NL, Q.Q4_0, Q.Q5_0)
 SUPERBLOCK = tuple(t for t in TYPES if GGML_QUANT_SIZES[t][0] == 256)
@@ -25,11 +26,6 @@ INT_TOL, ISA_TOL = 1e-2, 1e-5
 # byte offsets of the f16 scales in a block (IQ1_M spreads its one over the top nibbles of bytes 48-55)
 F16_AT = {Q.IQ2_XXS: 0, Q.IQ2_XS: 0, Q.IQ2_S: 0, Q.IQ3_XXS: 0, Q.IQ3_S: 0, Q.IQ1_S: 0, Q.IQ4_XS: 0, Q.IQ4_NL: 0,
           Q.Q4_0: 0, Q.Q5_0: 0}
-
-
-@pytest.fixture(autouse=True)
-def fast_kernels(monkeypatch):
-    monkeypatch.delenv("V4_KERNELS", raising=False)  # conftest defaults the suite to the reference kernels
 
 
 def make_weight(qtype: Q, shape: tuple[int, ...], seed: int = 0, scale: float = 0.01) -> QWeight:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import fast_mhc, mhc
+from kernels import backends, cpu_ext, fast_mhc, mhc
 
-pytestmark = pytest.mark.skipif(not fast_mhc.AVAILABLE, reason="CPU kernels unavailable (no compiler or no AVX2)")
+pytestmark = pytest.mark.skipif(cpu_ext.usable() is None, reason="CPU kernels unavailable (no compiler or no AVX2)")
 
 
 def params(S: int, D: int, R: int, seed: int, iters: int = 20) -> mhc.MixerParams:
@@ -70,18 +70,15 @@ def test_unsupported_shapes_fall_back_to_the_reference():
     assert FAST.pre(X.double(), params(4, 40, 24, seed=0)) is None
 
 
-def test_dispatch_uses_the_kernel_and_env_forces_the_reference(monkeypatch):
-    monkeypatch.delenv("V4_KERNELS", raising=False)  # conftest defaults the suite to the references
+def test_dispatch_uses_the_kernel_and_env_forces_the_reference(fast_kernels, monkeypatch):
     p = params(4, 64, 24, seed=3)
     X = streams(1, 4, 64, seed=3)
     calls = []
-    real = FAST.pre
-    monkeypatch.setitem(mhc._FAST, "cpu", type("Spy", (), {
-        "pre": lambda self, X, p: calls.append(1) or real(X, p),
-        "collapse": lambda self, X, p: None, "post": lambda self, *a: None})())
+    monkeypatch.setitem(mhc.hc_pre_op.table, "cpu", lambda X, p: calls.append(1) or FAST.pre(X, p))
     mhc.hc_pre(X, p)
     assert calls == [1]
     monkeypatch.setenv("V4_KERNELS", "reference")
+    backends.load()  # read at load, as the engine loader does
     mhc.hc_pre(X, p)
     assert calls == [1]
 
@@ -89,10 +86,9 @@ def test_dispatch_uses_the_kernel_and_env_forces_the_reference(monkeypatch):
 # ------------------------------------------------------------------------------------------------ RMSNorm
 @pytest.mark.parametrize("shape", [(1, 4096), (1, 64, 512), (3, 1024), (300, 16), (1, 4, 7, 32)])
 @pytest.mark.parametrize("weighted", [True, False])
-def test_rms_norm_matches_reference(shape, weighted, monkeypatch):
+def test_rms_norm_matches_reference(shape, weighted, fast_kernels):
     from kernels import norm
 
-    monkeypatch.delenv("V4_KERNELS", raising=False)  # conftest defaults the suite to the reference kernels
     g = torch.Generator().manual_seed(shape[-1])
     x = torch.randn(*shape, generator=g) * 5
     w = torch.randn(shape[-1], generator=g) if weighted else None
@@ -102,10 +98,9 @@ def test_rms_norm_matches_reference(shape, weighted, monkeypatch):
     torch.testing.assert_close(norm.rms_norm(x, w, 1e-6), got, rtol=0, atol=0)  # the dispatcher takes the kernel
 
 
-def test_rms_norm_declines_what_it_does_not_handle(monkeypatch):
+def test_rms_norm_declines_what_it_does_not_handle(fast_kernels):
     from kernels import norm
 
-    monkeypatch.delenv("V4_KERNELS", raising=False)
     x = torch.randn(2, 40)  # 40: not a multiple of 16
     assert FAST.rms_norm(x, None, 1e-6) is None
     assert FAST.rms_norm(torch.randn(2, 32, dtype=torch.float64), None, 1e-6) is None

@@ -13,18 +13,14 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from test_cpu_kernels import INT_TOL, make_weight, rel_rms
 
+from kernels import cpu_ext, fast
 from kernels.linear import linear, reference_linear
 
-fast = pytest.importorskip("kernels.fast")
-pytestmark = pytest.mark.skipif(not fast.AVAILABLE, reason="CPU kernels did not build (no compiler or no AVX2)")
+pytestmark = [pytest.mark.skipif(cpu_ext.usable() is None, reason="CPU kernels did not build (no compiler or no AVX2)"),
+              pytest.mark.usefixtures("fast_kernels")]  # conftest defaults the suite to the reference kernels
 
 GEMM_TYPES = (Q.Q8_0, Q.MXFP4, Q.Q4_K, Q.Q5_K, Q.Q2_K, Q.Q3_K, Q.Q6_K)
 ORDER_TOL = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def fast_kernels(monkeypatch):
-    monkeypatch.delenv("V4_KERNELS", raising=False)  # conftest defaults the suite to the reference kernels
 
 
 @pytest.fixture(params=["native", "avx2"])

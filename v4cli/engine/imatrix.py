@@ -1,7 +1,7 @@
 """Importance matrices: the mean squared input activation of every column of every weight matrix, over calibration
 text, as llama.cpp's `llama-imatrix` measures it (and in its file format, quant/imatrix.py).
 
-The model runs unchanged; `kernels.linear.observing` shows each product's input to an `Accumulator`, which finds
+The model runs unchanged; `kernels.dispatch.observing` shows each product's input to an `Accumulator`, which finds
 the GGUF tensor (and the matrix inside it: an expert of a stacked tensor, a group of the grouped output
 projection) from where the weight's bytes sit. Routed experts are fed one product per expert, so each expert's
 sums count only the tokens routed to it.
@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.linear import QWeight, observing
+from kernels.dispatch import observing
+from kernels.linear import QWeight
 from quant import keys as K
 from quant import names as N
 from quant.config import ModelArgs

@@ -38,13 +38,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, ctx: int
 
 
 def prepare_kernels() -> None:
-    """Build (first use on this machine, ~15 s) and load the compiled CPU kernels now, so the compile is part of
-    loading and never lands in the first timed prefill. Under V4_KERNELS=reference, nothing."""
-    from kernels import cpu_ext
-    from kernels.linear import use_fast
+    """Load the fast kernel backends now (once per process; the CPU library's first build on this machine takes
+    ~15 s), so the compile is part of loading and never lands in the first timed prefill. V4_KERNELS=reference,
+    read here, keeps every op on its reference."""
+    from kernels import backends
 
-    if use_fast():  # its first call imports kernels.fast, which registers what the library offers
-        cpu_ext.usable()  # builds or loads the library unless that import (or anything before) already has
+    backends.load()
 
 
 def placement(gf: GGUFModel, device: str | torch.device, *, ctx: int | None = None, kv_format: str = "bf16",

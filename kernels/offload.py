@@ -12,6 +12,7 @@ them in place from the GGUF's mmap. Such a layer's experts run one of two ways p
   the GPU in batches through two pinned host buffers and two device buffers (`stream_experts`), so that the host's
   copy of batch b+1 into pinned memory, the PCIe transfer of batch b and the GPU's products of batch b−1 overlap.
 
+`host_experts` is a layer's routed-experts op then (v4cli/engine/specialize.py swaps it in after loading).
 `choose` picks by a cost model: HOST costs T·k expert products at the CPU's rate, STREAM the active experts'
 bytes at the link's rate (the rates below; benchmarks/expert_stream_bench.py measures both on a machine).
 `V4_EXPERTS=host|stream` forces one way (benchmarks, debugging).
@@ -20,11 +21,11 @@ bytes at the link's rate (the rates below; benchmarks/expert_stream_bench.py mea
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from kernels.linear import QWeight
+from kernels.linear import QWeight, grouped_experts
 from quant.errors import BadInput
 
 HOST, STREAM = "host", "stream"
@@ -179,3 +180,15 @@ def stream_experts(counts: Sequence[int], ws: Sequence[QWeight], device: torch.d
                 yield e, views[e]
         st.release(b % 2)
         views = ahead
+
+
+def host_experts(x: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, ws: Sequence[QWeight], limit: float,
+                 on_host: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Routed experts `ws` = (w1, w3, w2) in host memory for tokens x [T, D] on another device (expert ids idx and
+    weights wts [T, k]) → [T, D] on x's device. HOST: the tokens go to `on_host` (the experts' own op, run where
+    they live) and the sum comes back; STREAM: the experts are staged to x's device as the grouped products reach
+    them."""
+    home = ws[0].device
+    if choose(idx.numel(), ws) == HOST:
+        return on_host(x.to(home), idx.to(home), wts.to(home)).to(x.device)
+    return grouped_experts(x, idx, wts, *ws, limit, lambda counts: stream_experts(counts, ws, x.device))

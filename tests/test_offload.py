@@ -1,4 +1,5 @@
-"""Routed experts in host memory under a GPU layer (kernels/offload.py, the model's split FFN half).
+"""Routed experts in host memory under a GPU layer (kernels/offload.py, swapped into a loaded model's split blocks by
+v4cli/engine/specialize.py).
 
 No second device here: the streaming path stages into slots on the CPU, which runs the same batching, the same
 layout and the same views as on CUDA (only the pinned buffers, the copy stream and its events are CUDA's own;
@@ -85,41 +86,50 @@ def test_cuda_without_a_gpu_is_a_clear_error(tiny_gguf):
 
 
 @pytest.mark.parametrize("recipe", ["lossless", "q8"])
-def test_streamed_grouped_experts_match_resident_ones(tiny_gguf, recipe, small_slots):
+def test_streamed_grouped_experts_match_resident_ones(tiny_gguf, recipe, small_slots, monkeypatch):
     # The prefill MoE over experts staged batch by batch is the same computation as over the resident experts:
     # the same kernels on the same bytes, so equal to the last bit.
+    monkeypatch.setenv("V4_EXPERTS", offload.STREAM)
     model = Engine.load(tiny_gguf(recipe), kv_format="f32").model
     g = torch.Generator().manual_seed(0)
     for blk in model.blocks:
         moe = blk.moe
+        ws = (moe.w1, moe.w3, moe.w2)
         x = torch.randn(24, model.args.hidden_size, generator=g)
         idx, wts = moe.route(x, torch.randint(0, model.args.vocab_size, (24,), generator=g))
         assert len(offload.batches(torch.bincount(idx.reshape(-1), minlength=moe.E).tolist(),
-                                   offload._slot_bytes((moe.w1, moe.w3, moe.w2)), offload.STAGE_BYTES)) > 1
-        assert torch.equal(moe._grouped(x, idx, wts, streamed=True), moe._grouped(x, idx, wts))
+                                   offload._slot_bytes(ws), offload.STAGE_BYTES)) > 1
+        streamed = offload.host_experts(x, idx, wts, ws, moe.limit, on_host=None)
+        assert torch.equal(streamed, moe.routed(x, idx, wts))
 
 
+@pytest.mark.parametrize("how", [offload.HOST, offload.STREAM])
 @pytest.mark.parametrize("kernels", ["reference", "fast"])
-def test_split_ffn_half_matches_post(tiny_gguf, kernels, monkeypatch):
-    # A layer whose experts live elsewhere runs post's parts one by one (mix → routed → finish) so that the engine
-    # can graph the two ends: whole prompts and token-by-token decode give post's logits (with the fast kernels
-    # post is the fused one-token C kernel at T = 1, the parts are not).
+def test_host_expert_layers_match_resident_ones(tiny_gguf, kernels, how, monkeypatch):
+    # A layer whose experts the loader left in host memory gets offload's experts op and keeps post as its parts
+    # (mix → experts → finish, so that the engine can graph the two ends; never the fused one-token post): whole
+    # prompts and token-by-token decode give the resident layers' logits. Here the experts are "elsewhere" on the
+    # same CPU. HOST with the references runs the very same ops; STREAM runs decode's experts as grouped products
+    # (summation order); with the fast kernels the resident post is the fused one-token C kernel at T = 1.
+    from v4cli.engine import specialize
+
     monkeypatch.setenv("V4_KERNELS", kernels)
-    eng = Engine.load(tiny_gguf("q8"), kv_format="f32")
-    ids = list(range(5, 45))
+    monkeypatch.setenv("V4_EXPERTS", how)
+    path, ids = tiny_gguf("q8"), list(range(5, 45))
 
-    def run():
+    def run(eng):
         cache = eng.new_cache()
-        return torch.cat([eng.model.forward(torch.tensor(ids[:30]), cache), eng.model.forward(
-            torch.tensor(ids[30:31]), cache), eng.model.forward(torch.tensor(ids[31:32]), cache)])
+        with torch.no_grad():
+            return torch.cat([eng.model.forward(torch.tensor(ids[:30]), cache), eng.model.forward(
+                torch.tensor(ids[30:31]), cache), eng.model.forward(torch.tensor(ids[31:32]), cache)])
 
-    with torch.no_grad():
-        whole = run()
-        for blk in eng.model.blocks:
-            blk.split = True
-        parts = run()
-    err = ((parts - whole).norm() / whole.norm()).item()
-    assert err == 0.0 if kernels == "reference" else err <= 2e-3
+    resident = run(Engine.load(path, kv_format="f32"))
+    monkeypatch.setattr(specialize, "experts_elsewhere", lambda blk: True)
+    eng = Engine.load(path, kv_format="f32")
+    for blk in eng.model.blocks:
+        assert blk.split and blk.moe.routed.func is offload.host_experts and "post" not in vars(blk)
+    err = ((run(eng) - resident).norm() / resident.norm()).item()
+    assert err <= (0.0 if how == offload.HOST else 1e-5) if kernels == "reference" else err <= 2e-3
 
 
 @pytest.mark.gpu
@@ -132,7 +142,7 @@ def test_hybrid_engine_matches_cpu(tiny_gguf, how, small_slots, monkeypatch):
     from v4cli.engine.cuda_graphs import Graphed
     from v4cli.gguf_file import GGUFFile
     from v4cli.model.kvsize import kv_bytes
-    from v4cli.placement import GPU_RESERVE
+    from v4cli.planning.machine import GPU_RESERVE
     from v4cli.testing.tiny import random_token_ids
     from quant import names as N
 
@@ -141,7 +151,7 @@ def test_hybrid_engine_matches_cpu(tiny_gguf, how, small_slots, monkeypatch):
     with GGUFFile(path) as f:
         dense = sum(t.nbytes for t in f.tensors.values() if N.role_of_gguf(t.name) not in (N.EXPS, N.EMBED))
         layer0 = sum(f.tensors[N.experts(0, k)].nbytes for k in ("w1", "w2", "w3"))
-        gpu_mem = GPU_RESERVE + dense + kv_bytes(f.args, "bf16", 256) + layer0 + 1000
+        gpu_mem = GPU_RESERVE + dense + kv_bytes(f.args, "f32", 256) + layer0 + 1000  # the f32 cache loaded below
     cpu = Engine.load(path, kv_format="f32")
     hybrid = Engine.load(path, kv_format="f32", device="cuda", ctx=256, gpu_mem=gpu_mem)
     blocks = hybrid.model.blocks

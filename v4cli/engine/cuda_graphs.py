@@ -5,8 +5,9 @@ the GPU needs for its work, so an eager step runs at a few % of the memory-bandw
 (mHC collapse, norm, attention projections) and `post` (output projection, mHC expand, the whole FFN half) and
 the output head are pure functions of their tensors with fixed shapes at T = 1, so each is captured once and
 replayed. Attention over the cache, whose key count grows every token, stays eager between them, and so do
-routed experts left in host memory (hybrid placement): there `post` is replaced by `mix` and `finish`, graphed on
-either side of the experts' round trip through the host.
+routed experts left in host memory (hybrid placement): there (a block v4cli/engine/specialize.py marked `split`)
+`mix` and `finish` are graphed on either side of the experts' round trip through the host, and `post`, which calls
+them, is not. `enable` runs after loading, so it graphs whatever specialize swapped in.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ def enable(model: DeepseekV4, mtp: MTP | None = None) -> None:
     pool = torch.cuda.graph_pool_handle()
     blocks = list(model.blocks) + ([mtp.block] if mtp is not None else [])
     for blk in blocks:
-        # a split block (experts in host memory) never calls post, and post calls mix / finish itself: graphing both
-        # would capture mix / finish again while warming post up
+        # a split block's post is the model's mix → experts → finish; graphing it too would capture the host round
+        # trip, and mix / finish again while warming it up
         for part in ("pre", "mix", "finish") if blk.split else ("pre", "post"):
             setattr(blk, part, Graphed(getattr(blk, part), pool))
     model.head_logits = Graphed(model.head_logits, pool)

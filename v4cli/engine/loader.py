@@ -11,6 +11,7 @@ import torch
 from kernels.linear import QWeight
 from quant import names as N
 from quant.errors import BadInput, GGUFError
+from v4cli.engine.specialize import specialize
 from v4cli.gguf_file import GGUFModel, open_gguf
 from v4cli.model.deepseek4 import MTP, DeepseekV4
 from v4cli.placement import GPU, PlacementPlan
@@ -34,6 +35,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, ctx: int
     place = placement(gf, device, ctx=ctx, kv_format=kv_format, gpu_mem=gpu_mem)
     model = DeepseekV4(gf.args, _tensors(gf, place))
     prepare_kernels()
+    specialize(model.blocks)  # after the backends load: it swaps in the fused halves they offer
     return model, gf
 
 
@@ -71,7 +73,8 @@ def placement(gf: GGUFModel, device: str | torch.device, *, ctx: int | None = No
 def load_mtp(model: DeepseekV4, path: str | Path) -> tuple[MTP, GGUFModel]:
     """(draft head, open GGUF) from llama.cpp's separate MTP file (`v4 quantize --mtp`) for `model`.
 
-    The draft goes to the device of the trunk's head, its experts to host memory if any trunk layer's are there."""
+    The draft goes to the device of the trunk's head, its experts to host memory if any trunk layer's are there
+    (then it runs them as the trunk's split layers do)."""
     gf = open_gguf(path)
     head, host = model.head.device, torch.device("cpu")
     experts_home = host if any(b.moe.w1.device == host for b in model.blocks) else head
@@ -85,7 +88,10 @@ def load_mtp(model: DeepseekV4, path: str | Path) -> tuple[MTP, GGUFModel]:
         raise GGUFError(f"{path}: the MTP draft is for another model ({'; '.join(diff)})",
                         hint="convert the draft from the same checkpoint as the model: v4 quantize --mtp")
     experts = {N.experts(args.num_hidden_layers, k) for k in ("w1", "w2", "w3")}
-    return MTP(model, _tensors(gf, lambda name: experts_home if name in experts else head)), gf
+    mtp = MTP(model, _tensors(gf, lambda name: experts_home if name in experts else head))
+    prepare_kernels()
+    specialize([mtp.block])
+    return mtp, gf
 
 
 def _tensors(gf: GGUFModel, place: Callable[[str], torch.device]) -> dict[str, QWeight]:

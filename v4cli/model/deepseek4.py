@@ -2,10 +2,10 @@
 
 The model knows nothing of quantization: weights are `QWeight`s looked up by GGUF name (through quant/names.py)
 and every projection goes through `kernels.linear.linear`. Of devices it knows only that each layer runs where the
-loader put its weights (the streams follow it) and that routed experts may be left in host memory under a GPU
-layer (kernels/offload.py runs those). Small tensors (norms, mHC mixers, sinks, ape, router bias) are read once
-as f32. All state lives in the cache from `make_cache()`, so a prompt can be fed in chunks of any size and
-decoding continues exactly.
+loader put its weights (the streams follow it): the fused one-token halves and routed experts left in host memory
+are swapped in after it is built (v4cli/engine/specialize.py). Small tensors (norms, mHC mixers, sinks, ape, router
+bias) are read once as f32. All state lives in the cache from `make_cache()`, so a prompt can be fed in chunks of
+any size and decoding continues exactly.
 
 Shapes: T = tokens in this call, H = heads, d = head_dim, r = rope dims, N = compressed entries, S = hc streams.
 """
@@ -18,7 +18,6 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from kernels import decode, offload
 from kernels.attention import index_scores
 from kernels.linear import QWeight, embedding, grouped_experts, linear, linear_many, routed_experts, swiglu
 from kernels.mhc import MixerParams, hc_collapse, hc_post, hc_pre
@@ -364,16 +363,13 @@ class MoE:
         return idx, wts / (wts.sum(-1, keepdim=True) + 1e-20) * self.scale
 
     def routed(self, x: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor) -> torch.Tensor:
-        """Σ_j wts[t, j] · expert idx[t, j](x_t) → [T, D] on x's device, wherever the experts live."""
-        home = self.w1.device
-        if home == x.device:
-            if idx.numel() <= self.GATHER_MAX:
-                return self._gathered(x, idx, wts)
-            return self._grouped(x, idx, wts)
-        # experts in host memory under a GPU layer (hybrid placement): the tokens go to them or they to the tokens
-        if offload.choose(idx.numel(), (self.w1, self.w3, self.w2)) == offload.HOST:
-            return self.routed(x.to(home), idx.to(home), wts.to(home)).to(x.device)
-        return self._grouped(x, idx, wts, streamed=True)
+        """Σ_j wts[t, j] · expert idx[t, j](x_t) → [T, D], the experts on x's device. Few (token, expert) pairs
+        (decode): each selected expert's bytes read once, no host sync; many (prefill): one product per active
+        expert over the tokens routed to it."""
+        ws = (self.w1, self.w3, self.w2)
+        if idx.numel() <= self.GATHER_MAX:
+            return routed_experts(x, idx, wts, *ws, self.limit)
+        return grouped_experts(x, idx, wts, *ws, self.limit)
 
     def shared_out(self, x: torch.Tensor) -> torch.Tensor:
         """The always-on shared expert."""
@@ -389,17 +385,6 @@ class MoE:
         one = torch.zeros(T, 1, dtype=torch.long, device=x.device)
         return routed_experts(x, one, torch.ones(T, 1, device=x.device), *self.shared, self.limit)
 
-    def _gathered(self, x, idx, wts):
-        """Few (token, expert) pairs (decode): each selected expert's bytes read once, no host sync."""
-        return routed_experts(x, idx, wts, self.w1, self.w3, self.w2, self.limit)
-
-    def _grouped(self, x, idx, wts, streamed: bool = False):
-        """One product per active expert over the tokens routed to it (prefill). `streamed`: the experts are copied
-        to x's device batch by batch as the loop reaches them (kernels/offload.py) instead of read where they are."""
-        ws = (self.w1, self.w3, self.w2)
-        stage = (lambda counts: offload.stream_experts(counts, ws, x.device)) if streamed else None
-        return grouped_experts(x, idx, wts, *ws, self.limit, stage)
-
 
 class Block:
     def __init__(self, w: Weights, layer: int, args: ModelArgs, ropes: dict[str, Rope]):
@@ -408,47 +393,27 @@ class Block:
         self.ffn_hc = HyperConnection(w.f32(b("hc_ffn_fn")), w.f32(b("hc_ffn_base")), w.f32(b("hc_ffn_scale")), args)
         self.attn_norm, self.ffn_norm = w.f32(b("attn_norm.weight")), w.f32(b("ffn_norm.weight"))
         self.attn, self.moe, self.eps = Attention(w, layer, args, ropes), MoE(w, layer, args), args.rms_norm_eps
-        at, moe = self.attn, self.moe
-        self.pre_weights = decode.PreWeights(self.attn_hc.p, self.attn_norm, at.wq_a, at.wkv, at.wq_b, at.q_norm,
-                                             at.kv_norm, at.H, at.d, at.rope.inv_freq, self.eps)
-        self.post_weights = decode.PostWeights(
-            at.wo_a, at.wo_b, at.G, at.H, at.d, at.rope.dim, self.ffn_hc.p, self.ffn_norm, moe.gate,
-            None if moe.hash else moe.bias, moe.tid2eid if moe.hash else None, moe.k, moe.scale,
-            (moe.w1, moe.w3, moe.w2), moe.shared, moe.limit, self.eps)
         self.device = self.attn_norm.device
-        # experts left in host memory under a GPU layer (hybrid placement): the FFN half runs as its parts, so that
-        # the engine can graph `mix` and `finish` around the experts' round trip through the host
-        self.split = moe.w1.device != self.device
 
     def __call__(self, X, ids, pos, lc: LayerCache):
         x, q, kv, qr, cs, post_w, comb = self.pre(X, pos)
         out = self.attn.attend(x, q, kv, qr, cs, pos, lc)
-        half = self._parts if self.split else self.post
-        return half(out, cs, X, post_w, comb, ids)
+        return self.post(out, cs, X, post_w, comb, ids)
 
     # `pre`, `post`, `mix` and `finish` are pure functions of their tensors (no cache), with shapes fixed for a
-    # given T: the engine may replace them with CUDA-graphed versions for decode (v4cli/engine/cuda_graphs.py).
+    # given T: the engine may swap in fused or CUDA-graphed versions for decode (v4cli/engine/specialize.py,
+    # v4cli/engine/cuda_graphs.py). `post` looks `mix`, `moe.routed` and `finish` up at each call, so each of them
+    # may be swapped alone.
 
     def pre(self, X, pos):
-        """Streams X [T, S, D] → the attention input x, its projections (q, kv, qr, cs) and the mHC post / comb.
-
-        At one token a fused kernel may run the whole of it in one call (kernels/decode.py); this is its reference."""
-        fused = decode.block_pre(self.pre_weights, X, pos) if X.shape[0] == 1 else None
-        if fused is not None:
-            return fused
+        """Streams X [T, S, D] → the attention input x, its projections (q, kv, qr, cs) and the mHC post / comb."""
         a, post_w, comb = self.attn_hc.pre(X)
         x = rms_norm(a, self.attn_norm, self.eps)
         return (x, *self.attn.project(x, pos), post_w, comb)
 
     def post(self, out, cs, X, post_w, comb, ids):
-        """Attention output → the streams after this block: output projection, mHC expand, then the FFN half.
-
-        At one token a fused kernel may run the whole of it in one call (kernels/decode.py); this is its reference."""
-        fused = decode.block_post(self.post_weights, out, cs, X, post_w, comb, ids) if X.shape[0] == 1 else None
-        return fused if fused is not None else self._parts(out, cs, X, post_w, comb, ids)
-
-    def _parts(self, out, cs, X, post_w, comb, ids):
-        """`post` as its parts: mix → routed experts → finish."""
+        """Attention output → the streams after this block: mix (output projection, mHC expand, the FFN's collapse
+        and routing) → routed experts → finish (shared expert, mHC expand)."""
         X, a, post_w, comb, idx, wts = self.mix(out, cs, X, post_w, comb, ids)
         return self.finish(self.moe.routed(a, idx, wts), a, X, post_w, comb)
 

@@ -11,14 +11,13 @@ import jsonschema
 import pytest
 import torch
 
-from v4cli.engine.grammar import REASONING_SHARE, compile_constraint
+from v4cli.engine.grammar import Constraint, REASONING_SHARE, compile_constraint
 from v4cli.engine.records import DoneRecord, TokenRecord
 from v4cli.engine.sampling import SamplingParams
 from v4cli.engine.session import Session
 from quant.errors import BadInput
 from v4cli.prompt.encoding import EOS_ID, THINK_END, Mode, PromptTokenizer, User, encode, render_tool_calls
 from v4cli.prompt.parser import ToolCallEvent, parse_completion
-from v4cli.serve.core import Constraint
 
 # Bounded schemas: random weights would otherwise write a string or a number forever (nothing makes a random model
 # pick the closing quote), so strings carry maxLength, integers a range, arrays maxItems, objects no extra keys.

@@ -14,11 +14,11 @@ import anthropic
 import pytest
 from serve_util import serve_fixture
 
+from v4cli.engine.grammar import Constraint
 from v4cli.chat.conversation import PromptEncoder
 from v4cli.prompt.encoding import DSML, Assistant, Mode, System, ToolCall, ToolResult, User, render
 from v4cli.serve.anthropic import MAX_BUDGET, chat_request
-from v4cli.serve.app import APIError
-from v4cli.serve.core import Constraint
+from v4cli.serve.http import APIError
 from v4cli.serve.sse import with_pings
 
 KEY = "s3cret"

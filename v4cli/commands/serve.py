@@ -73,7 +73,8 @@ def serve_cmd(
     import uvicorn
 
     from v4cli.chat.render import busy
-    from v4cli.serve.app import Server, create_app
+    from v4cli.serve.app import create_app
+    from v4cli.serve.http import Server
     from v4cli.serve.runner import Runner
 
     if not _is_loopback(host) and not api_key and not no_auth:

@@ -28,7 +28,8 @@ import json
 import re
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -36,7 +37,19 @@ from llguidance import LLMatcher, LLTokenizer
 
 from quant.errors import BadInput, V4Error
 from v4cli.prompt.encoding import DSML, EOS_ID, SPECIAL_TOKENS, THINK_END, Mode, PromptTokenizer
-from v4cli.serve.core import Constraint
+
+@dataclass(frozen=True)
+class Constraint:
+    """What constrained decoding enforces on the answer (after any reasoning).
+
+    kind "tool": exactly the tool call(s) to `name`, in canonical DSML, then end of turn;
+    "required": at least one call to any of the request's tools; "json": the answer is JSON valid under `schema`
+    (None: any JSON object)."""
+
+    kind: Literal["tool", "required", "json"]
+    name: str | None = None
+    schema: Mapping[str, Any] | None = None
+
 
 REASONING_SHARE = 0.5  # the part of max_tokens reasoning may use before `</think>` is forced
 

@@ -25,12 +25,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from v4cli.engine.grammar import Constraint
 from v4cli.engine.sampling import SamplingParams
 from quant.errors import V4Error
 from v4cli.prompt.encoding import Assistant, Message, Mode, System, ToolCall, ToolResult, User
 from v4cli.prompt.parser import ContentDelta, ReasoningDelta, ToolCallEvent
-from v4cli.serve.app import APIError, Server, api_error, read_json
-from v4cli.serve.core import EFFORT_MODES, ChatRequest, Constraint, Result
+from v4cli.serve.http import APIError, Server, api_error, read_json
+from v4cli.serve.core import EFFORT_MODES, ChatRequest, Result
 from v4cli.serve.sse import event_stream, frame, with_pings
 
 log = logging.getLogger("v4.serve")

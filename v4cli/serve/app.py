@@ -9,115 +9,17 @@ everything, so they hold before any body is read.
 from __future__ import annotations
 
 import hmac
-import importlib
-import json
-import logging
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from quant.errors import BadInput, NotFoundError, V4Error
-from v4cli.serve.runner import Busy, Runner
+from quant.errors import V4Error
+from v4cli.serve import anthropic, openai_chat, responses
+from v4cli.serve.http import APIError, Server, api_error, error_response, log
 
-log = logging.getLogger("v4.serve")
-
-DEFAULT_MAX_BODY = 32 * 1024 * 1024
-# the API routers create_app includes, in order; a module not in this build yet is skipped
-API_MODULES = ("v4cli.serve.openai_chat", "v4cli.serve.anthropic", "v4cli.serve.responses")
+API_MODULES = (openai_chat, anthropic, responses)  # the API routers create_app includes, in order
 OPEN_PATHS = ("/health",)  # answered without a key: it names the model and the queue, nothing else
-
-
-@dataclass
-class Server:
-    """What the routers share: the runner and the limits the server was started with."""
-
-    runner: Runner
-    api_key: str | None = None
-    max_body: int = DEFAULT_MAX_BODY
-    started: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.started = self.started or time.time()
-
-
-class APIError(Exception):
-    """A request that gets an error answer. `kind` is the Anthropic error type (the finer vocabulary); the OpenAI
-    shape maps it to its own `type`, with `param` and `code` when known."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
-
-
-# ---------------------------------------------------------------------------------------------- error shapes
-
-_OPENAI_TYPES = {"not_found_error": "invalid_request_error", "request_too_large": "invalid_request_error",
-                 "overloaded_error": "server_error", "api_error": "server_error"}
-
-
-def openai_error(e: APIError) -> dict:
-    """`{"error": {message, type, param, code}}`: Chat Completions and Responses."""
-    return {"error": {"message": e.message, "type": _OPENAI_TYPES.get(e.kind, e.kind), "param": e.param,
-                      "code": e.code}}
-
-
-def anthropic_error(e: APIError) -> dict:
-    """`{"type": "error", "error": {type, message}}`: Messages."""
-    return {"type": "error", "error": {"type": e.kind, "message": e.message}}
-
-
-def error_shape(path: str) -> Callable[[APIError], dict]:
-    """The error body of the API that `path` belongs to."""
-    return anthropic_error if path.startswith("/v1/messages") else openai_error
-
-
-def error_response(path: str, e: APIError) -> JSONResponse:
-    headers = {"retry-after": "1"} if e.status in (429, 503) else None
-    return JSONResponse(error_shape(path)(e), status_code=e.status, headers=headers)
-
-
-def api_error(e: Exception) -> APIError:
-    """A library error as the answer it deserves: the user's input → 4xx with its message, else 500."""
-    if isinstance(e, APIError):
-        return e
-    if isinstance(e, V4Error):
-        msg = str(e) + (f" ({e.hint})" if e.hint else "")
-        if isinstance(e, NotFoundError):
-            return APIError(404, msg, "not_found_error", param="model", code="model_not_found")
-        if isinstance(e, BadInput):
-            return APIError(400, msg)
-        if isinstance(e, Busy):
-            return APIError(503, msg, "overloaded_error")
-        return APIError(500, msg, "api_error")
-    return APIError(500, "internal error (the server log has the traceback)", "api_error")
-
-
-async def read_json(request: Request) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 saying what is wrong with it."""
-    body = await request.body()
-    try:
-        data = json.loads(body)
-    except UnicodeDecodeError:
-        raise APIError(400, "the request body is not UTF-8") from None
-    except json.JSONDecodeError as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}") from None
-    except RecursionError:
-        raise APIError(400, "the request body is nested too deeply") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    try:  # JSON may spell a lone surrogate (\ud800), which no tokenizer can take: refuse it here, once for all APIs
-        json.dumps(data, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise APIError(400, f"the request holds text that is not valid Unicode (a lone surrogate: "
-                            f"{e.object[max(0, e.start - 20):e.start]!r}…)") from None
-    return data
 
 
 # ---------------------------------------------------------------------------------------------- auth and limits
@@ -218,13 +120,7 @@ def create_app(server: Server) -> FastAPI:
                 "models": [{**card, "slug": runner.model_name, "name": runner.model_name, "model": runner.model_name,
                             "display_name": runner.model_name, "context_window": runner.ctx}]}
 
-    for name in API_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue
+    for module in API_MODULES:
         app.include_router(module.router(server))
 
     app.add_middleware(Guard, server=server)

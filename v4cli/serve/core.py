@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from v4cli.engine.grammar import Constraint
 from v4cli.engine.sampling import SamplingParams
 from v4cli.prompt.encoding import Assistant, Message, Mode
 from v4cli.prompt.parser import ContentDelta, ParseError, ReasoningDelta, ToolCallEvent
@@ -23,19 +24,6 @@ EFFORT_MODES = {
     "medium": Mode.HIGH, "high": Mode.HIGH,
     "xhigh": Mode.MAX, "max": Mode.MAX,
 }
-
-
-@dataclass(frozen=True)
-class Constraint:
-    """What constrained decoding enforces on the answer (after any reasoning).
-
-    kind "tool": exactly the tool call(s) to `name`, in canonical DSML, then end of turn;
-    "required": at least one call to any of the request's tools; "json": the answer is JSON valid under `schema`
-    (None: any JSON object)."""
-
-    kind: Literal["tool", "required", "json"]
-    name: str | None = None
-    schema: Mapping[str, Any] | None = None
 
 
 @dataclass

@@ -19,12 +19,13 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from fastapi.sse import format_sse_event
 
+from v4cli.engine.grammar import Constraint
 from v4cli.engine.sampling import SamplingParams
 from quant.errors import BadInput, V4Error
 from v4cli.prompt.encoding import Assistant, Message, Mode, System, ToolCall, ToolResult, User
 from v4cli.prompt.parser import ContentDelta, ReasoningDelta, ToolCallEvent
-from v4cli.serve.app import APIError, Server, api_error, log, openai_error, read_json
-from v4cli.serve.core import EFFORT_MODES, ChatRequest, Constraint, Result, TokenLogprobs
+from v4cli.serve.http import APIError, Server, api_error, log, openai_error, read_json
+from v4cli.serve.core import EFFORT_MODES, ChatRequest, Result, TokenLogprobs
 from v4cli.serve.sse import COMMENT_PING, event_stream, frame, with_pings
 
 DEFAULT_EFFORT = "high"

@@ -1,6 +1,6 @@
 """Routed experts that live in host memory under a layer that runs on the GPU (hybrid placement).
 
-Full Flash does not fit a workstation GPU: the placement plan (v4cli/placement.py) puts the dense layers and as
+Full Flash does not fit a workstation GPU: the placement (v4cli/planning/placement.py) puts the dense layers and as
 many layers' routed experts as fit on the GPU and leaves the other experts in host RAM, where the CPU kernels read
 them in place from the GGUF's mmap. Such a layer's experts run one of two ways per call:
 

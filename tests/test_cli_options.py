@@ -126,13 +126,14 @@ def test_model_is_named_with_m_in_chat_and_ask(tiny_gguf, tmp_path, capsys, monk
 
 def test_info_reads_contexts_like_every_other_command(tiny_gguf, capsys, monkeypatch):
     gguf = str(tiny_gguf("q8"))
-    code, out, err = _run(["info", gguf, "--plan", "--ctx", "1M", "--vram", "0", "--ram", "8G"], capsys, monkeypatch)
+    code, out, err = _run(["info", gguf, "--plan", "--ctx", "1M", "--vram", "0", "--ram", "16G"], capsys, monkeypatch)
     assert code == 0, err
-    one_m = [line for line in out.splitlines() if line.startswith("kv_cache")]
-    code, out, err = _run(["info", "-m", gguf, "--plan", "--ctx", "1048576", "--vram", "0", "--ram", "8G"], capsys,
+    one_m = [line for line in out.splitlines() if line.startswith("│ KV cache (")]
+    code, out, err = _run(["info", "-m", gguf, "--plan", "--ctx", "1048576", "--vram", "0", "--ram", "16G"], capsys,
                           monkeypatch)
     assert code == 0, err
-    assert one_m and one_m == [line for line in out.splitlines() if line.startswith("kv_cache")]
+    assert one_m and one_m == [line for line in out.splitlines() if line.startswith("│ KV cache (")]
+    assert "1M tokens)" in one_m[0]
     code, _, err = _run(["info", gguf, "--plan", "--ctx", "lots"], capsys, monkeypatch)
     assert code == 2 and "cannot read context length 'lots'" in err
 

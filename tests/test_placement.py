@@ -12,20 +12,14 @@ from gguf import GGMLQuantizationType as Q
 from quant import keys as K
 from quant import names as N
 from quant.config import FLASH_CONFIG, ModelArgs
-from v4cli.model import kvsize
-from v4cli.engine.loader import _tensors, placement
 from quant.errors import DoesNotFit
+from v4cli.engine.loader import _tensors, placement
 from v4cli.gguf_file import GGUFFile, deepseek4_tensor_shapes
-from v4cli.placement import (
-    CPU,
-    CPU_RESERVE,
-    GPU,
-    GPU_RESERVE,
-    MMAP,
-    PlacementPlan,
-    flash_gguf_inventory,
-    inventory_for,
-)
+from v4cli.model import kvsize
+from v4cli.planning.machine import DISK, GPU, GPU_RESERVE, OS_RESERVE, RAM, Machine
+from v4cli.planning.placement import place
+from v4cli.planning.plan import plan_at, plan_model
+from v4cli.planning.tensors import Inventory
 
 G = 10**9
 FLASH = ModelArgs.from_config(FLASH_CONFIG)
@@ -34,97 +28,101 @@ DENSE = {"head", "attention", "compressor", "indexer", "norms", "mhc", "router",
 
 @pytest.fixture(scope="module")
 def inv():
-    return flash_gguf_inventory()
+    """Flash as the default recipe (q8) writes it, from config alone."""
+    return Inventory.from_recipe(FLASH_CONFIG, "q8")
 
 
 def test_flash_inventory_sizes(inv):
-    assert len(inv) == 1328
-    total = sum(i.nbytes for i in inv)
+    assert len(inv.tensors) == 1328
+    total = inv.nbytes
     assert 154e9 < total < 157e9  # facts §6: the converter's Q8_0 + MXFP4 file is ≈156 GB
-    exps = [i for i in inv if N.role_of_gguf(i.name) == N.EXPS]
-    assert {i.qtype for i in exps} == {Q.MXFP4} and exps[0].nbytes == 256 * 2048 * 4096 * 17 // 32
-    assert all(i.qtype == Q.F32 for i in inv if len(i.shape) == 1)
-    assert {i.qtype for i in inv if N.role_of_gguf(i.name) == N.TID2EID} == {Q.I32}
-    q2 = flash_gguf_inventory({N.EXPS: Q.Q2_K})
+    exps = [t for t in inv.tensors if t.role == N.EXPS]
+    assert {t.qtype for t in exps} == {Q.MXFP4} and exps[0].nbytes == 256 * 2048 * 4096 * 17 // 32
+    assert all(t.qtype == Q.F32 for t in inv.tensors if len(t.shape) == 1)
+    assert {t.qtype for t in inv.tensors if t.role == N.TID2EID} == {Q.I32}
     expert_elems = 43 * 3 * 256 * 2048 * 4096
-    assert sum(i.nbytes for i in exps) == expert_elems * 17 // 32  # MXFP4: 17 bytes per 32
-    assert total - sum(i.nbytes for i in q2) == expert_elems * 17 // 32 - expert_elems * 84 // 256  # Q2_K: 84 per 256
+    assert sum(t.nbytes for t in exps) == expert_elems * 17 // 32  # MXFP4: 17 bytes per 32
+    q2 = Inventory.from_recipe(FLASH_CONFIG, "q2k")
+    assert sum(t.nbytes for t in q2.tensors if t.role == N.EXPS) == expert_elems * 84 // 256  # Q2_K: 84 per 256
 
 
 def test_cpu_only(inv):
-    p = PlacementPlan.build(inv, FLASH, ctx=32768, kv_format="bf16", gpu_mem=0, cpu_mem=256 * G)
-    assert {t.device for t in p.tensors.values()} == {CPU} and p.kv_device == CPU
-    assert p.totals() == {GPU: 0, CPU: sum(i.nbytes for i in inv) + kvsize.kv_bytes(FLASH, "bf16", 32768), MMAP: 0}
-    assert p.notes == ["no GPU: everything runs on the CPU"] and p.fits
+    p = place(inv, Machine(ram=256 * G), 32768, "bf16")
+    assert {w.tier for w in p.tensors.values()} == {RAM} and p.kv_tier == RAM
+    assert p.totals() == {GPU: 0, RAM: inv.nbytes + kvsize.kv_bytes(FLASH, "bf16", 32768), DISK: 0}
+    assert p.notes == () and p.fits
 
 
 def test_fake_24gb_gpu_with_128gb_ram(inv):
-    p = PlacementPlan.build(inv, FLASH, ctx=1 << 20, kv_format="fp8", gpu_mem=24 * G, cpu_mem=128 * G)
+    m = Machine(ram=128 * G, vram=24 * G)
+    p = place(inv, m, 1 << 20, "fp8")
     by = {}
-    for t in p.tensors.values():
-        by.setdefault(t.component, set()).add(t.device)
+    for t in inv.tensors:
+        by.setdefault(t.component, set()).add(p.tier(t.name))
     assert all(by[c] == {GPU} for c in DENSE)  # the whole dense set and the head
-    assert by["embedding"] == {CPU}  # only rows are gathered
-    assert p.kv_device == GPU
+    assert by["embedding"] == {RAM}  # only rows are gathered
+    assert p.kv_tier == GPU
     # routed experts, contiguous by layer: on the GPU while what is left of it lasts, then resident in RAM, then
     # paged from disk
-    exp_dev = [p.where(N.experts(L, "w1")).device for L in range(43)]
-    g, k = exp_dev.index(CPU), exp_dev.index(MMAP)
-    assert exp_dev == [GPU] * g + [CPU] * (k - g) + [MMAP] * (43 - k) and 1 <= g < 8 and 20 < k < 43
-    bigger = PlacementPlan.build(inv, FLASH, ctx=1 << 20, kv_format="fp8", gpu_mem=80 * G, cpu_mem=128 * G)
-    assert [bigger.where(N.experts(L, "w1")).device for L in range(43)].index(CPU) > g
+    exp_tier = [p.tier(N.experts(L, "w1")) for L in range(43)]
+    g, k = exp_tier.index(RAM), exp_tier.index(DISK)
+    assert exp_tier == [GPU] * g + [RAM] * (k - g) + [DISK] * (43 - k) and 1 <= g < 8 and 20 < k < 43
+    bigger = place(inv, Machine(ram=128 * G, vram=80 * G), 1 << 20, "fp8")
+    assert [bigger.tier(N.experts(L, "w1")) for L in range(43)].index(RAM) > g
     tot = p.totals()
-    assert tot[GPU] <= 24 * G - GPU_RESERVE and tot[CPU] <= 128 * G - CPU_RESERVE
-    assert sum(tot.values()) == sum(i.nbytes for i in inv) + p.kv_nbytes
-    assert p.notes == [(f"routed experts of layers {k}–42 do not fit the CPU memory budget: decode will page them "
-                        "from disk (expect a slow first pass and disk-bound decode)")]
-    rows = p.summary()
-    assert [r.component for r in rows][:2] == ["head", "attention"] and rows[-1].component == "kv_cache"
-    assert sum(r.nbytes for r in rows) == sum(tot.values())
-    assert [(r.where, r.form) for r in rows if r.component == "routed_experts"] == [
-        (GPU, "stored"), (CPU, "stored"), (MMAP, "stored")]
+    assert tot[GPU] <= 24 * G - GPU_RESERVE and tot[RAM] <= 128 * G - OS_RESERVE
+    assert sum(tot.values()) == inv.nbytes + p.kv_nbytes
+    assert p.notes == ()  # every layer's dense set is on the GPU; the plan's notes say what paging costs
+    rows = plan_at(inv, m, 1 << 20, "fp8").rows()
+    assert [r.component for r in rows][:2] == ["output head", "attention"]
+    assert [r.component for r in rows][-3:] == ["KV cache (fp8, 1M tokens)", "CUDA + compute buffers (reserve)",
+                                                "OS + runtime (reserve)"]
+    assert sum(r.nbytes for r in rows) == sum(tot.values()) + GPU_RESERVE + OS_RESERVE
+    assert [r.where for r in rows if r.component.startswith("routed experts")] == [GPU, RAM, DISK]
 
 
 def test_tiny_gpu_gets_a_prefix_of_layers(inv):
-    p = PlacementPlan.build(inv, FLASH, ctx=4096, kv_format="bf16", gpu_mem=GPU_RESERVE + 2 * G, cpu_mem=512 * G)
-    on_gpu = sorted({t.layer for t in p.tensors.values() if t.device == GPU and t.layer is not None})
+    p = place(inv, Machine(ram=512 * G, vram=GPU_RESERVE + 2 * G), 4096, "bf16")
+    on_gpu = sorted({t.layer for t in inv.tensors if p.tier(t.name) == GPU and t.layer is not None})
     assert on_gpu == list(range(len(on_gpu))) and 0 < len(on_gpu) < 43  # contiguous from layer 0
-    assert p.where(N.root("head.weight")).device == GPU
-    assert p.kv_device == CPU  # not every layer's attention is on the GPU
-    assert p.totals()[GPU] <= 2 * G and p.notes == [f"only {len(on_gpu)} of 43 layers' dense weights fit the GPU budget"]
-    none = PlacementPlan.build(inv, FLASH, ctx=4096, kv_format="bf16", gpu_mem=GPU_RESERVE + 10**6, cpu_mem=512 * G)
+    assert p.tier(N.root("head.weight")) == GPU
+    assert p.kv_tier == RAM  # not every layer's attention is on the GPU
+    assert p.totals()[GPU] <= 2 * G and p.notes == (f"only {len(on_gpu)} of 43 layers' dense weights fit the GPU",)
+    none = place(inv, Machine(ram=512 * G, vram=GPU_RESERVE + 10**6), 4096, "bf16")
     assert none.totals()[GPU] == 0
 
 
 def test_kv_goes_to_the_gpu_only_when_it_fits(inv):
-    def kv_dev(gpu, fmt):
-        return PlacementPlan.build(inv, FLASH, ctx=1 << 20, kv_format=fmt, gpu_mem=gpu, cpu_mem=512 * G).kv_device
+    def kv_tier(gpu, fmt):
+        return place(inv, Machine(ram=512 * G, vram=gpu), 1 << 20, fmt).kv_tier
 
-    # dense ≈ 7.3 GB: a 12 GB card has ≈ 2.7 GB left after the reserve — not 7.2 GB of bf16, not 3.7 GB of fp8
-    assert (kv_dev(12 * G, "bf16"), kv_dev(12 * G, "fp8")) == (CPU, CPU)
-    assert (kv_dev(14 * G, "bf16"), kv_dev(14 * G, "fp8")) == (CPU, GPU)
-    assert (kv_dev(24 * G, "bf16"), kv_dev(24 * G, "fp8")) == (GPU, GPU)
+    # dense ≈ 7.8 GB: a 12 GB card has ≈ 2 GB left after the reserve — not 7.2 GB of bf16, not 3.7 GB of fp8
+    assert (kv_tier(12 * G, "bf16"), kv_tier(12 * G, "fp8")) == (RAM, RAM)
+    assert (kv_tier(14 * G, "bf16"), kv_tier(14 * G, "fp8")) == (RAM, GPU)
+    assert (kv_tier(24 * G, "bf16"), kv_tier(24 * G, "fp8")) == (GPU, GPU)
 
 
 def test_dequantized_gpu_form(inv):
-    p = PlacementPlan.build(inv, FLASH, ctx=4096, kv_format="bf16", gpu_mem=80 * G, cpu_mem=512 * G,
-                            dequant_gpu=True)
-    q_b = p.where(N.blk(0, "attn.wq_b.weight"))
-    assert (q_b.device, q_b.form, q_b.nbytes) == (GPU, "bf16", 32768 * 1024 * 2)
-    norm = p.where(N.blk(0, "attn_norm.weight"))
+    p = place(inv, Machine(ram=512 * G, vram=80 * G), 4096, "bf16", dequant_gpu=True)
+    q_b = p.tensors[N.blk(0, "attn.wq_b.weight")]
+    assert (q_b.tier, q_b.form, q_b.nbytes) == (GPU, "bf16", 32768 * 1024 * 2)
+    norm = p.tensors[N.blk(0, "attn_norm.weight")]
     assert (norm.form, norm.nbytes) == ("stored", 4096 * 4)  # already plain F32
-    e0, e42 = p.where(N.experts(0, "w1")), p.where(N.experts(42, "w1"))
-    assert (e0.device, e0.form, e42.device, e42.form) == (GPU, "bf16", CPU, "stored")  # bf16 only on the GPU
+    e0, e42 = p.tensors[N.experts(0, "w1")], p.tensors[N.experts(42, "w1")]
+    assert (e0.tier, e0.form, e42.tier, e42.form) == (GPU, "bf16", RAM, "stored")  # bf16 only on the GPU
 
 
 def test_deterministic_and_kv_that_fits_nowhere(inv):
-    a = PlacementPlan.build(inv, FLASH, ctx=65536, kv_format="fp8", gpu_mem=16 * G, cpu_mem=64 * G)
-    b = PlacementPlan.build(list(inv), FLASH, ctx=65536, kv_format="fp8", gpu_mem=16 * G, cpu_mem=64 * G)
-    assert a == b and a.summary() == b.summary()
-    bad = PlacementPlan.build(inv, FLASH, ctx=1 << 20, kv_format="bf16", gpu_mem=0, cpu_mem=CPU_RESERVE + 10**9)
-    assert not bad.fits
-    with pytest.raises(DoesNotFit, match="KV cache for 1,048,576 tokens"):
-        bad.check()
+    m = Machine(ram=64 * G, vram=16 * G)
+    a = place(inv, m, 65536, "fp8")
+    b = place(Inventory(inv.args, tuple(inv.tensors), inv.label), m, 65536, "fp8")
+    assert a == b and a.totals() == b.totals()
+    small = Machine(ram=OS_RESERVE + 10**9)
+    bad = place(inv, small, 1 << 20, "bf16")
+    assert not bad.fits and "KV cache for 1,048,576 tokens" in bad.problems[0]
+    assert not plan_at(inv, small, 1 << 20, "bf16").runs
+    with pytest.raises(DoesNotFit, match="at 1M tokens does not fit"):
+        plan_model(inv, small, 1 << 20, "bf16")
 
 
 def test_plan_from_a_gguf_file(tmp_path):
@@ -144,23 +142,26 @@ def test_plan_from_a_gguf_file(tmp_path):
     w.write_tensors_to_file()
     w.close()
     with GGUFFile(tmp_path / "t.gguf") as f:
+        inv = Inventory.from_gguf_file(f)
+        assert {t.name for t in inv.tensors} == set(deepseek4_tensor_shapes(args))
         # room for the dense set, the KV cache and layer 0's routed experts, not layer 1's
         experts = {L: sum(f.tensors[N.experts(L, k)].nbytes for k in ("w1", "w2", "w3")) for L in (0, 1)}
         dense = sum(t.nbytes for t in f.tensors.values() if N.role_of_gguf(t.name) not in (N.EXPS, N.EMBED))
         gpu = GPU_RESERVE + dense + kvsize.kv_bytes(f.args, "bf16", 256) + experts[0] + experts[1] // 2
-        p = PlacementPlan.for_gguf(f, ctx=256, kv_format="bf16", gpu_mem=gpu, cpu_mem=CPU_RESERVE + 10**7)
-        same = PlacementPlan.build(inventory_for(f.args, {"default": Q.F32}), f.args, ctx=256, kv_format="bf16",
-                                   gpu_mem=gpu, cpu_mem=CPU_RESERVE + 10**7)
-        assert set(p.tensors) == set(same.tensors) and p.totals() == same.totals()
-        assert p.where(N.blk(1, "attn.wq_a.weight")).device == GPU and p.kv_device == GPU
-        assert (p.where(N.experts(0, "w2")).device, p.where(N.experts(1, "w2")).device) == (GPU, CPU)
+        m = Machine(ram=OS_RESERVE + 10**7, vram=gpu)
+        p = place(inv, m, 256, "bf16")
+        assert p.tier(N.blk(1, "attn.wq_a.weight")) == GPU and p.kv_tier == GPU
+        assert (p.tier(N.experts(0, "w2")), p.tier(N.experts(1, "w2"))) == (GPU, RAM)
 
         # the engine's loader realizes the plan ("meta" stands in for the GPU): GPU tensors are copied there,
-        # the rest stay zero-copy views of the file
-        place = placement(f, "meta", ctx=256, kv_format="bf16", gpu_mem=gpu)
-        ws = _tensors(f, place)
+        # the rest stay zero-copy views of the file; its own machine (this RAM, `gpu_mem` as the GPU) agrees
+        for place_fn in (placement(f, "meta", ctx=256, kv_format="bf16", machine=m),
+                         placement(f, "meta", ctx=256, kv_format="bf16", gpu_mem=gpu)):
+            assert {n: place_fn(n).type for n in f.tensors} == {
+                n: "meta" if plan_at(inv, m, 256, "bf16").where[n] == GPU else "cpu" for n in f.tensors}
+        ws = _tensors(f, placement(f, "meta", ctx=256, kv_format="bf16", machine=m))
         for name, w in ws.items():
-            want = "meta" if p.where(name).device == GPU else "cpu"
+            want = "meta" if p.tier(name) == GPU else "cpu"
             assert w.device.type == want, name
             if want == "cpu":
                 assert w.raw.untyped_storage().data_ptr() == f.raw(name).untyped_storage().data_ptr(), name

@@ -10,30 +10,16 @@ import pytest
 from quant import names as N
 from quant.config import FLASH_CONFIG, ModelArgs
 from quant.recipes import FIT_ORDER
-from v4cli.cli import main
 from quant.errors import BadInput, DoesNotFit
-from v4cli.fit import choose_recipe
+from v4cli.cli import main
 from v4cli.gguf_file import GGUFFile
 from v4cli.model.kvsize import kv_bytes
-from v4cli.plan import (
-    DISK,
-    GPU,
-    GPU_RESERVE,
-    KV,
-    OS_RESERVE,
-    RAM,
-    Inventory,
-    Machine,
-    check_fits,
-    detect_machine,
-    format_ctx,
-    measure_ram_bw,
-    parse_ctx,
-    plan_at,
-    plan_model,
-    plan_source,
-    round_ctx_down,
-)
+from v4cli.planning import machine as machine_mod
+from v4cli.planning.fit import choose_recipe
+from v4cli.planning.machine import DISK, GPU, GPU_RESERVE, OS_RESERVE, RAM, Machine, detect_machine, measure_bandwidth
+from v4cli.planning.plan import KV, check_fits, format_ctx, plan_at, plan_model, plan_source, round_ctx_down
+from v4cli.planning.tensors import Inventory
+from v4cli.units import parse_ctx
 
 G = 10**9
 M1 = 1 << 20
@@ -93,8 +79,8 @@ def test_detect_machine_takes_given_values_and_measures_the_rest():
 
 
 def test_ram_bandwidth_is_measured():
-    bw = measure_ram_bw(seconds=0.1, nbytes=64 << 20)
-    assert 0.5e9 < bw < 2000e9
+    bw = measure_bandwidth("cpu", 64 << 20, repeats=2)
+    assert 0.5 < bw["bound_gbs"] < 2000 and bw["bound_gbs"] == max(bw["read_gbs"], bw["copy_gbs"], bw["triad_gbs"])
 
 
 # ---------------------------------------------------------------------------------------------- real Flash
@@ -112,9 +98,9 @@ def test_flash_128g_cpu_only_1m():
     assert p.used(RAM) == p.inventory.nbytes + p.kv_bytes
     assert p.used(RAM) + OS_RESERVE <= m.ram  # the OS keeps its 8 GB
     # the bound: everything comes from RAM at 90 GB/s; 6 of 256 experts per layer, the rest read in full
-    weights_read = sum(w.read for w in p.inventory.weights)
-    exps = sum(w.nbytes for w in p.inventory.weights if w.role == N.EXPS)
-    assert sum(w.read for w in p.inventory.weights if w.role == N.EXPS) == pytest.approx(exps * 6 / 256, rel=1e-6)
+    weights_read = sum(w.read for w in p.inventory.tensors)
+    exps = sum(w.nbytes for w in p.inventory.tensors if w.role == N.EXPS)
+    assert sum(w.read for w in p.inventory.tensors if w.role == N.EXPS) == pytest.approx(exps * 6 / 256, rel=1e-6)
     assert p.tokens_per_second == pytest.approx(90e9 / (weights_read + p.kv_read))
     assert 5 < p.tokens_per_second < 12  # facts §8: ≈10 tok/s for a ~9 GB/token model at 90 GB/s
 
@@ -127,14 +113,14 @@ def test_flash_128g_plus_24g_gpu_1m():
     assert p.used(GPU) <= m.vram - GPU_RESERVE and p.used(RAM) + OS_RESERVE <= m.ram
     # every tensor a token reads in full lives on the GPU, and so does the KV cache; the GPU's remaining room
     # holds the first layers' routed experts, the rest stream from RAM
-    assert all(p.where[w.name] == GPU for w in p.inventory.weights if dense(p, w))
+    assert all(p.where[w.name] == GPU for w in p.inventory.tensors if dense(p, w))
     assert p.where[KV] == GPU
-    exps = [w for w in p.inventory.weights if w.role == N.EXPS]
+    exps = [w for w in p.inventory.tensors if w.role == N.EXPS]
     on_gpu = {w.layer for w in exps if p.where[w.name] == GPU}
     assert on_gpu == set(range(len(on_gpu))) and 1 <= len(on_gpu) < 8
-    assert all(p.where[w.name] == RAM for w in p.inventory.weights
+    assert all(p.where[w.name] == RAM for w in p.inventory.tensors
                if w.role == N.EMBED or w.role == N.EXPS and w.layer not in on_gpu)
-    assert p.read(RAM) == sum(w.read for w in p.inventory.weights if p.where[w.name] == RAM)
+    assert p.read(RAM) == sum(w.read for w in p.inventory.tensors if p.where[w.name] == RAM)
     assert 15 < p.tokens_per_second < 40  # facts §8: ≈22–36 tok/s with experts streamed from RAM
 
 
@@ -164,8 +150,8 @@ def test_64g_pages_experts_from_disk_at_1m():
     m = machine(64)
     p = flash_plan(64)
     assert p.inventory.recipe == "iq2-80" and p.runs and p.paged > 0
-    assert all(p.where[w.name] != DISK for w in p.inventory.weights if dense(p, w)) and p.where[KV] == RAM
-    assert {w.role for w in p.inventory.weights if p.where[w.name] == DISK} <= {N.EXPS, N.EMBED, N.TID2EID}
+    assert all(p.where[w.name] != DISK for w in p.inventory.tensors if dense(p, w)) and p.where[KV] == RAM
+    assert {w.role for w in p.inventory.tensors if p.where[w.name] == DISK} <= {N.EXPS, N.EMBED, N.TID2EID}
     assert p.max_ctx_in_memory is None  # iq2-80 (81 GB) never fits 64 GB
     disk_ms = 1e3 * p.read(DISK) / 3e9
     assert disk_ms > 0.5 * 1e3 * p.seconds_per_token  # most of each token's time is spent waiting on the disk
@@ -215,7 +201,7 @@ def tiny(tiny_gguf):
 def test_gguf_inventory_is_the_files(tiny):
     path, inv = tiny
     with GGUFFile(path) as gf:
-        assert {w.name: w.nbytes for w in inv.weights} == {t.name: t.nbytes for t in gf.tensors.values()}
+        assert {w.name: w.nbytes for w in inv.tensors} == {t.name: t.nbytes for t in gf.tensors.values()}
         assert inv.args == gf.args
         assert check_fits(gf, ram=16 * G, vram=0, ctx="4K").where == check_fits(inv, ram=16 * G, vram=0, ctx="4K").where
     assert inv.recipe == "lossless"  # from the file's metadata
@@ -228,10 +214,10 @@ def test_gguf_check_fits(tiny):
     assert check_fits(inv, ram=16 * G, vram=0).ctx == inv.args.max_position_embeddings  # no --ctx: the largest
     # just enough RAM for every layer's non-expert set and the KV: experts and embedding page from disk
     kv = kv_bytes(inv.args, "fp8", 65_536)
-    need = sum(w.nbytes for w in inv.weights if w.role not in (N.EXPS, N.EMBED)) + kv
+    need = sum(w.nbytes for w in inv.tensors if w.role not in (N.EXPS, N.EMBED)) + kv
     tight = check_fits(inv, ram=OS_RESERVE + need + 1000, vram=0, ctx="64K")
     assert tight.runs and tight.paged > 0 and tight.kv_format == "fp8"
-    assert {w.role for w in inv.weights if tight.where[w.name] == DISK} <= {N.EXPS, N.EMBED, N.TID2EID}
+    assert {w.role for w in inv.tensors if tight.where[w.name] == DISK} <= {N.EXPS, N.EMBED, N.TID2EID}
     assert any(n.startswith("Experts page from disk: ") for n in tight.notes)
     with pytest.raises(DoesNotFit) as e:
         check_fits(inv, ram=OS_RESERVE + need // 2, vram=0, ctx="64K")
@@ -317,10 +303,8 @@ def _no_measuring(*_a, **_k):
 
 def test_cli_described_machine_says_what_it_assumed(capsys, monkeypatch):
     """--ram/--vram describe another machine: this one's bandwidth is not measured and its free disk is not used."""
-    import v4cli.plan as plan_mod
-
-    monkeypatch.setattr(plan_mod, "measure_ram_bw", _no_measuring)
-    monkeypatch.setattr(plan_mod, "_free_disk", lambda _p: 1)  # this machine's disk: full
+    monkeypatch.setattr(machine_mod, "measure_bandwidth", _no_measuring)
+    monkeypatch.setattr(machine_mod, "_free_disk", lambda _p: 1)  # this machine's disk: full
     lines = _run(capsys, "--ram", "128G", "--vram", "0", "--ctx", "1M")
     assert "decode bound: 8.6 tokens/s, reading 10.4 GB per token: RAM 10.4 GB at 90 GB/s (assumed)" in lines
     assert not [line for line in lines if "free." in line]  # no "only 0.0 GB is free" from this machine's disk
@@ -329,12 +313,10 @@ def test_cli_described_machine_says_what_it_assumed(capsys, monkeypatch):
 
 
 def test_cli_this_machine_is_measured(capsys, monkeypatch):
-    import v4cli.plan as plan_mod
-
-    monkeypatch.setattr(plan_mod, "measure_ram_bw", lambda: 45e9)
-    monkeypatch.setattr(plan_mod, "_gpu_memory", lambda: 0)
+    monkeypatch.setattr(machine_mod, "measure_bandwidth", lambda device="cpu", *_a, **_k: {"bound_gbs": 45.0})
+    monkeypatch.setattr(machine_mod, "gpu_free_memory", lambda: 0)
     monkeypatch.setattr("psutil.virtual_memory", lambda: type("VM", (), {"total": 128 * G})())
-    monkeypatch.setattr(plan_mod, "_free_disk", lambda _p: 10 * G)
+    monkeypatch.setattr(machine_mod, "_free_disk", lambda _p: 10 * G)
     lines = _run(capsys, "-m", "flash", "--ctx", "1M")
     assert "RAM 10.4 GB at 45 GB/s (measured)" in [line for line in lines if line.startswith("decode")][0]
     assert "The GGUF needs 108.6 GB of disk in the store; only 10.0 GB is free." in lines

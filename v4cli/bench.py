@@ -4,8 +4,8 @@ Each measurement pass of an engine runs in a fresh subprocess (`python -m v4cli.
 peak RSS is that engine's own, and passes are interleaved engine by engine per repeat, because the machines this
 runs on are noisy and two engines timed minutes apart are not comparable. Speeds are medians; the bandwidth is the best sample (it bounds them).
 
-Decode is memory-bound: a decoded token reads every non-expert weight, k_active/n_experts of the routed experts,
-one row of the lookup tables and the KV entries attention visits. `bytes ÷ bandwidth` bounds the time per token.
+Decode is memory-bound: `bytes ÷ bandwidth` bounds the time per token, with the bytes a decoded token reads from
+v4cli.planning.traffic and the bandwidth from v4cli.planning.machine's meter (the same ones `v4 plan` uses).
 The full-Flash figure is an estimate, not a measurement: it keeps the measured time per layer byte and scales it
 to Flash's 43 layers.
 
@@ -20,21 +20,21 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from quant import names as N
 from quant.config import FLASH_CONFIG, ModelArgs
-from v4cli.model import kvsize
 from quant.errors import BadInput, V4Error
-from v4cli.gguf_file import GGUFModel, open_gguf
+from v4cli.gguf_file import open_gguf
+from v4cli.planning.machine import BANDWIDTH_BYTES, measure_bandwidth
+from v4cli.planning.tensors import Inventory
+from v4cli.planning.traffic import WeightRead, decode_read, kv_read, weight_read
 
 DEFAULT_ENGINES = ("torch", "llama")  # those of them that are installed, when --engines is not given
 
@@ -53,10 +53,8 @@ class Preset:
 PRESETS = {"quick": Preset((512, 4096), (0, 4096), 32, 3),
            "full": Preset((512, 8192), (0, 8192, 32768), 32, 3)}
 DEFAULT_PRESET = "quick"
-BANDWIDTH_BYTES = 1 << 28  # per array: 256 MiB, far beyond any L3 cache
 NOISY_SPREAD_PCT = 25.0  # interquartile range of the per-token times above this % of their median: a busy machine
 _EVENT = "V4BENCH "  # prefix of the worker's progress lines on its stdout (anything else there is not ours)
-_BLOCK_RE = re.compile(r"^blk\.(\d+)\.")  # GGUF block prefix (quant/names.py builds names as blk.{layer}.<name>)
 
 
 @dataclass(frozen=True)
@@ -93,121 +91,7 @@ class BenchSpec:
                 *((f"decode at {c}", float(c + tok + (again if c else 0))) for c in self.contexts)]
 
 
-# ---------------------------------------------------------------------------------------------- memory bandwidth
-def measure_bandwidth(nbytes: int = BANDWIDTH_BYTES, repeats: int = 5, threads: int | None = None,
-                      device: str = "cpu") -> dict:
-    """STREAM-style copy (a = b) and triad (a = b + s·c) in torch over f64 arrays of `nbytes` each; → GB/s of the
-    fastest repeat, as STREAM reports (other work on the machine only ever slows a copy down).
-
-    Bytes counted as STREAM does: copy 2 per element, triad 3 (write-allocate traffic not counted). Also a
-    read-only pass (Σ b), the access pattern of decode's weight streaming, shown beside the triad roofline.
-    On a GPU (`device="cuda"`) the arrays live in its memory: the roofline of an engine that runs there.
-    """
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-    n = max(nbytes // 8, 1)
-    dev = torch.device(device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    a = torch.empty(n, dtype=torch.float64, device=dev)
-    b, c = torch.rand(n, dtype=torch.float64, device=dev), torch.rand(n, dtype=torch.float64, device=dev)
-    a.copy_(b)  # touch every page before timing
-    copy_s, triad_s, read_s = [], [], []
-
-    def timed(fn, into: list[float]) -> None:
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        into.append(time.perf_counter() - t0)
-
-    for _ in range(repeats):
-        timed(b.sum, read_s)
-        timed(lambda: a.copy_(b), copy_s)
-        timed(lambda: torch.add(b, c, alpha=3.0, out=a), triad_s)
-    return {"array_bytes": n * 8, "repeats": repeats,
-            "copy_gbs": 2 * n * 8 / min(copy_s) / 1e9,
-            "triad_gbs": 3 * n * 8 / min(triad_s) / 1e9,
-            "read_gbs": n * 8 / min(read_s) / 1e9}
-
-
-# -------------------------------------------------------------------------------------------- bytes per token
-@dataclass
-class WeightBytes:
-    """Weight bytes one decoded token reads, split by where they live in the model."""
-
-    fixed: float = 0.0  # model-level tensors: head, final norm, mHC head, one embedding row
-    layers: dict[int, float] = field(default_factory=dict)  # per main layer: non-expert + active expert bytes
-    experts: float = 0.0  # the routed-expert share of `layers` (k_active / n_experts of the stacked tensors)
-    lookup: float = 0.0  # one row of each lookup table (embedding, hash routing)
-
-    @property
-    def total(self) -> float:
-        return self.fixed + sum(self.layers.values())
-
-    @property
-    def non_expert(self) -> float:
-        return self.total - self.experts
-
-
-def _rows(shape: tuple[int, ...]) -> int:
-    return shape[0] if shape else 1
-
-
-def weight_bytes_per_token(gf: GGUFModel) -> WeightBytes:
-    """Weight bytes read per decoded token, from the file's tensor sizes (draft/MTP blocks are not run)."""
-    args = gf.args
-    share = args.num_experts_per_tok / args.n_routed_experts
-    out = WeightBytes(layers={layer: 0.0 for layer in range(args.num_hidden_layers)})
-    for name, t in gf.tensors.items():
-        role = N.role_of_gguf(name)
-        if role in (N.EMBED, N.TID2EID):
-            b = t.nbytes / _rows(t.shape)  # a lookup reads the token's row only
-            out.lookup += b
-        elif role == N.EXPS:
-            b = t.nbytes * share
-            out.experts += b
-        else:
-            b = float(t.nbytes)
-        m = _BLOCK_RE.match(name)
-        if m is None:
-            out.fixed += b
-        elif int(m.group(1)) in out.layers:
-            out.layers[int(m.group(1))] += b
-        elif role == N.EXPS:
-            out.experts -= b  # an MTP block's experts: not read while decoding
-    return out
-
-
-def kv_read_bytes(args: ModelArgs, fmt: str, context: int, layers: range | None = None) -> dict[int, float]:
-    """KV bytes each layer reads to decode one token after `context` tokens.
-
-    Every layer reads its raw window; HCA layers all compressed entries; CSA layers the indexer's top-k entries
-    plus every indexer key (the indexer scores them all).
-    """
-    n = context + 1  # the new token is in the cache when attention runs
-    entry, ikey = kvsize.entry_bytes(args, fmt), kvsize.index_key_bytes(args, fmt)
-    out = {}
-    for layer in layers if layers is not None else range(args.num_hidden_layers):
-        b = min(n, args.sliding_window) * entry
-        ratio = args.layer_ratio(layer)
-        if ratio:
-            visible = n // ratio
-            if args.is_csa(layer):
-                b += min(args.index_topk, visible) * entry + visible * ikey
-            else:
-                b += visible * entry
-        out[layer] = float(b)
-    return out
-
-
-def decode_bytes(weights: WeightBytes, args: ModelArgs, fmt: str, context: int) -> float:
-    """Total bytes read per decoded token at `context`: weights plus KV."""
-    return weights.total + sum(kv_read_bytes(args, fmt, context).values())
-
-
-def flash_layer_bytes(weights: WeightBytes, args: ModelArgs) -> tuple[float, float]:
+def flash_layer_bytes(weights: WeightRead, args: ModelArgs) -> tuple[float, float]:
     """(bytes of this file's main layers, bytes of full Flash's 43 layers at the same per-layer costs).
 
     Flash's layer of a kind (SWA / CSA / HCA by compress ratio) costs what this file's layers of that kind cost on
@@ -225,10 +109,11 @@ def flash_layer_bytes(weights: WeightBytes, args: ModelArgs) -> tuple[float, flo
 
 
 def flash_args() -> ModelArgs:
+    """Full DeepSeek-V4-Flash's args, from its config alone."""
     return ModelArgs.from_config(FLASH_CONFIG)
 
 
-def extrapolate_flash(tps: float, weights: WeightBytes, args: ModelArgs, fmt: str, context: int,
+def extrapolate_flash(tps: float, weights: WeightRead, args: ModelArgs, fmt: str, context: int,
                       bandwidth: float) -> dict:
     """Full-Flash decode tok/s from a measured tok/s on this file.
 
@@ -237,8 +122,8 @@ def extrapolate_flash(tps: float, weights: WeightBytes, args: ModelArgs, fmt: st
     """
     flash = flash_args()
     layer_bytes, flash_layer_w = flash_layer_bytes(weights, args)
-    layer_bytes += sum(kv_read_bytes(args, fmt, context).values())
-    flash_layers = flash_layer_w + sum(kv_read_bytes(flash, fmt, context).values())
+    layer_bytes += kv_read(args, fmt, context)
+    flash_layers = flash_layer_w + kv_read(flash, fmt, context)
     t_fixed = weights.fixed / bandwidth
     flash_bytes = weights.fixed + flash_layers
     out = {"bytes_per_token": flash_bytes, "roofline_tps": bandwidth / flash_bytes, "tps": None, "roofline_pct": None}
@@ -440,14 +325,14 @@ def flash_basis(args: ModelArgs, layer_bytes: float, flash_layer_bytes_: float) 
             "scale": flash_layer_bytes_ / layer_bytes if layer_bytes else None}
 
 
-def summarize(spec: BenchSpec, passes: dict[str, list[dict]], weights: WeightBytes, args: ModelArgs,
+def summarize(spec: BenchSpec, passes: dict[str, list[dict]], weights: WeightRead, args: ModelArgs,
               bandwidth: dict) -> dict:
     """Medians of the passes, roofline percentages, ours/llama.cpp ratios and (for a model with Flash's layer
     shapes and fewer layers or experts) the Flash estimate.
 
     Engines with no finished pass are left out; `spec.repeats` may exceed an engine's passes when one failed.
     """
-    bw = bandwidth["triad_gbs"] * 1e9
+    bw = bandwidth["bound_gbs"] * 1e9
     passes = {e: ps for e, ps in passes.items() if ps}
     engines = list(passes)
     layer_bytes, flash_layer_w = flash_layer_bytes(weights, args)
@@ -476,7 +361,7 @@ def summarize(spec: BenchSpec, passes: dict[str, list[dict]], weights: WeightByt
         row["ratio"] = ratio(row, "tps")
         result["prefill"].append(row)
     for c in spec.contexts:
-        total = decode_bytes(weights, args, spec.kv_format, c)
+        total = decode_read(weights, args, spec.kv_format, c)
         row = {"context": c, "bytes_per_token": total, "roofline_tps": bw / total, "flash": {}}
         for e in engines:
             runs = [ps["decode"][str(c)] for ps in passes[e]]
@@ -568,7 +453,7 @@ def run_bench(spec: BenchSpec, progress: Callable[[BenchProgress], None] | None 
     gf = open_gguf(spec.model)
     args = gf.validate_deepseek4()
     check_spec(spec, args)
-    weights = weight_bytes_per_token(gf)
+    weights = weight_read(Inventory.from_gguf_file(gf))
     gf.close()
     passes: dict[str, list[dict]] = {e: [] for e in spec.engines}
     failures: list[WorkerFailed] = []
@@ -577,7 +462,7 @@ def run_bench(spec: BenchSpec, progress: Callable[[BenchProgress], None] | None 
     for r in range(spec.repeats):
         if measure_bw:  # once per repeat, beside its passes: a shared machine's bandwidth drifts during a run
             say(clock.event(r, None, "memory bandwidth"))
-            samples.append(measure_bandwidth(bandwidth_bytes, threads=spec.n_threads, device=spec.device))
+            samples.append(measure_bandwidth(spec.device, bandwidth_bytes, threads=spec.n_threads))
         for e in spec.engines:  # interleaved: both engines see the same machine state per repeat
             if any(f.engine == e for f in failures):
                 continue
@@ -600,9 +485,10 @@ def run_bench(spec: BenchSpec, progress: Callable[[BenchProgress], None] | None 
 def combine_bandwidth(samples: list[dict]) -> dict:
     """The per-repeat bandwidth measurements as one: the highest of each figure (it is a bound: a busy machine
     measured at its median put decode at 146 % of it), the samples kept beside it."""
+    keys = ("read_gbs", "copy_gbs", "triad_gbs", "bound_gbs")
     if not samples:
-        return {"array_bytes": 0, "repeats": 0, "copy_gbs": math.nan, "triad_gbs": math.nan, "samples": []}
-    out = {k: max(s[k] for s in samples) for k in ("copy_gbs", "triad_gbs", "read_gbs")}
+        return {"array_bytes": 0, "repeats": 0, **{k: math.nan for k in keys}, "samples": []}
+    out = {k: max(s[k] for s in samples) for k in keys}
     return {"array_bytes": samples[0]["array_bytes"], "repeats": sum(s["repeats"] for s in samples), **out,
             "samples": samples}
 

@@ -90,11 +90,9 @@ def resolve_model(name: str | None) -> Path:
 def plan_context(path: Path, ctx: int | str | None, kv_format: str) -> int:
     """The context to run at: `ctx`, checked to fit this machine, or the largest that fits (DoesNotFit when
     none does). Runs before loading, so a model that cannot fit fails in a second with the fix named."""
-    from v4cli.plan import KV_FORMATS, check_fits
+    from v4cli.planning.plan import check_fits
 
-    # the planner sizes fp8 and bf16 KV; f32 is a test format, planned as its nearest (bf16)
-    fmt = kv_format if kv_format in KV_FORMATS else "bf16"
-    return check_fits(path, ctx=ctx, kv_format=fmt).ctx
+    return check_fits(path, ctx=ctx, kv_format=kv_format).ctx
 
 
 def load_engine(path: Path, engine: str = "torch", kv_format: str = "bf16", device: str = "cpu",

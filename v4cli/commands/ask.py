@@ -34,7 +34,7 @@ def _tokenizer_and_ctx(model: str | None, ctx: str | None, kv_format: str, dry_r
     from v4cli.engine.detok import tokenizer_from_metadata
     from v4cli.gguf_file import open_gguf
     from v4cli.ingest import MAX_CONTEXT, official_tokenizer
-    from v4cli.plan import parse_ctx
+    from v4cli.units import parse_ctx
 
     try:
         path = resolve_model(model)

@@ -58,7 +58,9 @@ def bench_cmd(
                                   "pip install 'v4[plot]')."),
 ) -> None:
     """Compare engines on MODEL: prefill and decode tok/s, time to first token, peak RSS, % of roofline."""
-    model = Path(pick_model(model_opt, model, required="v4 bench -m MODEL.gguf"))
+    from v4cli.store import find_gguf_model
+
+    model = find_gguf_model(pick_model(model_opt, model, required="v4 bench -m MODEL.gguf"))
     if plot_out is not None:
         bench.require_matplotlib()
     preset = bench.PRESETS["full" if full else "quick"]
@@ -143,11 +145,11 @@ def render(result: dict) -> None:
 
     engines = [e for e in result["spec"]["engines"] if e in result["engines"]]  # JSON may have sorted the keys
     bw, w = result["bandwidth"], result["weights"]
-    read = f", {bw['read_gbs']:.1f} GB/s read" if "read_gbs" in bw else ""  # results saved before it was measured
-    triads = [s["triad_gbs"] for s in bw.get("samples", [])]
-    spread = f" (best of {len(triads)}: triad {min(triads):.1f}-{max(triads):.1f})" if len(triads) > 1 else ""
+    bounds = [s["bound_gbs"] for s in bw.get("samples", [])]
+    spread = f", best of {len(bounds)}: {min(bounds):.1f}-{max(bounds):.1f}" if len(bounds) > 1 else ""
     ui.console.print(f"[bold]{result['model']}[/]  threads {result['threads']}  "
-                     f"bandwidth {bw['triad_gbs']:.1f} GB/s triad, {bw['copy_gbs']:.1f} GB/s copy{read}{spread}  "
+                     f"bandwidth bound {bw['bound_gbs']:.1f} GB/s (read {bw['read_gbs']:.1f}, "
+                     f"copy {bw['copy_gbs']:.1f}, triad {bw['triad_gbs']:.1f}{spread})  "
                      f"weights/token {format_bytes(w['bytes_per_token'])} "
                      f"(experts {format_bytes(w['experts_active'])})", soft_wrap=True)
     t = Table(title="prefill (median of the passes)")

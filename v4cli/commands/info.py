@@ -12,11 +12,11 @@ from quant import keys as K
 from quant.config import ModelArgs
 from v4cli.model import kvsize
 from v4cli import ui
-from v4cli.commands.options import KV, RAM, VRAM, ctx_option, model_option, pick_model
-from quant.errors import GGUFError, NotFoundError
+from v4cli.commands.options import CTX, RAM, VRAM, model_option, pick_model
+from v4cli.commands.plan import KV_AUTO, show_plan
+from quant.errors import GGUFError
 from v4cli.gguf_file import open_gguf
 from v4cli.store import format_bytes
-from v4cli.placement import DEFAULT_RECIPE_TYPES, PlacementPlan, inventory_for
 
 KV_CONTEXTS = (4096, 32768, 131072, 1048576)
 KV_SHOWN = ("bf16", "fp8")
@@ -39,14 +39,13 @@ def _ctx(n: int) -> str:
 
 
 def _resolve(target: str) -> Path:
-    path = Path(target).expanduser()
-    if path.exists():
-        return path
-    try:
-        from v4cli.store import resolve
-    except ImportError:
-        raise NotFoundError(f"{target}: no such file or folder") from None
-    return Path(resolve(target))
+    """The checkpoint folder or GGUF file `target` names (v4cli.store.find_model); a model not pulled is an error."""
+    from v4cli.store import HubTarget, find_model
+
+    found = find_model(target)
+    if isinstance(found, HubTarget):
+        raise found.not_pulled
+    return found.path
 
 
 def _config_lines(args: ModelArgs) -> None:
@@ -71,16 +70,6 @@ def _kv_table(args: ModelArgs) -> None:
     ui.console.print(t)
 
 
-def _plan_table(plan: PlacementPlan) -> None:
-    t = _table("component", "bytes", "where", "form")
-    for r in plan.summary():
-        t.add_row(r.component, format_bytes(r.nbytes), r.where, r.form)
-    ui.console.print(t)
-    _line("totals      " + ", ".join(f"{d} {format_bytes(b)}" for d, b in plan.totals().items()))
-    for note in plan.notes + plan.problems:
-        _line(f"note: {note}")
-
-
 def _provenance(md: dict) -> None:
     P = K.Provenance
     for label, key in (("tool", P.TOOL), ("source", P.SOURCE_REPO), ("revision", P.SOURCE_REVISION),
@@ -92,7 +81,7 @@ def _provenance(md: dict) -> None:
             _line(f"{label:<11} kept in {key} ({len(str(md[key])):,} chars)")
 
 
-def _gguf_info(path: Path, plan: bool, plan_kw: dict) -> None:
+def _gguf_info(path: Path, plan: bool) -> None:
     with open_gguf(path) as f:
         if plan:
             _ = f.args  # a plan needs a deepseek4 file: UnsupportedModel before any output otherwise
@@ -117,11 +106,9 @@ def _gguf_info(path: Path, plan: bool, plan_kw: dict) -> None:
         except GGUFError as e:  # shown, not fatal: info is how one finds out what is wrong with a file
             _line(f"check       FAILED: {e}")
         _kv_table(args)
-        if plan:
-            _plan_table(PlacementPlan.for_gguf(f, **plan_kw))
 
 
-def _checkpoint_info(path: Path, plan: bool, plan_kw: dict) -> None:
+def _checkpoint_info(path: Path) -> None:
     args = ModelArgs.from_config_file(path / "config.json")
     files = sorted(p for p in path.iterdir() if p.is_file())
     shards = [p for p in files if p.suffix == ".safetensors"]
@@ -136,28 +123,27 @@ def _checkpoint_info(path: Path, plan: bool, plan_kw: dict) -> None:
         q = cfg["quantization_config"]
         _line(f"weights     {q.get('quant_method')} {q.get('fmt', '')}, experts {cfg.get('expert_dtype', 'fp8')}")
     _kv_table(args)
-    if plan:
-        _line("plan        for the GGUF the default recipe would write (Q8_0, MXFP4 experts)")
-        _plan_table(PlacementPlan.build(inventory_for(args, DEFAULT_RECIPE_TYPES), args, **plan_kw))
 
 
 def info(
     model_opt: str | None = model_option("A .gguf file or split set, a checkpoint folder or a store name."),
     target: str | None = typer.Argument(None, metavar="PATH", help="Same as -m PATH."),
-    plan: bool = typer.Option(False, "--plan", help="Show where each component would live."),
+    plan: bool = typer.Option(False, "--plan", help="Also show the plan `v4 plan` shows: where each component "
+                              "lives (for a checkpoint, the recipe that fits), KV, context, decode bound."),
     vram: int | None = VRAM,
     ram: int | None = RAM,
-    ctx: int = ctx_option("32K", "Context length the plan sizes the KV cache for, like 32K or 1M."),
-    kv_format: str = KV,
+    ctx: int | None = CTX,
+    kv_format: str = KV_AUTO,
 ) -> None:
     """Describe a GGUF file or checkpoint: config, tensor types, provenance, KV sizes, placement."""
     name = pick_model(model_opt, target, required="v4 info -m MODEL.gguf, or a checkpoint folder or store name")
-    plan_kw = {"ctx": ctx, "kv_format": kv_format, "gpu_mem": vram, "cpu_mem": ram}
     path = _resolve(name)
     if path.is_dir() and (path / "config.json").is_file():
-        _checkpoint_info(path, plan, plan_kw)
+        _checkpoint_info(path)
     else:
-        _gguf_info(path, plan, plan_kw)
+        _gguf_info(path, plan)
+    if plan:  # the very plan `v4 plan PATH` prints, by the same code
+        show_plan(str(path), ram, vram, ctx, kv_format)
 
 
 def register(app: typer.Typer) -> None:

@@ -12,6 +12,7 @@ from v4cli.commands.options import CTX, MODEL_POSITIONAL, RAM, VRAM, kv_option, 
 from v4cli.units import parse_size
 
 DEFAULT_MODEL = "flash"  # planned without a download: its layout is known from config alone
+KV_AUTO = kv_option("auto", "auto, fp8 or bf16")  # `v4 info --plan` takes the same
 
 _WHERE = {"gpu": "GPU", "ram": "RAM", "disk": "disk"}
 _BW = {"gpu": "vram_bw", "ram": "ram_bw", "disk": "disk_bw"}  # Machine.source keys
@@ -60,7 +61,7 @@ def plan(
     ram: int | None = RAM,
     vram: int | None = VRAM,
     ctx: int | None = CTX,
-    kv: str = kv_option("auto", "auto, fp8 or bf16"),
+    kv: str = KV_AUTO,
     ram_bw: str | None = typer.Option(None, "--ram-bw", metavar="GB/S", help="RAM bandwidth in GB/s (default: measured here, "
                                       "assumed for a described machine)."),
     vram_bw: str | None = typer.Option(None, "--vram-bw", metavar="GB/S", help="GPU bandwidth in GB/s (default: measured here, "
@@ -71,12 +72,16 @@ def plan(
                                          "described machine)."),
 ) -> None:
     """Plan a model on this machine, or on one described by --ram/--vram: recipe, placement, KV, context, speed."""
-    from v4cli.plan import plan_for
+    show_plan(pick_model(model_opt, model) or DEFAULT_MODEL, ram, vram, ctx, kv, _bw(ram_bw, "--ram-bw"),
+              _bw(vram_bw, "--vram-bw"), _bw(disk_bw, "--disk-bw"), disk)
 
-    machine, assumed = describe_machine(ram, vram, _bw(ram_bw, "--ram-bw"), _bw(vram_bw, "--vram-bw"),
-                                        _bw(disk_bw, "--disk-bw"), disk)
-    p = plan_for(pick_model(model_opt, model) or DEFAULT_MODEL, machine, ctx, kv)
-    render(p)
+
+def show_plan(model: str, ram, vram, ctx, kv, ram_bw=None, vram_bw=None, disk_bw=None, disk=None) -> None:
+    """The plan of `model` on this or a described machine, as `v4 plan` and `v4 info --plan` both print it."""
+    from v4cli.planning.plan import plan_for
+
+    machine, assumed = describe_machine(ram, vram, ram_bw, vram_bw, disk_bw, disk)
+    render(plan_for(model, machine, ctx, kv))
     if assumed:
         _line(assumed)
 
@@ -85,7 +90,7 @@ def describe_machine(ram, vram, ram_bw, vram_bw, disk_bw, disk):
     """(Machine, None) for this machine; for one described by --ram or --vram, (Machine, the sentence saying what
     was assumed). A described machine is not this one: this one's measured bandwidths and free disk say nothing about
     it, so bandwidths not given are the stated defaults and free disk is unknown unless --disk gives it."""
-    from v4cli.plan import detect_machine
+    from v4cli.planning.machine import detect_machine
 
     described = ram is not None or vram is not None
     machine = detect_machine(ram=ram, vram=vram, ram_bw=ram_bw, vram_bw=vram_bw, disk_bw=disk_bw, disk_free=disk,
@@ -106,7 +111,8 @@ def describe_machine(ram, vram, ram_bw, vram_bw, disk_bw, disk):
 
 def render(p) -> None:
     """The plan as a table, then plain sentences: memory per tier, context, KV, the decode bound, the notes."""
-    from v4cli.plan import GPU, GPU_RESERVE, OS_RESERVE, RAM, TIERS, format_ctx
+    from v4cli.planning.machine import GPU, RAM, TIERS
+    from v4cli.planning.plan import format_ctx
 
     m = p.machine
     inv = p.inventory
@@ -123,9 +129,9 @@ def render(p) -> None:
                   f"{p.seconds_per_token * 1e3:.1f}")
     ui.console.print(table)
     if m.vram:
-        _line(f"GPU: {_size(p.used(GPU))} used of {_size(m.gpu_capacity)} ({_size(m.vram)} less {_size(GPU_RESERVE)} "
-              "for CUDA and compute buffers)")
-    _line(f"RAM: {_size(p.used(RAM))} used of {_size(m.ram_capacity)} ({_size(m.ram)} less {_size(OS_RESERVE)} "
+        _line(f"GPU: {_size(p.used(GPU))} used of {_size(m.gpu_capacity)} ({_size(m.vram)} less "
+              f"{_size(m.reserve(GPU))} for CUDA and compute buffers)")
+    _line(f"RAM: {_size(p.used(RAM))} used of {_size(m.ram_capacity)} ({_size(m.ram)} less {_size(m.reserve(RAM))} "
           "for the OS and runtime)")
     _line(f"disk: {_size(p.paged)} of weights paged from disk" if p.paged else "disk: nothing paged from disk")
     ctx_line = f"context: {format_ctx(p.ctx)} tokens"

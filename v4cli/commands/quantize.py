@@ -65,8 +65,8 @@ def quantize(
 
         im = load_imatrix(imatrix)
     if fit:
-        from v4cli.fit import choose_recipe
-        from v4cli.plan import parse_ctx
+        from v4cli.planning.fit import choose_recipe
+        from v4cli.units import parse_ctx
 
         choice = choose_recipe(cfg, fit, parse_ctx(ctx), imatrix=im is not None)
         ui.err.print(choice.explain(), soft_wrap=True)

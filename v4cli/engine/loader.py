@@ -14,8 +14,9 @@ from quant.errors import BadInput, GGUFError
 from v4cli.engine.specialize import specialize
 from v4cli.gguf_file import GGUFModel, open_gguf
 from v4cli.model.deepseek4 import MTP, DeepseekV4
-from v4cli.placement import GPU, PlacementPlan
-from v4cli.plan import KV_FORMATS
+from v4cli.planning.machine import GPU, Machine, detect_machine
+from v4cli.planning.placement import place
+from v4cli.planning.tensors import Inventory
 from v4cli.units import parse_size
 
 PLAN_CTX = 32768  # the KV cache's room in the placement plan when the caller names no context
@@ -49,25 +50,26 @@ def prepare_kernels() -> None:
 
 
 def placement(gf: GGUFModel, device: str | torch.device, *, ctx: int | None = None, kv_format: str = "bf16",
-              gpu_mem: int | None = None) -> Callable[[str], torch.device]:
+              gpu_mem: int | None = None, machine: Machine | None = None) -> Callable[[str], torch.device]:
     """Tensor name → the torch device it is loaded to.
 
-    CPU: everything. An accelerator: what v4cli/placement.py's plan puts on the GPU (the head, dense layers from
-    layer 0 up, then whole layers' routed experts while its memory lasts); everything else stays in host memory,
-    read in place from the mmap by the CPU kernels. `gpu_mem` None: $V4_GPU_MEM (e.g. 20G, to leave room for
-    other programs), else what is free on the device."""
+    CPU: everything. An accelerator: what the plan (v4cli/planning/placement.py) puts on the `gpu` tier (the head,
+    dense layers from layer 0 up, then whole layers' routed experts while its memory lasts); the `ram` and `disk`
+    tiers stay in host memory, read in place from the mmap by the CPU kernels. The machine is `detect_machine`'s,
+    as for `v4 plan`, with `gpu_mem` (None: $V4_GPU_MEM, e.g. 20G to leave room for other programs) as its VRAM."""
     device = torch.device(device)
     if device.type == "cpu":
         return lambda name: device
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BadInput(f"--device {device}: torch sees no CUDA GPU on this machine",
                        hint="drop --device to run on the CPU, or install a CUDA build of torch")
-    if gpu_mem is None and os.environ.get("V4_GPU_MEM"):
-        gpu_mem = parse_size(os.environ["V4_GPU_MEM"])
-    fmt = kv_format if kv_format in KV_FORMATS else "bf16"  # f32 is a test format, planned as its nearest
-    plan = PlacementPlan.for_gguf(gf, ctx=ctx or PLAN_CTX, kv_format=fmt, gpu_mem=gpu_mem)
+    if machine is None:
+        if gpu_mem is None and os.environ.get("V4_GPU_MEM"):
+            gpu_mem = parse_size(os.environ["V4_GPU_MEM"])
+        machine = detect_machine(vram=gpu_mem, measure=False)
+    where = place(Inventory.from_gguf_file(gf), machine, ctx or PLAN_CTX, kv_format)
     host = torch.device("cpu")
-    return lambda name: device if plan.where(name).device == GPU else host
+    return lambda name: device if where.tier(name) == GPU else host
 
 
 def load_mtp(model: DeepseekV4, path: str | Path) -> tuple[MTP, GGUFModel]:

@@ -1,28 +1,21 @@
-"""Which quantize recipe fits a memory budget: `v4 quantize --fit`, decided by the same planner as `v4 plan`."""
+"""Which quantize recipe fits a memory budget: `v4 quantize --fit`, decided by the same plans as `v4 plan`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from quant.recipes import FIT_ORDER, RECIPES
-from v4cli.units import parse_size
 from quant.errors import DoesNotFit
-from v4cli.plan import (
-    GPU_RESERVE,
-    KV_FORMATS,
-    OS_RESERVE,
-    Inventory,
-    Machine,
-    format_ctx,
-    plan_at,
-    round_ctx_down,
-)
-
-__all__ = ["OS_RESERVE", "FitChoice", "choose_recipe"]
+from v4cli.planning.machine import GPU, RAM, Machine
+from v4cli.planning.plan import KV_SEARCH, format_ctx, plan_at, round_ctx_down
+from v4cli.planning.tensors import Inventory
+from v4cli.units import parse_size
 
 
 @dataclass(frozen=True)
 class FitChoice:
+    """The recipe `--fit` chose, with the sizes that decided it."""
+
     recipe: str
     budget: int
     file_bytes: int
@@ -33,11 +26,13 @@ class FitChoice:
     with_imatrix: str | None = None  # a better recipe that fits but needs an importance matrix (none was given)
 
     def explain(self) -> str:
-        left = self.budget + self.vram - self.file_bytes - self.kv_bytes - OS_RESERVE - (
-            GPU_RESERVE if self.vram else 0)
+        """One line: the recipe, its file and KV sizes, the reserve and what is left."""
+        machine = Machine(ram=self.budget, vram=self.vram)
+        reserve = machine.reserve(RAM)
+        left = self.budget + self.vram - self.file_bytes - self.kv_bytes - reserve - machine.reserve(GPU)
         gpu = f" + {self.vram / 1e9:.0f} GB GPU" if self.vram else ""
         return (f"--fit {self.budget / 1e9:.0f} GB{gpu}: recipe {self.recipe} ({self.file_bytes / 1e9:.1f} GB) + fp8 "
-                f"KV at {self.ctx:,} tokens ({self.kv_bytes / 1e9:.2f} GB) + {OS_RESERVE / 1e9:.0f} GB for the OS "
+                f"KV at {self.ctx:,} tokens ({self.kv_bytes / 1e9:.2f} GB) + {reserve / 1e9:.0f} GB for the OS "
                 f"leaves {left / 1e9:.1f} GB" + self._imatrix_note())
 
     def _imatrix_note(self) -> str:
@@ -55,7 +50,7 @@ def choose_recipe(cfg: dict, budget: str | int, ctx: int, vram: str | int = 0, i
     total = parse_size(budget) if isinstance(budget, str) else budget
     gpu = parse_size(vram) if isinstance(vram, str) else vram
     machine = Machine(ram=total, vram=gpu)
-    fmt = KV_FORMATS[0]
+    fmt = KV_SEARCH[0]
     invs = {name: Inventory.from_recipe(cfg, name) for name in FIT_ORDER}
     sizes = {name: inv.nbytes for name, inv in invs.items()}
     last = None
@@ -68,7 +63,7 @@ def choose_recipe(cfg: dict, budget: str | int, ctx: int, vram: str | int = 0, i
                 continue
             return FitChoice(name, total, sizes[name], last.kv_bytes, ctx, sizes, gpu, missed)
     smallest = FIT_ORDER[-1] if imatrix else [n for n in FIT_ORDER if not RECIPES[n].needs_imatrix][-1]
-    need = sizes[smallest] + last.kv_bytes + OS_RESERVE + (GPU_RESERVE if gpu else 0)
+    need = sizes[smallest] + last.kv_bytes + machine.reserve(RAM) + machine.reserve(GPU)
     hint = "run with experts paged from disk (v4 plan shows the cost)"
     lo, hi = 0, ctx  # the largest context at which the smallest recipe still fits in memory
     while hi - lo > 1:

@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("v4cli", "quant", "kernels")
 
-# (label, value (None: any number), the parameter/field/key names (fnmatch patterns, any case) that give it that meaning)
+# (label, value (None: any number), the parameter/field/key names (fnmatch patterns, any case) meaning it)
 INTEREST: list[tuple[str, object, tuple[str, ...]]] = [
     ("kv format 'bf16'", "bf16", ("kv_format", "kv", "DEFAULT_KV_FORMAT", "KV_FORMAT", "fmt")),
     ("device 'cpu'", "cpu", ("device", "DEFAULT_DEVICE", "DEVICE")),

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from gguf import GGUFValueType
 
 from quant import keys as K
-from quant.errors import CheckpointError, UnsupportedModel
+from quant.errors import CheckpointError, GGUFError, UnsupportedModel
 
 SUPPORTED_ARCHS = ("DeepseekV4ForCausalLM",)
 SUPPORTED_MODEL_TYPES = ("deepseek_v4",)
@@ -22,44 +22,47 @@ SUPPORTED_MODEL_TYPES = ("deepseek_v4",)
 
 @dataclass(frozen=True)
 class ModelArgs:
-    vocab_size: int = 129280
-    hidden_size: int = 4096
-    num_hidden_layers: int = 43
-    num_attention_heads: int = 64
-    num_key_value_heads: int = 1
-    head_dim: int = 512
-    qk_rope_head_dim: int = 64
-    q_lora_rank: int = 1024
-    o_groups: int = 8
-    o_lora_rank: int = 1024
-    moe_intermediate_size: int = 2048
-    n_routed_experts: int = 256
-    n_shared_experts: int = 1
-    num_experts_per_tok: int = 6
-    num_hash_layers: int = 3
-    routed_scaling_factor: float = 1.5
-    norm_topk_prob: bool = True
-    swiglu_limit: float = 10.0
-    sliding_window: int = 128
-    index_n_heads: int = 64
-    index_head_dim: int = 128
-    index_topk: int = 512
-    hc_mult: int = 4
-    hc_sinkhorn_iters: int = 20
-    hc_eps: float = 1e-6
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    compress_rope_theta: float = 160000.0
-    rope_factor: float = 16.0
-    rope_original_max_position: int = 65536
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    max_position_embeddings: int = 1048576
-    num_nextn_predict_layers: int = 1
+    """Every field is required: Flash's values are written once, in FLASH_CONFIG, and a checkpoint or GGUF that
+    lacks one is an error naming the key rather than silently Flash's."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    qk_rope_head_dim: int
+    q_lora_rank: int
+    o_groups: int
+    o_lora_rank: int
+    moe_intermediate_size: int
+    n_routed_experts: int
+    n_shared_experts: int
+    num_experts_per_tok: int
+    num_hash_layers: int
+    routed_scaling_factor: float
+    norm_topk_prob: bool
+    swiglu_limit: float
+    sliding_window: int
+    index_n_heads: int
+    index_head_dim: int
+    index_topk: int
+    hc_mult: int
+    hc_sinkhorn_iters: int
+    hc_eps: float
+    rms_norm_eps: float
+    rope_theta: float
+    compress_rope_theta: float
+    rope_factor: float
+    rope_original_max_position: int
+    beta_fast: float
+    beta_slow: float
+    max_position_embeddings: int
+    num_nextn_predict_layers: int
     # one entry per layer, then the MTP layer(s): 0 = sliding window only, 4 = CSA, other = HCA ratio
-    compress_ratios: tuple[int, ...] = field(default_factory=tuple)
-    bos_token_id: int = 0
-    eos_token_id: int = 1
+    compress_ratios: tuple[int, ...]
+    bos_token_id: int
+    eos_token_id: int
 
     # ---- derived facts the model and the planners share ----
     def layer_ratio(self, layer: int) -> int:
@@ -89,9 +92,19 @@ class ModelArgs:
             )
         if cfg.get("scoring_func", "sqrtsoftplus") != "sqrtsoftplus":
             raise UnsupportedModel(f"unsupported scoring_func {cfg.get('scoring_func')!r}")
-        kw = {f: _checked(f, cfg[f]) for f in cls.__dataclass_fields__ if f in cfg and f != "compress_ratios"}
-        n = kw.get("num_hidden_layers", cls.num_hidden_layers)
-        ratios = cfg.get("compress_ratios") or []
+        missing = [f for f in cls.__dataclass_fields__ if f not in cfg and f not in _ROPE_FIELDS
+                   and f not in _OPTIONAL_CONFIG]
+        rs = cfg.get("rope_scaling", {})
+        if not isinstance(rs, dict):
+            raise CheckpointError(f"config.json: rope_scaling must be an object, is {_show(rs)}", hint=_HINT_CONFIG)
+        missing += [f"rope_scaling.{key}" for key in _ROPE_SCALING if key not in rs]
+        if missing:
+            raise CheckpointError(f"config.json: missing {', '.join(missing)}", hint=_HINT_CONFIG)
+        kw = {f: _checked(f, cfg.get(f, _OPTIONAL_CONFIG.get(f))) for f in cls.__dataclass_fields__
+              if f != "compress_ratios" and f not in _ROPE_FIELDS}
+        for key, field_name in _ROPE_SCALING.items():
+            kw[field_name] = _checked(field_name, rs[key], f"rope_scaling.{key}")
+        n, ratios = kw["num_hidden_layers"], cfg["compress_ratios"]
         valid = isinstance(ratios, (list, tuple)) and all(_is_int(r) and (r == 0 or 4 <= r <= _MAX_U32) for r in ratios)
         if not valid:
             raise CheckpointError(f"config.json: compress_ratios must be a list of ratios (0 = window only, 4 = CSA, "
@@ -100,14 +113,8 @@ class ModelArgs:
             raise CheckpointError(f"config.json: compress_ratios has {len(ratios)} entries, need ≥ {n}",
                                   hint=_HINT_CONFIG)
         kw["compress_ratios"] = tuple(ratios)
-        rs = cfg.get("rope_scaling") or {}
-        if not isinstance(rs, dict):
-            raise CheckpointError(f"config.json: rope_scaling must be an object, is {_show(rs)}", hint=_HINT_CONFIG)
-        for key, field_name in _ROPE_SCALING.items():
-            if key in rs:
-                kw[field_name] = _checked(field_name, rs[key], f"rope_scaling.{key}")
         for key in ("bos_token_id", "eos_token_id"):
-            if kw.get(key, 0) >= kw.get("vocab_size", cls.vocab_size):
+            if kw[key] >= kw["vocab_size"]:
                 raise CheckpointError(f"config.json: {key} = {kw[key]} is not below vocab_size", hint=_HINT_CONFIG)
         return cls(**kw)
 
@@ -167,60 +174,31 @@ class ModelArgs:
 
     @classmethod
     def from_gguf(cls, md: dict) -> ModelArgs:
-        """From GGUF metadata (key → python value). Raises UnsupportedModel for other architectures."""
+        """From GGUF metadata (key → python value). Raises UnsupportedModel for other architectures and GGUFError
+        naming the keys it lacks."""
         arch = md.get(K.General.ARCHITECTURE)
         if arch != K.ARCH:
             raise UnsupportedModel(f"GGUF architecture is {arch!r}, not {K.ARCH!r}", hint="use a DeepSeek-V4 GGUF")
         M = K.Model
-
-        def g(key, default=None):
-            if key in md:
-                return md[key]
-            if default is None:
-                raise UnsupportedModel(f"GGUF is missing the key {key}")
-            return default
-
-        n_nextn = int(md.get(M.NEXTN_PREDICT_LAYERS, 0))
-        n_blocks = int(g(M.BLOCK_COUNT))
-        clamp = g(M.SWIGLU_CLAMP_EXP)
+        # llama.cpp's converter writes no vocab_size: the token list's length is the vocabulary
+        vocab = md.get(M.VOCAB_SIZE) or len(md.get(K.Tokenizer.TOKENS) or [])
+        missing = [key for key in GGUF_REQUIRED_KEYS if key not in md] + ([] if vocab else [M.VOCAB_SIZE])
+        if missing:
+            raise GGUFError(f"GGUF metadata: missing {', '.join(missing)}", hint=_HINT_GGUF)
+        n_nextn = int(md.get(M.NEXTN_PREDICT_LAYERS, 0))  # written only beside an MTP block
+        # a GGUF may carry no tokenizer; every V4 shares one, which numbers these as Flash's config does
+        bos = int(md.get(K.Tokenizer.BOS_ID, FLASH_CONFIG["bos_token_id"]))
+        eos = int(md.get(K.Tokenizer.EOS_ID, FLASH_CONFIG["eos_token_id"]))
+        clamp = md[M.SWIGLU_CLAMP_EXP]
         return cls(
-            vocab_size=int(md.get(M.VOCAB_SIZE) or len(md.get(K.Tokenizer.TOKENS, [])) or cls.vocab_size),
-            hidden_size=int(g(M.EMBEDDING_LENGTH)),
-            num_hidden_layers=n_blocks - n_nextn,
-            num_attention_heads=int(g(M.HEAD_COUNT)),
-            num_key_value_heads=int(g(M.HEAD_COUNT_KV)),
-            head_dim=int(g(M.KEY_LENGTH)),
-            qk_rope_head_dim=int(g(M.ROPE_DIMS)),
-            q_lora_rank=int(g(M.Q_LORA_RANK)),
-            o_groups=int(g(M.OUTPUT_GROUP_COUNT)),
-            o_lora_rank=int(g(M.OUTPUT_LORA_RANK)),
-            moe_intermediate_size=int(g(M.EXPERT_FFN_LENGTH)),
-            n_routed_experts=int(g(M.EXPERT_COUNT)),
-            n_shared_experts=int(g(M.EXPERT_SHARED_COUNT)),
-            num_experts_per_tok=int(g(M.EXPERT_USED_COUNT)),
-            num_hash_layers=int(g(M.HASH_LAYER_COUNT)),
-            routed_scaling_factor=float(g(M.EXPERT_WEIGHTS_SCALE)),
-            norm_topk_prob=bool(md.get(M.EXPERT_WEIGHTS_NORM, True)),
-            swiglu_limit=float(clamp[0] if isinstance(clamp, (list, tuple)) else clamp),
-            sliding_window=int(g(M.SLIDING_WINDOW)),
-            index_n_heads=int(g(M.INDEXER_HEAD_COUNT)),
-            index_head_dim=int(g(M.INDEXER_KEY_LENGTH)),
-            index_topk=int(g(M.INDEXER_TOP_K)),
-            hc_mult=int(g(M.HC_COUNT)),
-            hc_sinkhorn_iters=int(g(M.HC_SINKHORN_ITERS)),
-            hc_eps=float(g(M.HC_EPS)),
-            rms_norm_eps=float(g(M.RMS_EPS)),
-            rope_theta=float(g(M.ROPE_FREQ_BASE)),
-            compress_rope_theta=float(g(M.COMPRESS_ROPE_FREQ_BASE)),
-            rope_factor=float(md.get(M.ROPE_SCALING_FACTOR, cls.rope_factor)),
-            rope_original_max_position=int(md.get(M.ROPE_SCALING_ORIG_CTX, cls.rope_original_max_position)),
-            beta_fast=float(md.get(M.ROPE_YARN_BETA_FAST, cls.beta_fast)),
-            beta_slow=float(md.get(M.ROPE_YARN_BETA_SLOW, cls.beta_slow)),
-            max_position_embeddings=int(g(M.CONTEXT_LENGTH)),
+            **{f: cast(md[key]) for f, (key, cast) in _GGUF_FIELDS.items()},
+            vocab_size=int(vocab),
+            num_hidden_layers=int(md[M.BLOCK_COUNT]) - n_nextn,
             num_nextn_predict_layers=n_nextn,
-            compress_ratios=tuple(int(r) for r in g(M.COMPRESS_RATIOS)),
-            bos_token_id=int(md.get(K.Tokenizer.BOS_ID, 0)),
-            eos_token_id=int(md.get(K.Tokenizer.EOS_ID, 1)),
+            swiglu_limit=float(clamp[0] if isinstance(clamp, (list, tuple)) else clamp),
+            compress_ratios=tuple(int(r) for r in md[M.COMPRESS_RATIOS]),
+            bos_token_id=bos,
+            eos_token_id=eos,
         )
 
     def to_dict(self) -> dict:
@@ -228,6 +206,10 @@ class ModelArgs:
 
 
 _HINT_CONFIG = "the checkpoint's config.json is damaged or not DeepSeek-V4's: download it again with v4 pull"
+_HINT_GGUF = "the file was written by an incompatible converter: convert it again with v4 quantize"
+# the one key the official config format may leave out: without it the checkpoint has no MTP block (llama.cpp's
+# converter reads it the same way)
+_OPTIONAL_CONFIG = {"num_nextn_predict_layers": 0}
 _MAX_U32 = (1 << 32) - 1  # the GGUF header stores these as u32
 # counts the converter and planners loop over: far above any V4 (Flash: 43 layers, 256 experts) yet small enough
 # that a hostile config cannot make `v4 quantize --dry-run` spin for hours before saying anything
@@ -240,6 +222,30 @@ _MAY_BE_ZERO = ("num_hash_layers", "n_shared_experts", "num_nextn_predict_layers
 # rope_scaling's keys → the ModelArgs fields they set
 _ROPE_SCALING = {"factor": "rope_factor", "original_max_position_embeddings": "rope_original_max_position",
                  "beta_fast": "beta_fast", "beta_slow": "beta_slow"}
+_ROPE_FIELDS = frozenset(_ROPE_SCALING.values())
+
+_M = K.Model
+# ModelArgs field → (GGUF key, cast) for the fields read one key each; the rest are built in from_gguf
+_GGUF_FIELDS = {
+    "hidden_size": (_M.EMBEDDING_LENGTH, int), "num_attention_heads": (_M.HEAD_COUNT, int),
+    "num_key_value_heads": (_M.HEAD_COUNT_KV, int), "head_dim": (_M.KEY_LENGTH, int),
+    "qk_rope_head_dim": (_M.ROPE_DIMS, int), "q_lora_rank": (_M.Q_LORA_RANK, int),
+    "o_groups": (_M.OUTPUT_GROUP_COUNT, int), "o_lora_rank": (_M.OUTPUT_LORA_RANK, int),
+    "moe_intermediate_size": (_M.EXPERT_FFN_LENGTH, int), "n_routed_experts": (_M.EXPERT_COUNT, int),
+    "n_shared_experts": (_M.EXPERT_SHARED_COUNT, int), "num_experts_per_tok": (_M.EXPERT_USED_COUNT, int),
+    "num_hash_layers": (_M.HASH_LAYER_COUNT, int), "routed_scaling_factor": (_M.EXPERT_WEIGHTS_SCALE, float),
+    "norm_topk_prob": (_M.EXPERT_WEIGHTS_NORM, bool), "sliding_window": (_M.SLIDING_WINDOW, int),
+    "index_n_heads": (_M.INDEXER_HEAD_COUNT, int), "index_head_dim": (_M.INDEXER_KEY_LENGTH, int),
+    "index_topk": (_M.INDEXER_TOP_K, int), "hc_mult": (_M.HC_COUNT, int),
+    "hc_sinkhorn_iters": (_M.HC_SINKHORN_ITERS, int), "hc_eps": (_M.HC_EPS, float),
+    "rms_norm_eps": (_M.RMS_EPS, float), "rope_theta": (_M.ROPE_FREQ_BASE, float),
+    "compress_rope_theta": (_M.COMPRESS_ROPE_FREQ_BASE, float), "rope_factor": (_M.ROPE_SCALING_FACTOR, float),
+    "rope_original_max_position": (_M.ROPE_SCALING_ORIG_CTX, int), "beta_fast": (_M.ROPE_YARN_BETA_FAST, float),
+    "beta_slow": (_M.ROPE_YARN_BETA_SLOW, float), "max_position_embeddings": (_M.CONTEXT_LENGTH, int),
+}
+# every key ModelArgs.from_gguf needs (vocab_size may come from the token list instead)
+GGUF_REQUIRED_KEYS = (*(key for key, _ in _GGUF_FIELDS.values()), _M.BLOCK_COUNT, _M.SWIGLU_CLAMP_EXP,
+                      _M.COMPRESS_RATIOS)
 
 
 def _is_int(v: object) -> bool:
@@ -251,10 +257,13 @@ def _show(v: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+_KINDS = {"int": int, "float": float, "bool": bool}  # the annotations, as strings under `from __future__`
+
+
 def _checked(field_name: str, value: object, key: str | None = None) -> object:
     """`value` for ModelArgs.`field_name` if it has the field's type and range; CheckpointError naming `key`."""
     key = key or field_name
-    kind = type(ModelArgs.__dataclass_fields__[field_name].default)
+    kind = _KINDS[ModelArgs.__dataclass_fields__[field_name].type]
     if kind is bool:
         ok = isinstance(value, bool)
         want = "true or false"
@@ -272,16 +281,8 @@ def _checked(field_name: str, value: object, key: str | None = None) -> object:
     return value
 
 
-# every key the official inventory (quant/inventory.py) sizes tensors from: a checkpoint without one is not V4's
-INVENTORY_KEYS = ("hidden_size", "vocab_size", "num_attention_heads", "head_dim", "q_lora_rank", "o_groups",
-                  "o_lora_rank", "n_routed_experts", "moe_intermediate_size", "num_experts_per_tok", "index_n_heads",
-                  "index_head_dim", "hc_mult", "num_hidden_layers", "compress_ratios", "num_hash_layers")
-
-
 def read_config(path: Path) -> dict:
-    """A checkpoint's config.json, checked (see ModelArgs.from_config); CheckpointError in one line otherwise.
-
-    Besides types and ranges, it must name every size the official tensor inventory is built from."""
+    """A checkpoint's config.json, checked (see ModelArgs.from_config); CheckpointError in one line otherwise."""
     path = Path(path)
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
@@ -294,9 +295,6 @@ def read_config(path: Path) -> dict:
         raise CheckpointError(f"{path}: unreadable ({e.strerror})", hint="check its permissions") from None
     try:
         ModelArgs.from_config(cfg)
-        missing = [k for k in INVENTORY_KEYS if k not in cfg]
-        if missing:
-            raise CheckpointError(f"config.json: missing {', '.join(missing)}", hint=_HINT_CONFIG)
     except CheckpointError as e:
         raise CheckpointError(f"{path.parent}/{e}", hint=e.hint) from None
     return cfg

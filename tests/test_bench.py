@@ -11,7 +11,7 @@ import pytest
 from cli_util import run_cli
 from gguf import GGUFReader
 
-from quant.config import ModelArgs
+from quant.config import FLASH_CONFIG, ModelArgs
 from v4cli import bench
 from v4cli.model import kvsize
 from quant.errors import BadInput
@@ -91,9 +91,7 @@ def test_weight_bytes_match_hand_count(q8):
 
 
 def test_kv_read_bytes_by_hand():
-    args = ModelArgs.from_config({"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4",
-                                  "num_hidden_layers": 3, "compress_ratios": [0, 4, 128, 0], "sliding_window": 128,
-                                  "index_topk": 512, "head_dim": 512, "index_head_dim": 128})
+    args = ModelArgs.from_config({**FLASH_CONFIG, "num_hidden_layers": 3, "compress_ratios": [0, 4, 128, 0]})
     e = kvsize.entry_bytes(args, "bf16")  # 1024
     ik = kvsize.index_key_bytes(args, "bf16")  # 256
     assert (e, ik) == (1024, 256)
@@ -105,8 +103,7 @@ def test_kv_read_bytes_by_hand():
 
 
 def test_flash_extrapolation_scales_layers():
-    args = ModelArgs.from_config({"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4",
-                                  "num_hidden_layers": 2, "compress_ratios": [0, 4, 0]})
+    args = ModelArgs.from_config({**FLASH_CONFIG, "num_hidden_layers": 2, "compress_ratios": [0, 4, 0]})
     w = WeightRead(fixed=10**9, layers={0: 2 * 10**8, 1: 3 * 10**8})
     flash = bench.flash_args()
     _, flash_layers = bench.flash_layer_bytes(w, args)
@@ -156,7 +153,7 @@ def test_decode_figures_cannot_contradict_each_other(q8):
 
 def test_flash_estimate_shown_for_flash_shaped_layers():
     flash = bench.flash_args()
-    basis = bench.flash_basis(ModelArgs.from_config({**bench.FLASH_CONFIG, "num_hidden_layers": 4}), 4e8, 43e8)
+    basis = bench.flash_basis(ModelArgs.from_config({**FLASH_CONFIG, "num_hidden_layers": 4}), 4e8, 43e8)
     assert basis["shown"] and basis["why_not"] is None and basis["scale"] == pytest.approx(10.75)
     assert basis["layers"] == flash.num_hidden_layers
 

@@ -11,10 +11,9 @@ from io import StringIO
 import pytest
 
 from kernels import cpu_ext
-from v4cli.chat.answer import resolve_model
 from v4cli.cli import main
 from quant.errors import V4Warning
-from v4cli.store import Store
+from v4cli.store import Store, find_gguf_model
 
 NEXT = ["next        v4 chat", '            v4 ask . "what is this?"', "            v4 ls",
         "            v4 pull flash"]
@@ -120,13 +119,13 @@ def test_default_model_is_the_demo_only_while_the_store_holds_nothing_else(tmp_p
     store = Store()
     demo = _gguf(store.demo_dir / "tiny-q8.gguf")
     with pytest.warns(V4Warning, match="no model given: using tiny-q8, v4 demo's tiny random-weight model"):
-        assert resolve_model(None) == demo
-    assert resolve_model("tiny-q8") == demo == resolve_model("tiny-q8.gguf")  # by its `v4 ls` name, no warning
+        assert find_gguf_model(None) == demo
+    assert find_gguf_model("tiny-q8") == demo == find_gguf_model("tiny-q8.gguf")  # by its `v4 ls` name, no warning
 
     real = _gguf(store.gguf_path("flash", "q2k"))
     with warnings.catch_warnings():
         warnings.simplefilter("error", V4Warning)
-        assert resolve_model(None) == real  # a real model wins, without the demo's warning
+        assert find_gguf_model(None) == real  # a real model wins, without the demo's warning
 
 
 def test_store_entries_for_demo_models(tmp_path):

@@ -17,7 +17,7 @@ from v4cli import hub
 from v4cli.cli import app, main
 from quant.errors import BadInput, DiskSpaceError, DownloadError, NotFoundError
 from v4cli.registry import CHECKPOINT_PATTERNS, REGISTRY, HubSpec
-from v4cli.store import MANIFEST, PARTIAL, Store, format_bytes
+from v4cli.store import MANIFEST, PARTIAL, GGUFTarget, Store, find_gguf_model, find_model, format_bytes
 
 FLASH = REGISTRY["flash"]
 SHARD = "model-00002-of-00003.safetensors"
@@ -188,7 +188,7 @@ def test_new_revision_fetches_only_changed_files(fake, repo):
     assert counts == {p: 2 if p in ("config.json", "model.safetensors.index.json") else 1 for p in PULLED}
     assert not (second.path / "model-00003-of-00003.safetensors").exists()
     assert _stored_files(second.path) == [p for p in PULLED if p != "model-00003-of-00003.safetensors"]
-    assert Store().resolve(name) == second.path
+    assert find_model(name).path == second.path
 
 
 def test_listed_file_missing_on_download_is_a_download_error(fake):
@@ -280,18 +280,17 @@ def test_gguf_pattern_pull_merges_and_resolves(env, monkeypatch):
         r = hub.pull("hf:someone/Foo-GGUF:*Q2_K*.gguf")
         assert r.name == "hf:someone/Foo-GGUF" and r.files == 1
         store = Store()
-        assert store.resolve("hf:someone/Foo-GGUF:*Q2_K*.gguf") == r.path / "Foo-Q2_K.gguf"
+        assert find_model("hf:someone/Foo-GGUF:*Q2_K*.gguf", store).path == r.path / "Foo-Q2_K.gguf"
         r2 = hub.pull("hf:someone/Foo-GGUF:*Q4_K_M*.gguf")
         assert r2.files == 2  # same commit: the second quant joins the first
-        assert store.resolve("hf:someone/Foo-GGUF:*Q4_K_M*.gguf") == r.path / "Foo-Q4_K_M.gguf"
-        assert store.resolve("hf:someone/Foo-GGUF:*Q2_K*.gguf") == r.path / "Foo-Q2_K.gguf"
+        assert find_model("hf:someone/Foo-GGUF:*Q4_K_M*.gguf", store).path == r.path / "Foo-Q4_K_M.gguf"
+        assert find_model("hf:someone/Foo-GGUF:*Q2_K*.gguf", store).path == r.path / "Foo-Q2_K.gguf"
         with pytest.raises(NotFoundError, match="has no files matching \\*Q8_0\\*"):
             hub.pull("hf:someone/Foo-GGUF:*Q8_0*.gguf")
 
 
 def test_split_gguf_set_pulls_and_runs_as_one_model(env, monkeypatch, tiny_gguf):
     from quant.split import split_gguf
-    from v4cli.chat.answer import resolve_model
 
     src = env / "gguf-src"
     parts = split_gguf(tiny_gguf("lossless"), src / "Q2_K" / "Foo-Q2_K", max_tensors=60)
@@ -304,8 +303,8 @@ def test_split_gguf_set_pulls_and_runs_as_one_model(env, monkeypatch, tiny_gguf)
         assert r.files == 3
         first = r.path / "Q2_K" / parts[0].name
         # the repo's name alone (no pattern) finds its one model: the set, by its first part
-        assert Store().resolve("hf:someone/Foo-GGUF") == first
-        assert resolve_model("hf:someone/Foo-GGUF") == first == resolve_model(None)
+        assert find_model("hf:someone/Foo-GGUF") == GGUFTarget(first, "store")
+        assert find_gguf_model("hf:someone/Foo-GGUF") == first == find_gguf_model(None)
         res = CliRunner().invoke(app, ["info", "hf:someone/Foo-GGUF"])
         assert res.exit_code == 0, (res.output, res.exception)
         lines = res.output.splitlines()

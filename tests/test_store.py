@@ -9,16 +9,22 @@ import pytest
 from typer.testing import CliRunner
 
 from v4cli.cli import app, main
+from quant.config import FLASH_CONFIG
 from quant.errors import BadInput, NotFoundError
 from v4cli.registry import CHECKPOINT_PATTERNS, REGISTRY, HubSpec, LocalSpec, resolve_name
 from v4cli.store import (
     MANIFEST,
+    CheckpointTarget,
     FileRecord,
+    GGUFTarget,
+    HubTarget,
     Manifest,
     Store,
     atomic_write_json,
     check_file,
     default_root,
+    find_gguf_model,
+    find_model,
     format_bytes,
     git_blob_oid,
 )
@@ -139,36 +145,67 @@ def test_check_file_catches_size_and_hash(tmp_path):
     assert check_file(tmp_path / "nope", good) == "missing"
 
 
-def test_resolve(home, tmp_path):
+def test_find_model_of_a_hub_name(home, tmp_path):
     store = Store()
-    with pytest.raises(NotFoundError) as e:
-        store.resolve("flash")
-    assert (str(e.value), e.value.hint) == ("flash has not been pulled", "v4 pull flash")
+    found = find_model("flash", store)
+    assert isinstance(found, HubTarget) and found.spec is REGISTRY["flash"] and found.spec.config is FLASH_CONFIG
+    assert (str(found.not_pulled), found.not_pulled.hint) == ("flash has not been pulled", "v4 pull flash")
+    assert isinstance(find_model("flash-base", store), HubTarget) and find_model("pro", store).spec.config is None
 
     (store.partial_dir("flash")).mkdir(parents=True)
-    with pytest.raises(NotFoundError, match="flash is only partly pulled"):
-        store.resolve("flash")
+    assert str(find_model("flash", store).not_pulled) == "flash is only partly pulled"
 
     put_model(store, "flash", "deepseek-ai/DeepSeek-V4-Flash", FLASH_REV,
               {"config.json": b"{}", "model-00001-of-00001.safetensors": b"x" * 100})
-    assert store.resolve("flash") == store.model_dir("flash")
+    assert find_model("flash", store) == CheckpointTarget(store.model_dir("flash"), REGISTRY["flash"], ())
 
     (store.model_dir("flash") / "model-00001-of-00001.safetensors").unlink()
-    with pytest.raises(NotFoundError, match="flash: model-00001-of-00001.safetensors is missing") as e:
-        store.resolve("flash")
-    assert e.value.hint == "v4 pull flash"
+    found = find_model("flash", store)
+    assert str(found.not_pulled) == "flash: model-00001-of-00001.safetensors is missing"
+    assert found.not_pulled.hint == "v4 pull flash"
 
+
+def test_find_model_of_paths_and_store_files(home, tmp_path):
+    store = Store()
     local = tmp_path / "ckpt"
     local.mkdir()
     (local / "config.json").write_text("{}")
-    assert store.resolve(str(local)) == local
+    assert find_model(str(local), store) == CheckpointTarget(local.resolve(), None, ())
+    with pytest.raises(BadInput, match="is a checkpoint, not a GGUF"):
+        find_gguf_model(str(local), store)
+    out = store.gguf_path("ckpt", "q8")
+    out.parent.mkdir(parents=True)
+    out.write_bytes(b"GGUF" + bytes(60))
+    # a typed folder's quantize outputs are named after it: the one output runs
+    assert find_model(str(local), store).outputs == (out,) and find_gguf_model(str(local), store) == out
+    assert find_model("ckpt", store) == GGUFTarget(out, "store")
+    assert find_model("ckpt-q8", store) == find_model("ckpt-q8.gguf", store) == GGUFTarget(out, "store")
+    assert find_model(str(out), store) == GGUFTarget(out.resolve(), "path")
+    store.gguf_path("ckpt", "q2k").write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(BadInput, match="ckpt has 2 quantized outputs: ckpt-q2k.gguf, ckpt-q8.gguf"):
+        find_model("ckpt", store)
+    with pytest.raises(NotFoundError, match="unknown model 'flsh'"):
+        find_model("flsh", store)
+    with pytest.raises(NotFoundError, match="does not exist"):
+        find_model(str(tmp_path / "missing.gguf"), store)
 
 
-def test_resolve_rejects_other_revision(home):
+def test_find_model_of_a_hub_name_with_outputs_runs_the_output(home):
+    store = Store()
+    out = store.gguf_path("flash", "q2k")
+    out.parent.mkdir(parents=True)
+    out.write_bytes(b"GGUF" + bytes(60))
+    found = find_model("flash", store)
+    assert isinstance(found, HubTarget) and found.outputs == (out,)
+    assert find_gguf_model("flash", store) == out
+    with pytest.raises(NotFoundError, match="pro has not been pulled"):
+        find_gguf_model("pro", store)
+
+
+def test_find_model_rejects_other_revision(home):
     store = Store()
     put_model(store, "flash", "deepseek-ai/DeepSeek-V4-Flash", "e" * 40, {"config.json": b"{}"})
-    with pytest.raises(NotFoundError, match="flash is stored at revision eeeeeee, not 60d8d70"):
-        store.resolve("flash")
+    assert str(find_model("flash", store).not_pulled) == "flash is stored at revision eeeeeee, not 60d8d70"
 
 
 def test_gguf_path(home):

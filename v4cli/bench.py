@@ -31,6 +31,7 @@ from pathlib import Path
 
 from quant.config import FLASH_CONFIG, ModelArgs
 from quant.errors import BadInput, V4Error
+from v4cli.engine.options import RUN
 from v4cli.gguf_file import open_gguf
 from v4cli.planning.machine import BANDWIDTH_BYTES, measure_bandwidth
 from v4cli.planning.tensors import Inventory
@@ -68,9 +69,9 @@ class BenchSpec:
     contexts: tuple[int, ...] = PRESETS[DEFAULT_PRESET].contexts
     decode_tokens: int = PRESETS[DEFAULT_PRESET].decode_tokens
     repeats: int = PRESETS[DEFAULT_PRESET].repeats
-    kv_format: str = "bf16"
-    device: str = "cpu"
-    chunk: int = 256
+    kv_format: str = RUN.kv_format
+    device: str = RUN.device
+    chunk: int = RUN.chunk
     seed: int = 0
 
     @property

@@ -33,7 +33,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from quant import keys as K
 from quant.ggml import TYPES as GGML_TYPES
 from quant import names as N
-from quant.config import ModelArgs
+from quant.config import FLASH_CONFIG, GGUF_REQUIRED_KEYS, ModelArgs
 from quant.errors import GGUFError, UnsupportedModel
 from v4cli.registry import find_gguf, parse_split_name, split_path
 
@@ -253,7 +253,7 @@ class GGUFModel(ABC):
 
     def _check_keys(self) -> None:
         problems = []
-        for key in _REQUIRED_KEYS:
+        for key in GGUF_REQUIRED_KEYS:
             if key not in self.metadata:
                 problems.append(f"missing key {key}")
         for key, want in _KEY_TYPES.items():
@@ -677,22 +677,13 @@ def _type_name(chain: Iterable[GGUFValueType]) -> str:
 def _key_types() -> dict[str, tuple[GGUFValueType, ...]]:
     """Expected type of every deepseek4 key, from the one writer table (ModelArgs.gguf_kv)."""
     out = {}
-    for key, _value, vtype in ModelArgs().gguf_kv(with_mtp=True):
+    for key, _value, vtype in ModelArgs.from_config(FLASH_CONFIG).gguf_kv(with_mtp=True):
         out[key] = (vtype,)
     return out
 
 
 _KEY_TYPES = _key_types()
 _M = K.Model
-# what ModelArgs.from_gguf reads without a default
-_REQUIRED_KEYS = (
-    _M.CONTEXT_LENGTH, _M.EMBEDDING_LENGTH, _M.BLOCK_COUNT, _M.HEAD_COUNT, _M.HEAD_COUNT_KV, _M.KEY_LENGTH,
-    _M.ROPE_DIMS, _M.ROPE_FREQ_BASE, _M.RMS_EPS, _M.Q_LORA_RANK, _M.SLIDING_WINDOW, _M.EXPERT_COUNT,
-    _M.EXPERT_USED_COUNT, _M.EXPERT_FFN_LENGTH, _M.EXPERT_SHARED_COUNT, _M.EXPERT_WEIGHTS_SCALE,
-    _M.SWIGLU_CLAMP_EXP, _M.INDEXER_HEAD_COUNT, _M.INDEXER_KEY_LENGTH, _M.INDEXER_TOP_K, _M.OUTPUT_GROUP_COUNT,
-    _M.OUTPUT_LORA_RANK, _M.COMPRESS_RATIOS, _M.COMPRESS_ROPE_FREQ_BASE, _M.HC_COUNT, _M.HC_SINKHORN_ITERS,
-    _M.HC_EPS, _M.HASH_LAYER_COUNT,
-)
 # dimensions that shapes are built from: zero would make tensors empty or divide by zero
 _POSITIVE_KEYS = (
     _M.CONTEXT_LENGTH, _M.EMBEDDING_LENGTH, _M.BLOCK_COUNT, _M.HEAD_COUNT, _M.HEAD_COUNT_KV, _M.KEY_LENGTH,

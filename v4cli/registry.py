@@ -8,9 +8,10 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from quant.config import FLASH_CONFIG
 from quant.errors import BadInput, NotFoundError
 
 # Only what the runner reads from an official checkpoint; everything else in the repo (README, figures,
@@ -37,6 +38,8 @@ class HubSpec:
     revision: str | None  # None = the repo's default branch
     patterns: tuple[str, ...]
     description: str = ""
+    # its config.json when known without a download (planning and `quantize --dry-run` need no pull)
+    config: dict | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ REGISTRY: dict[str, HubSpec] = {
             "60d8d70770c6776ff598c94bb586a859a38244f1",
             CHECKPOINT_PATTERNS,
             "DeepSeek-V4-Flash, instruct (284B MoE, 13B active)",
+            FLASH_CONFIG,
         ),
         HubSpec(
             "flash-base",
@@ -65,6 +69,7 @@ REGISTRY: dict[str, HubSpec] = {
             None,
             CHECKPOINT_PATTERNS,
             "DeepSeek-V4-Flash base model",
+            FLASH_CONFIG,  # the same architecture as the instruct model
         ),
         HubSpec(
             "flash-0731",

@@ -17,21 +17,25 @@ Layout under the root (`$V4_HOME`, else `$XDG_CACHE_HOME/v4`, else `~/.cache/v4`
 from __future__ import annotations
 
 import fnmatch
+import glob
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from quant.errors import BadInput, DownloadError, NotFoundError
+from quant.config import read_config
+from quant.errors import BadInput, DownloadError, NotFoundError, V4Warning
 from v4cli.partials import find_partials
-from v4cli.registry import (CHECKPOINT_PATTERNS, HubSpec, LocalSpec, describe_model, gguf_models, is_gguf,
-                             resolve_name)
+from v4cli.registry import (CHECKPOINT_PATTERNS, REGISTRY, HubSpec, LocalSpec, describe_model, find_gguf,
+                             gguf_models, is_gguf, resolve_name)
 
+MODEL_ENV = "V4_MODEL"  # the model to run when a command names none
 MANIFEST = "v4-manifest.json"
 PARTIAL = ".v4-partial"
 STATE = "state.json"
@@ -324,23 +328,66 @@ class Store:
     # -- queries --
 
     def resolve(self, name: str) -> Path:
-        """Path to give the loader: a local path passes through; a Hub model must be fully pulled.
+        """Path of what find_model finds (kept only until planning's plan_for switches to find_model)."""
+        found = find_model(name, self)
+        if isinstance(found, HubTarget):
+            raise found.not_pulled
+        return found.path
 
-        Returns the checkpoint folder, or for a pulled ready-made GGUF repo its one GGUF model (the file, or a split
-        set's first part); BadInput naming them when the repo (or the typed pattern) holds several.
-        """
-        spec = resolve_name(name)
-        if isinstance(spec, LocalSpec):
-            return spec.path
-        folder, wanted = self._pulled(spec, name)
+    def hub_target(self, spec: HubSpec, typed: str) -> ModelTarget:
+        """What a registry or hf: name is in this store (see find_model); `typed` is how the user wrote it."""
+        outputs = self.outputs(spec.name)
+        try:
+            folder, wanted = self._pulled(spec, typed)
+        except NotFoundError as e:
+            return HubTarget(spec, e, outputs)
         if "config.json" in wanted:
-            return folder
+            return CheckpointTarget(folder, spec, outputs)
         models = self._ggufs(folder, wanted)
         if len(models) > 1:
             repo = f"hf:{spec.repo_id}" if spec.name.startswith("hf:") else spec.name
             names = ", ".join(f"{repo}:{describe_model(m)}" for m in models)
-            raise BadInput(f"{name} holds {len(models)} GGUF models: {names}", hint="name one of them")
-        return folder / models[0][0] if models else folder
+            raise BadInput(f"{typed} holds {len(models)} GGUF models: {names}", hint="name one of them")
+        return GGUFTarget(folder / models[0][0] if models else find_gguf(folder), "store")
+
+    def outputs(self, name: str) -> tuple[Path, ...]:
+        """The `v4 quantize` outputs of the model `name` (store key or checkpoint folder name): NAME-RECIPE.gguf."""
+        folder = self.folder_name(name)
+        if not self.gguf_dir.is_dir() or "/" in folder or "\\" in folder:  # a path names no outputs
+            return ()
+        return tuple(sorted(self.gguf_dir.glob(f"{glob.escape(folder)}-*.gguf")))
+
+    def default_gguf(self) -> GGUFTarget:
+        """The model to run when none is named: the store's only GGUF, else `v4 demo`'s (with a warning)."""
+        found = self._stored_ggufs()
+        origin = "store"
+        if not found:  # `v4 demo`'s model only when the store holds nothing real
+            found, origin = [e.path for e in self.list() if e.kind == "demo"], "demo"
+            if len(found) == 1:
+                warnings.warn(V4Warning(f"no model given: using {found[0].stem}, v4 demo's tiny random-weight model "
+                                        "(its answers are noise; v4 pull flash gets the real one)"))
+        if len(found) == 1:
+            return GGUFTarget(found[0], origin)
+        if not found:
+            raise NotFoundError("no model given and the store holds no GGUF",
+                                hint=f"pass a GGUF path or set ${MODEL_ENV}; `v4 quantize flash` makes one, "
+                                     "`v4 demo` a tiny one")
+        names = ", ".join(p.name for p in found)
+        raise BadInput(f"no model given and the store holds {len(found)} GGUFs: {names}",
+                       hint=f"name one, or set ${MODEL_ENV}")
+
+    def _stored_ggufs(self) -> list[Path]:
+        """Every GGUF the store can run: `v4 quantize` outputs and pulled ready-made GGUF repos."""
+        out = []
+        for e in self.list():
+            if e.kind == "gguf":
+                out.append(e.path)
+            elif e.kind == "model" and e.complete:
+                try:
+                    out += self.gguf_models(e.name)
+                except NotFoundError:
+                    continue
+        return out
 
     def gguf_models(self, name: str) -> list[Path]:
         """Every GGUF model of a pulled repo, each as its file or its split set's first part; [] for a checkpoint."""
@@ -448,9 +495,87 @@ class Store:
         return e
 
 
-def resolve(name: str) -> Path:
-    """`Store().resolve(name)` on the default store: what quantize/chat call to find a model."""
-    return Store().resolve(name)
+# ---- which model a name means: the one resolver behind every command that takes a model ----
+
+
+@dataclass(frozen=True)
+class GGUFTarget:
+    """A GGUF model: `path` is its file, or the first part of a split set (opening it finds the rest)."""
+
+    path: Path
+    origin: str  # "path" (typed), "store" (a pulled GGUF repo or a `v4 quantize` output) or "demo" (`v4 demo`'s)
+
+
+@dataclass(frozen=True)
+class CheckpointTarget:
+    """An official checkpoint folder (config.json + safetensors): typed, or a pulled registry / hf: model."""
+
+    path: Path
+    spec: HubSpec | None  # the pulled model's registry entry; None for a folder typed as a path
+    outputs: tuple[Path, ...] = ()  # its `v4 quantize` outputs in the store
+
+    def config(self) -> dict:
+        """Its config.json, checked (CheckpointError naming what is wrong)."""
+        return read_config(self.path / "config.json")
+
+
+@dataclass(frozen=True)
+class HubTarget:
+    """A registry or hf: name whose files are not (completely) in the store; `spec.config` is its config when
+    known without a download (Flash's)."""
+
+    spec: HubSpec
+    not_pulled: NotFoundError  # raised where its files are needed: it names `v4 pull`
+    outputs: tuple[Path, ...] = ()
+
+
+ModelTarget = GGUFTarget | CheckpointTarget | HubTarget
+
+
+def find_model(name: str | None, store: Store | None = None) -> ModelTarget:
+    """What the model `name` is, judged by content and the store, never by the look of the name.
+
+    In order: no name → `$V4_MODEL`, else the store's only GGUF (v4 demo's when the store holds nothing else); a
+    registry or hf: name → the pulled model or a HubTarget; a path → a checkpoint folder or GGUF (a file, any part
+    of a split set, a folder holding one model); a store GGUF by its `v4 ls` name; a name with one quantize
+    output. NotFoundError (with suggestions) or BadInput otherwise."""
+    store = store or Store()
+    name = name or os.environ.get(MODEL_ENV) or None
+    if not name:
+        return store.default_gguf()
+    known = name.startswith("hf:") or name.lower() in REGISTRY
+    if not known and not Path(name).expanduser().exists():
+        stored = store.file_entry(name)  # by its `v4 ls` name: a GGUF output or demo model
+        if stored is not None:
+            return GGUFTarget(stored.path, "demo" if stored.kind == "demo" else "store")
+        outputs = store.outputs(name)  # a typed checkpoint folder's outputs are named after the folder
+        if outputs:
+            return _one_output(name, outputs)
+    spec = resolve_name(name)
+    if isinstance(spec, HubSpec):
+        return store.hub_target(spec, name)
+    if spec.kind == "checkpoint":
+        return CheckpointTarget(spec.path, None, store.outputs(spec.path.name))
+    return GGUFTarget(find_gguf(spec.path) if spec.path.is_dir() else spec.path, "path")
+
+
+def find_gguf_model(name: str | None, store: Store | None = None) -> Path:
+    """The GGUF to run for `name` (see find_model): a GGUF's file, else the model's one quantize output."""
+    target = find_model(name, store)
+    if isinstance(target, GGUFTarget):
+        return target.path
+    if target.outputs:
+        return _one_output(name, target.outputs).path
+    if isinstance(target, CheckpointTarget):
+        raise BadInput(f"{name} is a checkpoint, not a GGUF", hint=f"v4 quantize {name}, then run the GGUF")
+    raise target.not_pulled
+
+
+def _one_output(name: str, outputs: tuple[Path, ...]) -> GGUFTarget:
+    if len(outputs) > 1:
+        raise BadInput(f"{name} has {len(outputs)} quantized outputs: {', '.join(p.name for p in outputs)}",
+                       hint="name one of them")
+    return GGUFTarget(outputs[0], "store")
 
 
 def gguf_path(name: str, recipe: str) -> Path:

@@ -4,87 +4,23 @@ and run one turn through a `Session`, turning engine records into parser events 
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from quant.errors import BadInput, NotFoundError, V4Warning
+from quant.errors import BadInput
+from v4cli.engine.options import RUN
 from v4cli.prompt.encoding import Assistant, Mode, User, render
 from v4cli.prompt.parser import Event, ParseError, StreamParser, ToolCallEvent
 
-MODEL_ENV = "V4_MODEL"
 ASK_MARK_GAP = 4096  # tokens between ask's file-boundary snapshots: a restart after an edit re-prefills less
 # an interrupted long prefill resumes from the last multiple of this (each save replaces the previous one)
 SAVE_EVERY = 65536
 
 # ---------------------------------------------------------------------------------------------- the model
-
-
-def _stored_ggufs(store) -> list[Path]:
-    """Every GGUF the store can run: `v4 quantize` outputs and pulled ready-made GGUF repos."""
-    out = []
-    for e in store.list():
-        if e.kind == "gguf":
-            out.append(e.path)
-        elif e.kind == "model" and e.complete:
-            try:
-                out += store.gguf_models(e.name)
-            except NotFoundError:
-                continue
-    return out
-
-
-def resolve_model(name: str | None) -> Path:
-    """The GGUF to run: a path (a file, any part of a split set, or a folder holding one model), a store name (a
-    pulled GGUF repo, a GGUF output by file name, or a model with exactly one quantized output), else `$V4_MODEL`,
-    else the store's only GGUF."""
-    from v4cli.registry import GGUF_MAGIC, find_gguf
-    from v4cli.store import Store
-
-    store = Store()
-    if not name:
-        name = os.environ.get(MODEL_ENV) or None
-    if not name:
-        found = _stored_ggufs(store)
-        if not found:  # `v4 demo`'s model only when the store holds nothing real
-            found = [e.path for e in store.list() if e.kind == "demo"]
-            if len(found) == 1:
-                warnings.warn(V4Warning(f"no model given: using {found[0].stem}, v4 demo's tiny random-weight model "
-                                        "(its answers are noise; v4 pull flash gets the real one)"))
-        if len(found) == 1:
-            return found[0]
-        if not found:
-            raise NotFoundError("no model given and the store holds no GGUF",
-                                hint=f"pass a GGUF path or set ${MODEL_ENV}; `v4 quantize flash` makes one, "
-                                     "`v4 demo` a tiny one")
-        names = ", ".join(p.name for p in found)
-        raise BadInput(f"no model given and the store holds {len(found)} GGUFs: {names}",
-                       hint=f"name one, or set ${MODEL_ENV}")
-    path = Path(name).expanduser()
-    stored = None if path.exists() else store.file_entry(name)  # by its `v4 ls` name: a GGUF output or demo model
-    if stored is not None:
-        path = stored.path
-    if not path.exists():
-        outputs = sorted(store.gguf_dir.glob(f"{store.folder_name(name)}-*.gguf")) if store.gguf_dir.is_dir() else []
-        if len(outputs) == 1:
-            return outputs[0]
-        if len(outputs) > 1:
-            raise BadInput(f"{name} has {len(outputs)} quantized outputs: {', '.join(p.name for p in outputs)}",
-                           hint="name one of them")
-        path = store.resolve(name)
-    if path.is_dir():
-        if (path / "config.json").is_file():
-            raise BadInput(f"{name} is a checkpoint, not a GGUF", hint=f"v4 quantize {name}, then run the GGUF")
-        path = find_gguf(path)
-    with open(path, "rb") as f:
-        if f.read(4) != GGUF_MAGIC:
-            raise BadInput(f"{path} is not a GGUF file")
-    return path
 
 
 def plan_context(path: Path, ctx: int | str | None, kv_format: str) -> int:
@@ -95,7 +31,7 @@ def plan_context(path: Path, ctx: int | str | None, kv_format: str) -> int:
     return check_fits(path, ctx=ctx, kv_format=kv_format).ctx
 
 
-def load_engine(path: Path, engine: str = "torch", kv_format: str = "bf16", device: str = "cpu",
+def load_engine(path: Path, engine: str = RUN.engine, kv_format: str = RUN.kv_format, device: str = RUN.device,
                 threads: int | None = None, ctx: int | None = None):
     """Load the GGUF with the named engine (torch or llama, see v4cli.engine.select), with room for `ctx`."""
     from v4cli.engine.select import load_engine as select_engine

@@ -30,14 +30,15 @@ def _read_stdin(explicit: bool) -> str | None:
 def _tokenizer_and_ctx(model: str | None, ctx: str | None, kv_format: str, dry_run: bool):
     """(model path or None, tokenizer, context) from the GGUF header only. A dry run with no model given and none
     to be found falls back to the official tokenizer and the requested (or maximum) context."""
-    from v4cli.chat.answer import plan_context, resolve_model
+    from v4cli.chat.answer import plan_context
+    from v4cli.store import find_gguf_model
     from v4cli.engine.detok import tokenizer_from_metadata
     from v4cli.gguf_file import open_gguf
     from v4cli.ingest import MAX_CONTEXT, official_tokenizer
     from v4cli.units import parse_ctx
 
     try:
-        path = resolve_model(model)
+        path = find_gguf_model(model)
     except (NotFoundError, BadInput):
         if model or not dry_run:
             raise

@@ -29,7 +29,8 @@ def chat_cmd(model_opt: str | None = MODEL, model: str | None = MODEL_POSITIONAL
              remote: RemoteOptions) -> None:
     """Chat with a model. Type /help for commands; Ctrl-C stops an answer, Ctrl-D leaves."""
     from v4cli.chat import slash
-    from v4cli.chat.answer import Chat, InterruptLatch, load_engine, open_session, plan_context, resolve_model
+    from v4cli.chat.answer import Chat, InterruptLatch, load_engine, open_session, plan_context
+    from v4cli.store import find_gguf_model
     from v4cli.chat.conversation import Conversation, PromptEncoder
     from v4cli.chat.render import StreamView, busy, status_line
     from v4cli.prompt.encoding import check_context
@@ -45,7 +46,7 @@ def chat_cmd(model_opt: str | None = MODEL, model: str | None = MODEL_POSITIONAL
         encoder, n_ctx, model_name = PromptEncoder(official_tokenizer()), server.ctx, server.model
         label = f"{server.model} at {server.url}"
     else:
-        path = resolve_model(name)
+        path = find_gguf_model(name)
         n_ctx = plan_context(path, run.ctx, run.kv_format)
         with busy(ui.err, f"loading {path.name}"):
             eng = load_engine(path, run.engine, run.kv_format, run.device, run.threads, n_ctx)

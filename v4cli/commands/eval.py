@@ -98,13 +98,15 @@ def eval_cmd(
     import torch
 
     from v4cli.engine.select import load_engine
+    from v4cli.store import find_gguf_model
 
-    model = Path(pick_model(model_opt, model, required="v4 eval -m MODEL.gguf --text FILE"))
+    name = pick_model(model_opt, model, required="v4 eval -m MODEL.gguf --text FILE")
     if (text is None) == (tokens is None):
         raise BadInput("give exactly one of --text FILE or --tokens FILE")
     # read the input before the model loads: a wrong path should cost a second, not a load
     ids = _read_tokens(tokens) if tokens is not None else None
     source = _read_text(text, "--text") if text is not None else None
+    model = find_gguf_model(name)
     with ui.err.status("loading the model"):
         eng = load_engine(model, engine, kv_format=kv_format, device=device, threads=threads, mtp=mtp)
     if ids is None:

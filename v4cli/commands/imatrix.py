@@ -70,13 +70,13 @@ def imatrix_cmd(
     import torch
 
     from quant.imatrix import Imatrix, load_imatrix
-    from v4cli.chat.answer import resolve_model
+    from v4cli.store import find_gguf_model
     from v4cli.engine.detok import tokenizer_from_metadata
     from v4cli.engine.imatrix import calibration_windows, collect
     from v4cli.engine.loader import load_model
     from v4cli.store import atomic_open
 
-    path = resolve_model(pick_model(model_opt, model))
+    path = find_gguf_model(pick_model(model_opt, model))
     if threads:
         torch.set_num_threads(threads)
     out = output or Path(f"{path.name.removesuffix('.gguf')}.imatrix.gguf")

@@ -18,7 +18,7 @@ from typing import Any
 
 import typer
 
-from v4cli.engine.generate import DEFAULT_CHUNK
+from v4cli.engine.options import RUN
 from v4cli.engine.prefix_cache import DEFAULT_CACHE_SIZE
 from v4cli.engine.remote import API_KEY_ENV
 from v4cli.engine.sampling import SamplingParams
@@ -69,7 +69,7 @@ def kv_option(default: str, choices: str) -> Any:
     return typer.Option(default, "--kv", help=f"KV cache format: {choices}.")
 
 
-CTX = ctx_option(None, "Context length, like 64K or 1M (default: the largest that fits).")
+CTX = ctx_option(RUN.ctx, "Context length, like 64K or 1M (default: the largest that fits).")
 RAM = typer.Option(None, "--ram", parser=parse_size, metavar="SIZE",
                    help="RAM to plan for, e.g. 128G (default: this machine's).")
 VRAM = typer.Option(None, "--vram", parser=parse_size, metavar="SIZE",
@@ -85,11 +85,11 @@ def _flag(info: Any) -> Any:
 
 
 # single flags the groups below use, and commands that take only some of them (bench, eval, imatrix) use directly
-ENGINE = typer.Option("torch", "--engine", help="Inference engine: torch or llama (llama.cpp).")
-KV = kv_option("bf16", "bf16, fp8 or f32")
-DEVICE = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda.")
-THREADS = typer.Option(None, "--threads", min=1, help="CPU threads (default: the engine's choice).")
-CHUNK = typer.Option(DEFAULT_CHUNK, "--chunk", min=1, help="Prefill chunk size in tokens.")
+ENGINE = typer.Option(RUN.engine, "--engine", help="Inference engine: torch or llama (llama.cpp).")
+KV = kv_option(RUN.kv_format, "bf16, fp8 or f32")
+DEVICE = typer.Option(RUN.device, "--device", help="torch device, e.g. cpu or cuda.")
+THREADS = typer.Option(RUN.threads, "--threads", min=1, help="CPU threads (default: the engine's choice).")
+CHUNK = typer.Option(RUN.chunk, "--chunk", min=1, help="Prefill chunk size in tokens.")
 CACHE_SIZE = typer.Option(DEFAULT_CACHE_SIZE, "--cache-size",
                           help="Disk limit for saved prompt states (prefix cache); 0 turns it off.")
 

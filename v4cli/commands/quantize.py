@@ -15,23 +15,17 @@ from v4cli.units import parse_size
 
 def _source(src: str) -> tuple[dict, Path | None, str | None]:
     """(config dict, checkpoint folder or None when only the config is known, store name)."""
-    from quant.config import FLASH_CONFIG, read_config
-    from v4cli.registry import HubSpec, resolve_name
-    from v4cli.store import Store
+    from v4cli.store import CheckpointTarget, HubTarget, find_model
 
-    spec = resolve_name(src)
-    if isinstance(spec, HubSpec):
-        store = Store()
-        if store.read_manifest(spec.name) is not None:
-            path = store.resolve(src)
-            return read_config(path / "config.json"), path, spec.name
-        if spec.name in ("flash", "flash-base"):
-            return FLASH_CONFIG, None, spec.name  # sizes are known from the official layout
-        return {}, store.resolve(src), spec.name  # raises: not pulled
-    if spec.kind != "checkpoint":
-        raise BadInput(f"{src} is a GGUF file; quantize takes an official checkpoint folder",
-                       hint="pass the folder with config.json and *.safetensors")
-    return read_config(spec.path / "config.json"), spec.path, None
+    found = find_model(src)
+    if isinstance(found, HubTarget):
+        if found.spec.config is None:
+            raise found.not_pulled
+        return found.spec.config, None, found.spec.name  # sizes are known from the official layout
+    if isinstance(found, CheckpointTarget):
+        return found.config(), found.path, found.spec.name if found.spec else None
+    raise BadInput(f"{src} is a GGUF file; quantize takes an official checkpoint folder",
+                   hint="pass the folder with config.json and *.safetensors")
 
 
 def quantize(

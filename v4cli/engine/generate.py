@@ -17,6 +17,7 @@ import torch
 from v4cli.engine import cuda_graphs
 from v4cli.engine.detok import Detokenizer, StopMatcher, tokenizer_from_metadata
 from v4cli.engine.loader import load_model, load_mtp
+from v4cli.engine.options import RUN
 from v4cli.engine.records import DoneRecord, Memory, Timings, TokenRecord
 from v4cli.engine.sampling import Sampler, SamplingParams, token_logprobs
 from quant.errors import BadInput
@@ -26,7 +27,6 @@ from v4cli.model.deepseek4 import MTP, DeepseekV4
 if TYPE_CHECKING:
     from v4cli.engine.grammar import TokenConstraint
 
-DEFAULT_CHUNK = 256
 
 
 def peak_rss_bytes() -> int:
@@ -45,7 +45,7 @@ def peak_rss_bytes() -> int:
 class Engine:
     """A loaded model plus its tokenizer; makes caches in one KV storage format."""
 
-    def __init__(self, model: DeepseekV4, tokenizer=None, kv_format: str = "bf16", device: str = "cpu",
+    def __init__(self, model: DeepseekV4, tokenizer=None, kv_format: str = RUN.kv_format, device: str = RUN.device,
                  source=None, mtp: MTP | None = None):
         if kv_format not in KV_FORMATS:
             raise BadInput(f"unknown kv format {kv_format!r}", hint=f"use one of {', '.join(KV_FORMATS)}")
@@ -55,7 +55,7 @@ class Engine:
         self.mtp = mtp  # the MTP draft head, when a draft file was loaded
 
     @classmethod
-    def load(cls, gguf_path: str | Path, kv_format: str = "bf16", device: str = "cpu",
+    def load(cls, gguf_path: str | Path, kv_format: str = RUN.kv_format, device: str = RUN.device,
              mtp: str | Path | None = None, ctx: int | None = None, gpu_mem: int | None = None) -> "Engine":
         """Load a GGUF; `mtp`: also llama.cpp's separate MTP draft file for it (`v4 quantize --mtp`). On a GPU the
         placement plan for a `ctx`-token cache and `gpu_mem` bytes (None: what is free) decides what goes there;
@@ -85,7 +85,7 @@ class Engine:
         return t
 
     @torch.no_grad()
-    def prefill(self, ids, cache: ModelCache, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    def prefill(self, ids, cache: ModelCache, chunk: int = RUN.chunk) -> torch.Tensor:
         """Feed ids (in chunks of `chunk`) into cache; → logits [vocab] after the last one."""
         ids = self._ids(ids)
         if ids.numel() == 0:
@@ -95,7 +95,7 @@ class Engine:
         return logits[-1]
 
     @torch.no_grad()
-    def iter_logits(self, ids, chunk: int = DEFAULT_CHUNK, cache: ModelCache | None = None) -> Iterator[torch.Tensor]:
+    def iter_logits(self, ids, chunk: int = RUN.chunk, cache: ModelCache | None = None) -> Iterator[torch.Tensor]:
         """Logits for every position, one [len(chunk), vocab] block per chunk (for eval without holding T×V)."""
         ids = self._ids(ids)
         cache = cache if cache is not None else self.new_cache()
@@ -103,7 +103,7 @@ class Engine:
             yield self.model.forward(ids[i: i + chunk], cache)
 
     @torch.no_grad()
-    def iter_draft_logits(self, ids, chunk: int = DEFAULT_CHUNK) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def iter_draft_logits(self, ids, chunk: int = RUN.chunk) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(trunk logits, MTP draft logits) per chunk, both [len(chunk), vocab]: at position p both predict x_{p+1},
         the trunk from all of x_0..x_p, the draft from the trunk's streams at p − 1 and x_p (what a speculative
         decoder has before running the trunk at p). Needs an engine loaded with `mtp=`."""
@@ -120,13 +120,13 @@ class Engine:
             yield self.model.head_logits(X), self.mtp.forward(torch.cat([prev, X[:-1]]), part, draft_cache)
             prev = X[-1:]
 
-    def logits(self, ids, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    def logits(self, ids, chunk: int = RUN.chunk) -> torch.Tensor:
         """f32 logits [T, vocab] for one sequence from a fresh cache."""
         return torch.cat(list(self.iter_logits(ids, chunk)))
 
     @torch.no_grad()
     def generate(self, prompt_ids, sampling: SamplingParams = SamplingParams(), cache: ModelCache | None = None,
-                 chunk: int = DEFAULT_CHUNK, constraint: "TokenConstraint | None" = None,
+                 chunk: int = RUN.chunk, constraint: "TokenConstraint | None" = None,
                  logprobs: int | None = None) -> Iterator[TokenRecord | DoneRecord]:
         """Prefill the prompt (into `cache`, which may already hold a prefix), then sample up to max_tokens.
 

@@ -25,7 +25,8 @@ import torch
 
 from quant import names as N
 from v4cli.engine.detok import Detokenizer, StopMatcher, tokenizer_from_metadata
-from v4cli.engine.generate import DEFAULT_CHUNK, peak_rss_bytes
+from v4cli.engine.generate import peak_rss_bytes
+from v4cli.engine.options import RUN
 from v4cli.engine.records import DoneRecord, Memory, Timings, TokenRecord
 from v4cli.engine.sampling import Sampler, SamplingParams, token_logprobs
 from quant.errors import BadInput, GGUFError, NotFoundError, V4Error
@@ -177,7 +178,7 @@ class LlamaEngine:
         self._make_context(n_ctx)
 
     @classmethod
-    def load(cls, gguf_path: str | Path, kv_format: str = "bf16", n_threads: int | None = None,
+    def load(cls, gguf_path: str | Path, kv_format: str = RUN.kv_format, n_threads: int | None = None,
              n_ctx: int = DEFAULT_N_CTX, flash_attn: bool | None = None, experts_on_cpu: bool = True,
              n_gpu_layers: int = 0) -> LlamaEngine:
         """Load a deepseek4 GGUF into llama.cpp; `n_ctx` grows on demand for a fresh cache."""
@@ -324,7 +325,7 @@ class LlamaEngine:
         return torch.cat(rows) if len(rows) > 1 else rows[0]
 
     # ---- the Engine interface ----
-    def prefill(self, ids, cache: LlamaCache, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    def prefill(self, ids, cache: LlamaCache, chunk: int = RUN.chunk) -> torch.Tensor:
         """Feed ids into cache; → logits [vocab] after the last one. (`chunk` is accepted for parity.)"""
         ids = self._ids(ids)
         if not ids:
@@ -332,7 +333,7 @@ class LlamaEngine:
         self._activate(cache, cache.pos + len(ids))
         return self._decode(cache, ids, all_logits=False)[-1]
 
-    def iter_logits(self, ids, chunk: int = DEFAULT_CHUNK, cache: LlamaCache | None = None) -> Iterator[torch.Tensor]:
+    def iter_logits(self, ids, chunk: int = RUN.chunk, cache: LlamaCache | None = None) -> Iterator[torch.Tensor]:
         """Logits for every position, one [len(chunk), vocab] block per chunk."""
         ids = self._ids(ids)
         cache = cache if cache is not None else self.new_cache()
@@ -341,12 +342,12 @@ class LlamaEngine:
             self._activate(cache, cache.pos + len(ids) - i)
             yield self._decode(cache, ids[i: i + chunk], all_logits=True)
 
-    def logits(self, ids, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    def logits(self, ids, chunk: int = RUN.chunk) -> torch.Tensor:
         """f32 logits [T, vocab] for one sequence from a fresh cache."""
         return torch.cat(list(self.iter_logits(ids, chunk)))
 
     def generate(self, prompt_ids, sampling: SamplingParams = SamplingParams(), cache: LlamaCache | None = None,
-                 chunk: int = DEFAULT_CHUNK, constraint=None, logprobs: int | None = None
+                 chunk: int = RUN.chunk, constraint=None, logprobs: int | None = None
                  ) -> Iterator[TokenRecord | DoneRecord]:
         """Prefill the prompt, then sample up to max_tokens: the same records, timings, `constraint` and `logprobs`
         as `Engine.generate` (the grammar mask and logprobs work on llama.cpp's logits the same way)."""

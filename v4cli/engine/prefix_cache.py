@@ -40,6 +40,7 @@ import numpy as np
 
 from quant import keys as K
 from quant.errors import BadInput, NotFoundError, V4Warning
+from v4cli.engine.options import RUN
 from v4cli.store import _fsync_dir, atomic_open, atomic_write_json, default_root
 from v4cli.units import parse_size
 
@@ -81,7 +82,7 @@ def parse_cache_size(text: str | int) -> int:
     return parse_size(text)
 
 
-def model_fingerprint(gguf, kv_format: str, device: str = "cpu") -> str:
+def model_fingerprint(gguf, kv_format: str, device: str = RUN.device) -> str:
     """Identity of (model file, KV format, device) as 64 hex digits, computed without reading the weights.
 
     Hashes the GGUF header bytes as written (every metadata key and value, every tensor's name, type, shape and

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from quant.errors import BadInput
+from v4cli.engine.options import RUN
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class SamplingParams:
 class Sampler:
     """Draws one token id per call from logits [V]; returns a device tensor (the caller decides when to sync)."""
 
-    def __init__(self, params: SamplingParams, device: torch.device | str = "cpu"):
+    def __init__(self, params: SamplingParams, device: torch.device | str = RUN.device):
         self.p = params
         self.gen = torch.Generator(device=device)
         if params.seed is not None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from quant.errors import BadInput
+from v4cli.engine.options import RUN
 
 ENGINES = ("torch", "llama")
 
 
-def load_engine(path: str | Path, engine: str = "torch", kv_format: str = "bf16", device: str = "cpu",
-                threads: int | None = None, mtp: str | Path | None = None, ctx: int | None = None,
-                **llama_options):
+def load_engine(path: str | Path, engine: str = RUN.engine, kv_format: str = RUN.kv_format,
+                device: str = RUN.device, threads: int | None = None, mtp: str | Path | None = None,
+                ctx: int | None = None, **llama_options):
     """Load `path` with the named engine. `threads` also sets torch's intra-op threads for the torch engine;
     `mtp` (torch engine) also loads an MTP draft file; `ctx`: the context to make room for (llama.cpp sizes its
     cache up front, the torch engine's placement plan reserves GPU memory for it).

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
 
-from v4cli.engine.generate import DEFAULT_CHUNK, Engine
+from v4cli.engine.generate import Engine
+from v4cli.engine.options import RUN
 from v4cli.engine.records import DoneRecord, TokenRecord
 from v4cli.engine.sampling import SamplingParams
 from quant.errors import BadInput
@@ -58,7 +59,7 @@ class Session:
     """Live cache + the exact tokens in it; `generate` reuses whatever prefix it can."""
 
     def __init__(self, engine: Engine, store: PrefixStore | None = None, max_snapshots: int = 4,
-                 chunk: int = DEFAULT_CHUNK, save_every: int | None = None):
+                 chunk: int = RUN.chunk, save_every: int | None = None):
         if save_every is not None and save_every < 1:
             raise BadInput(f"save_every must be a positive token count, not {save_every}")
         self.engine, self.store, self.chunk = engine, store, chunk

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from quant.errors import BadInput, NotFoundError, V4Error
+from v4cli.engine.options import RUN
 from v4cli.prompt.encoding import EOS_ID, Assistant
 from v4cli.prompt.parser import End, StreamParser
 from v4cli.serve.core import ChatRequest, Event, Result, TokenLogprobs, Usage
@@ -73,17 +74,17 @@ class Runner:
         self._snapshots = hasattr(session.cache, "load_bytes")
 
     @classmethod
-    def load(cls, model: str | None, *, engine: str = "torch", kv_format: str = "bf16", device: str = "cpu",
-             threads: int | None = None, chunk: int | None = None, ctx: int | str | None = None,
-             cache_size: str = "0", **kwargs) -> Runner:
+    def load(cls, model: str | None, *, engine: str = RUN.engine, kv_format: str = RUN.kv_format,
+             device: str = RUN.device, threads: int | None = None, chunk: int | None = None,
+             ctx: int | str | None = None, cache_size: str = "0", **kwargs) -> Runner:
         """Load the model the way `v4 chat` does: same resolver, fit check, engine and disk prefix cache."""
-        from v4cli.chat.answer import load_engine, open_session, plan_context, resolve_model
-        from v4cli.engine.generate import DEFAULT_CHUNK
+        from v4cli.chat.answer import load_engine, open_session, plan_context
+        from v4cli.store import find_gguf_model
 
-        path = resolve_model(model)
+        path = find_gguf_model(model)
         n_ctx = plan_context(path, ctx, kv_format)
         eng = load_engine(path, engine, kv_format, device, threads, n_ctx)
-        session = open_session(eng, chunk or DEFAULT_CHUNK, cache_size)
+        session = open_session(eng, chunk or RUN.chunk, cache_size)
         return cls(eng, session, n_ctx, path.name, **kwargs)
 
     # -- prompts ---------------------------------------------------------------------------------------------

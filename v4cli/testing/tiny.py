@@ -30,7 +30,7 @@ _TINY = {
     "hidden_size": 256, "num_hidden_layers": 5, "num_attention_heads": 8, "head_dim": 64, "qk_rope_head_dim": 16,
     "q_lora_rank": 64, "o_groups": 2, "o_lora_rank": 32, "moe_intermediate_size": 256, "n_routed_experts": 8,
     "num_experts_per_tok": 2, "num_hash_layers": 2, "sliding_window": 16, "index_n_heads": 4,
-    "index_head_dim": 32, "index_topk": 8, "max_position_embeddings": 1048576,
+    "index_head_dim": 32, "index_topk": 8,
 }
 PRESETS: dict[str, dict] = {
     # small HCA ratio and window: a few hundred tokens cross many compression windows (fast tests)

@@ -17,7 +17,7 @@ from v4cli import hub
 from v4cli.cli import app, main
 from quant.errors import BadInput, DiskSpaceError, DownloadError, NotFoundError
 from v4cli.registry import CHECKPOINT_PATTERNS, REGISTRY, HubSpec
-from v4cli.store import MANIFEST, PARTIAL, GGUFTarget, Store, find_gguf_model, find_model, format_bytes
+from v4cli.store import MANIFEST, PARTIAL, GGUFTarget, HubTarget, Store, find_gguf_model, find_model, format_bytes
 
 FLASH = REGISTRY["flash"]
 SHARD = "model-00002-of-00003.safetensors"
@@ -85,7 +85,7 @@ def test_full_pull_writes_verified_files_and_manifest(fake, repo):
     assert (result.files, result.total_bytes, result.downloaded_bytes, result.up_to_date) == (9, total, total, False)
     assert events[-1].bytes_done == events[-1].bytes_total == total
     assert events[-1].files_done == events[-1].files_total == 9
-    assert Store().resolve("flash") == d
+    assert find_model("flash").path == d
 
     # A second pull asks for the listing only and downloads nothing.
     n = len(fake.downloads())
@@ -111,8 +111,7 @@ def test_interrupted_pull_resumes_with_range(fake, repo, monkeypatch, redirect):
     with pytest.raises(KeyboardInterrupt):
         hub.pull("flash", max_workers=1, on_progress=ctrl_c)
     assert not (_store_dir() / MANIFEST).exists()
-    with pytest.raises(NotFoundError, match="only partly pulled"):
-        Store().resolve("flash")
+    assert "only partly pulled" in str(find_model("flash").not_pulled)
     (part,) = (_store_dir() / PARTIAL).glob("*.part")
     have = part.stat().st_size
     assert have == 3 * 4096 < size
@@ -249,8 +248,7 @@ def test_offline_verifies_without_network(fake, repo, monkeypatch):
                                             "model-00003-of-00003.safetensors \\(sha256"):
         hub.pull("flash")
     assert len(fake.requests) == n
-    with pytest.raises(NotFoundError):
-        Store().resolve("flash")
+    assert isinstance(find_model("flash"), HubTarget)
 
     # Back online, only the damaged file is fetched again.
     monkeypatch.delenv("HF_HUB_OFFLINE")
@@ -317,8 +315,8 @@ def test_split_gguf_set_pulls_and_runs_as_one_model(env, monkeypatch, tiny_gguf)
     assert isinstance(res.exception, BadInput)
     assert str(res.exception) == ("hf:someone/Foo-GGUF holds 2 GGUF models: hf:someone/Foo-GGUF:Foo-Q8_0.gguf, "
                                   "hf:someone/Foo-GGUF:Q2_K/Foo-Q2_K-*-of-00003.gguf")
-    assert Store().resolve("hf:someone/Foo-GGUF:Q2_K/Foo-Q2_K-*-of-00003.gguf") == first
-    assert Store().resolve("hf:someone/Foo-GGUF:Foo-Q8_0.gguf") == r.path / "Foo-Q8_0.gguf"
+    assert find_model("hf:someone/Foo-GGUF:Q2_K/Foo-Q2_K-*-of-00003.gguf").path == first
+    assert find_model("hf:someone/Foo-GGUF:Foo-Q8_0.gguf").path == r.path / "Foo-Q8_0.gguf"
 
 
 def test_hf_hub_download_does_not_resume_across_runs(fake, env, monkeypatch):
@@ -364,7 +362,7 @@ def test_tiny_official_checkpoint_round_trips(env, monkeypatch):
     for shard in set(index["weight_map"].values()):
         assert (r.path / shard).read_bytes() == (src / shard).read_bytes()
     assert (r.path / "config.json").read_bytes() == (src / "config.json").read_bytes()
-    assert Store().resolve("flash-0731") == r.path
+    assert find_model("flash-0731").path == r.path
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------------

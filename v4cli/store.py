@@ -327,13 +327,6 @@ class Store:
 
     # -- queries --
 
-    def resolve(self, name: str) -> Path:
-        """Path of what find_model finds (kept only until planning's plan_for switches to find_model)."""
-        found = find_model(name, self)
-        if isinstance(found, HubTarget):
-            raise found.not_pulled
-        return found.path
-
     def hub_target(self, spec: HubSpec, typed: str) -> ModelTarget:
         """What a registry or hf: name is in this store (see find_model); `typed` is how the user wrote it."""
         outputs = self.outputs(spec.name)

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
-from pathlib import Path
 
 from quant.config import ModelArgs
 from quant.errors import BadInput, DoesNotFit
@@ -388,35 +387,15 @@ def check_fits(model, ram: int | str | None = None, vram: int | str | None = Non
 
 def plan_for(model: str, machine: Machine, ctx: int | None = None, kv_format: str = "auto") -> Plan:
     """`v4 plan MODEL`: a GGUF file → its placement; a checkpoint or registry name → the recipe that fits, then its
-    placement. `flash` needs no download: its layout is known from config alone (quant.config.FLASH_CONFIG)."""
-    from quant.config import FLASH_CONFIG
-    from quant.errors import NotFoundError
-    from v4cli.registry import HubSpec, resolve_name
-    from v4cli.store import Store
+    placement. `flash` needs no download: the registry knows its config (quant.config.FLASH_CONFIG)."""
+    from v4cli.store import CheckpointTarget, HubTarget, find_model
 
-    store = Store()
-    if model.endswith(".gguf") and not Path(model).expanduser().exists():
-        stored = store.gguf_dir / model  # `v4 ls` shows store GGUFs by file name
-        if stored.is_file():
-            model = str(stored)
-    spec = resolve_name(model)
-    if isinstance(spec, HubSpec):
-        if store.read_manifest(spec.name) is None:
-            if spec.name in ("flash", "flash-base"):
-                return plan_source(FLASH_CONFIG, machine, ctx, kv_format, source=spec.name)
-            raise NotFoundError(f"{model} has not been pulled; its config is needed to plan it",
-                                hint=f"v4 pull {model}")
-        path = store.resolve(model)
-        if path.is_dir():
-            return plan_source(_read_config(path), machine, ctx, kv_format, source=spec.name)
-        return plan_model(Inventory.from_gguf(path), machine, ctx, kv_format)
-    if spec.kind == "checkpoint":
-        return plan_source(_read_config(spec.path), machine, ctx, kv_format, source=str(spec.path))
-    return plan_model(Inventory.from_gguf(spec.path), machine, ctx, kv_format)
-
-
-def _read_config(folder: Path) -> dict:
-    """config.json of a checkpoint folder, validated as a DeepSeek-V4 config (CheckpointError / UnsupportedModel)."""
-    from quant.config import read_config
-
-    return read_config(Path(folder) / "config.json")
+    found = find_model(model)
+    if isinstance(found, HubTarget):
+        if found.spec.config is None:
+            raise found.not_pulled  # its config is needed to plan it
+        return plan_source(found.spec.config, machine, ctx, kv_format, source=found.spec.name)
+    if isinstance(found, CheckpointTarget):
+        source = found.spec.name if found.spec else str(found.path)
+        return plan_source(found.config(), machine, ctx, kv_format, source=source)
+    return plan_model(Inventory.from_gguf(found.path), machine, ctx, kv_format)

@@ -80,7 +80,7 @@ class ModelArgs:
     @classmethod
     def from_config(cls, cfg: dict) -> ModelArgs:
         """From an official config.json dict. Raises UnsupportedModel for other architectures and CheckpointError,
-        naming the key, for a value of the wrong type or out of range."""
+        naming the key, for a key it lacks or a value of the wrong type or out of range."""
         if not isinstance(cfg, dict):
             raise CheckpointError(f"config.json holds a JSON {type(cfg).__name__}, not an object",
                                   hint="the checkpoint is damaged: download it again with v4 pull")

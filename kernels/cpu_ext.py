@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, quants as gq
 
+from quant import ggml
 from quant.errors import V4Error
 
 # every .cpp here is one translation unit of the library; the .inc files are included by them
@@ -118,6 +119,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.v4_supported.argtypes = [i32, i64]
     lib.v4_set_grid.restype = i32
     lib.v4_set_grid.argtypes = [i32, ptr, i64]
+    lib.v4_block_layout.restype = i32
+    lib.v4_block_layout.argtypes = [i32, ptr, ptr]
+    lib.v4_needs_grid.restype = i32
+    lib.v4_needs_grid.argtypes = [i32]
     lib.v4_matmul.restype = i32
     lib.v4_matmul.argtypes = [i32, ptr, i64, i64, ptr, i64, ptr, i32]
     lib.v4_gemm_supported.restype = i32
@@ -135,23 +140,32 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
-def _tables() -> dict[GGMLQuantizationType, np.ndarray]:
-    """The value tables the I-quant kernels decode with, as int8 arrays taken from gguf-py (the one copy of that
-    data): each lattice type's grid, entry after entry, and IQ4_NL's 16 values (IQ4_XS uses them too)."""
-    Q = GGMLQuantizationType
-    out = {}
-    for qtype, cls in ((Q.IQ2_XXS, gq.IQ2_XXS), (Q.IQ2_XS, gq.IQ2_XS), (Q.IQ2_S, gq.IQ2_S), (Q.IQ3_XXS, gq.IQ3_XXS),
-                       (Q.IQ3_S, gq.IQ3_S), (Q.IQ1_S, gq.IQ1_S), (Q.IQ1_M, gq.IQ1_M)):
-        cls.init_grid()
-        out[qtype] = np.asarray(cls.grid, dtype=np.float32).reshape(-1).astype(np.int8)  # small integers: exact
-    out[Q.IQ4_NL] = out[Q.IQ4_XS] = np.array(gq.IQ4_NL.kvalues, dtype=np.int8)
-    return out
+def _values(name: str) -> np.ndarray:
+    """gguf-py's value table of quant class `name` as int8: its `kvalues`, else its lattice entry after entry."""
+    cls = getattr(gq, name)
+    if hasattr(cls, "kvalues"):
+        return np.array(cls.kvalues, dtype=np.int8)
+    cls.init_grid()
+    return np.asarray(cls.grid, dtype=np.float32).reshape(-1).astype(np.int8)  # small integers: exact
+
+
+def _tables(lib: ctypes.CDLL) -> dict[GGMLQuantizationType, np.ndarray]:
+    """The value tables the library's kernels decode with (the types it says need one), as the one type table
+    (quant.ggml.TYPES) names them in gguf-py (the one copy of that data)."""
+    return {t: _values(info.values) for t, info in ggml.TYPES.items() if info.values and lib.v4_needs_grid(int(t))}
+
+
+def layout(lib: ctypes.CDLL, qtype: GGMLQuantizationType) -> tuple[int, int]:
+    """(elements, bytes) per block of `qtype` as the library decodes it; (0, 0) for a type it has no kernels for."""
+    elems, nbytes = ctypes.c_int64(), ctypes.c_int64()
+    lib.v4_block_layout(int(qtype), ctypes.byref(elems), ctypes.byref(nbytes))
+    return elems.value, nbytes.value
 
 
 def _set_tables(lib: ctypes.CDLL) -> None:
     """Hand the tables to the library. One it refuses (a gguf-py whose table differs from the layout the kernels
     decode) leaves only that type without kernels, so it keeps the torch reference."""
-    for qtype, values in _tables().items():
+    for qtype, values in _tables(lib).items():
         values = np.ascontiguousarray(values)
         if lib.v4_set_grid(int(qtype), values.ctypes.data, values.size) != 0:
             log.warning("the CPU kernels refused gguf-py's %s table (%d values); %s uses the torch reference",

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from gguf import quants as gq
 
-from quant.ggml import QType, row_bytes, tensor_bytes, type_info
+from quant.ggml import TYPES, QType, row_bytes, tensor_bytes, type_info
 from quant.errors import BadInput, UnsupportedModel
 
 QK_K = 256
@@ -25,18 +25,17 @@ def _grid(cls: type) -> torch.Tensor:
     return torch.from_numpy(np.array(cls.grid, dtype=np.float32).reshape(cls.grid_shape))
 
 
+def _values(name: str) -> torch.Tensor:
+    """gguf-py's value table of quant class `name`: its `kvalues` as f32, else its lattice (`_grid`)."""
+    cls = getattr(gq, name)
+    return torch.tensor(cls.kvalues, dtype=torch.float32) if hasattr(cls, "kvalues") else _grid(cls)
+
+
 def _build_tables() -> dict[str, torch.Tensor]:
-    return {
-        "iq2xxs_grid": _grid(gq.IQ2_XXS),
-        "iq2xs_grid": _grid(gq.IQ2_XS),
-        "iq2s_grid": _grid(gq.IQ2_S),
-        "iq3xxs_grid": _grid(gq.IQ3_XXS),
-        "iq3s_grid": _grid(gq.IQ3_S),
-        "iq1s_grid": _grid(gq.IQ1_S),
-        "ksigns": torch.from_numpy(np.frombuffer(gq.IQ2_XXS.ksigns, dtype=np.uint8).copy()).long(),
-        "iq4nl": torch.tensor(gq.IQ4_NL.kvalues, dtype=torch.float32),
-        "mxfp4": torch.tensor(gq.MXFP4.kvalues, dtype=torch.float32),
-    }
+    """Each value table the type table names (keyed by its gguf-py class), and the I-quants' sign patterns."""
+    out = {info.values: _values(info.values) for info in TYPES.values() if info.values}
+    out["ksigns"] = torch.from_numpy(np.frombuffer(gq.IQ2_XXS.ksigns, dtype=np.uint8).copy()).long()
+    return out
 
 
 _TABLES_CPU = _build_tables()
@@ -117,7 +116,7 @@ def _q5_1(b: torch.Tensor) -> torch.Tensor:
 
 def _iq4_nl(b: torch.Tensor) -> torch.Tensor:
     d = _f16(b[:, 0:2])
-    return d * tables(b.device)["iq4nl"][_nibbles32(b[:, 2:]).long()]
+    return d * tables(b.device)["IQ4_NL"][_nibbles32(b[:, 2:]).long()]
 
 
 def _q2_k(b: torch.Tensor) -> torch.Tensor:
@@ -200,7 +199,7 @@ def _mxfp4(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     d = _e8m0_half(b[:, 0:1])
     q = (b[:, 1:].reshape(n, 1, 16) >> _shifts([0, 4], (1, 2, 1), b.device)) & 0xF
-    return d * tables(b.device)["mxfp4"][q.reshape(n, 32).long()]
+    return d * tables(b.device)["MXFP4"][q.reshape(n, 32).long()]
 
 
 def _signs(words: torch.Tensor, tables: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -219,7 +218,7 @@ def _iq2_xxs(b: torch.Tensor) -> torch.Tensor:
     qs = b[:, 2:].reshape(n, 8, 8)  # per 32 elements: 4 grid-index bytes, then one u32 of signs + scale
     aux = _u32(qs[:, :, 4:]).reshape(n, 8)
     db = (d * (0.5 + (aux >> 28).float()) * 0.25).reshape(n, 8, 1, 1)
-    grid = t["iq2xxs_grid"][qs[:, :, :4].long()]  # (N, 8, 4, 8)
+    grid = t["IQ2_XXS"][qs[:, :, :4].long()]  # (N, 8, 4, 8)
     return (db * grid * _signs(aux, t)).reshape(n, QK_K)
 
 
@@ -229,7 +228,7 @@ def _iq3_xxs(b: torch.Tensor) -> torch.Tensor:
     d = _f16(b[:, 0:2])
     aux = _u32(b[:, 66:98])  # (N, 8)
     db = (d * (0.5 + (aux >> 28).float()) * 0.5).reshape(n, 8, 1, 1)
-    grid = t["iq3xxs_grid"][b[:, 2:66].long()].reshape(n, 8, 4, 8)
+    grid = t["IQ3_XXS"][b[:, 2:66].long()].reshape(n, 8, 4, 8)
     return (db * grid * _signs(aux, t)).reshape(n, QK_K)
 
 
@@ -254,7 +253,7 @@ def _iq2_xs(b: torch.Tensor) -> torch.Tensor:
     db = (d * (0.5 + _nibble_scales(b[:, 66:74]).float()) * 0.25).reshape(n, 16, 1, 1)
     signs = t["ksigns"][qs >> 9].reshape(n, 32, 1) >> torch.arange(8, device=b.device)
     signs = torch.where((signs & 1) == 0, 1.0, -1.0).to(torch.float32).reshape(n, 16, 2, 8)
-    grid = t["iq2xs_grid"][qs & 511].reshape(n, 16, 2, 8)
+    grid = t["IQ2_XS"][qs & 511].reshape(n, 16, 2, 8)
     return (db * grid * signs).reshape(n, QK_K)
 
 
@@ -266,7 +265,7 @@ def _iq2_s(b: torch.Tensor) -> torch.Tensor:
     db = (d * (0.5 + _nibble_scales(scales).float()) * 0.25).reshape(n, 16, 1, 1)
     hi = (qh.reshape(n, 8, 1) >> _shifts([0, 2, 4, 6], (1, 1, 4), b.device)) & 3  # (N, 8, 4)
     idx = qs.long() | (hi.reshape(n, 32).long() << 8)
-    grid = t["iq2s_grid"][idx].reshape(n, 16, 2, 8)
+    grid = t["IQ2_S"][idx].reshape(n, 16, 2, 8)
     return (db * grid * _bit_signs(signs).reshape(n, 16, 2, 8)).reshape(n, QK_K)
 
 
@@ -278,7 +277,7 @@ def _iq3_s(b: torch.Tensor) -> torch.Tensor:
     db = (d * (1 + 2 * _nibble_scales(scales)).float()).reshape(n, 8, 1, 1)
     hi = (qh.reshape(n, 8, 1) >> torch.arange(8, device=b.device, dtype=torch.uint8)) & 1  # (N, 8, 8)
     idx = qs.long() | (hi.reshape(n, 64).long() << 8)
-    grid = t["iq3s_grid"][idx].reshape(n, 8, 4, 8)
+    grid = t["IQ3_S"][idx].reshape(n, 8, 4, 8)
     return (db * grid * _bit_signs(signs).reshape(n, 8, 4, 8)).reshape(n, QK_K)
 
 
@@ -293,7 +292,7 @@ def _iq1_s(b: torch.Tensor) -> torch.Tensor:
     delta = torch.where((qh & 0x8000) == 0, 0.125, -0.125).to(torch.float32).reshape(n, 8, 1, 1)
     hi = (qh.reshape(n, 8, 1) >> torch.tensor([0, 3, 6, 9], device=b.device)) & 7
     idx = qs.long() | (hi.reshape(n, 32) << 8)
-    grid = t["iq1s_grid"][idx].reshape(n, 8, 4, 8)
+    grid = t["IQ1_S"][idx].reshape(n, 8, 4, 8)
     return (dl * (grid + delta)).reshape(n, QK_K)
 
 
@@ -310,7 +309,7 @@ def _iq1_m(b: torch.Tensor) -> torch.Tensor:
     h = (qh.reshape(n, 16, 1) >> _shifts([0, 4], (1, 1, 2), b.device)).reshape(n, 32)  # one nibble per 8 elements
     idx = qs.long() | ((h & 7).long() << 8)
     delta = torch.where((h & 8) == 0, 0.125, -0.125).to(torch.float32).reshape(n, 8, 2, 2, 1)
-    grid = t["iq1s_grid"][idx].reshape(n, 8, 2, 2, 8)
+    grid = t["IQ1_S"][idx].reshape(n, 8, 2, 2, 8)
     return (dl * (grid + delta)).reshape(n, QK_K)
 
 
@@ -323,7 +322,7 @@ def _iq4_xs(b: torch.Tensor) -> torch.Tensor:
     sc = (lo.long() | (hi << 4)) - 32
     dl = (d * sc.float()).reshape(n, 8, 1)
     q = (b[:, 8:].reshape(n, 8, 1, 16) >> _shifts([0, 4], (1, 1, 2, 1), b.device)).reshape(n, 8, 32) & 0xF
-    return (dl * tables(b.device)["iq4nl"][q.long()]).reshape(n, QK_K)
+    return (dl * tables(b.device)["IQ4_NL"][q.long()]).reshape(n, QK_K)
 
 
 def _f16_blocks(b: torch.Tensor) -> torch.Tensor:
@@ -364,8 +363,8 @@ _KERNELS: dict[QType, Callable[[torch.Tensor], torch.Tensor]] = {
     QType.IQ1_M: _iq1_m,
 }
 
-# every type of the table but I32 (an integer table, read as itself)
-DEQUANTIZABLE: tuple[QType, ...] = tuple(_KERNELS)
+# every type of the one table with a dequantizer, in its order: all but I32 (an integer table, read as itself)
+DEQUANTIZABLE: tuple[QType, ...] = tuple(t for t in TYPES if t in _KERNELS)
 
 
 def _kernel(qtype: QType) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -27,6 +27,7 @@ def use_reference(on: bool) -> None:
 
 
 def reference_only() -> bool:
+    """Whether every op runs its reference now."""
     return _reference
 
 

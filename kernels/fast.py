@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 from typing import NamedTuple
 
 import torch
@@ -29,10 +30,11 @@ from kernels.linear import QWeight, linear_many_op, linear_op, reference_linear,
 from quant import ggml
 from quant.errors import BadInput
 
+log = logging.getLogger(__name__)
 
 # The types `linear` runs here, filled in by install(): those of quant.ggml.TYPES for which the library
-# reports kernels (v4_supported at a row length every block size divides), so a type gains its fast path by gaining
-# kernels in the library, with no list here to update.
+# reports kernels (v4_supported at a row length every block size divides) over blocks of the table's layout, so a
+# type gains its fast path by gaining kernels in the library, with no list here to update.
 TYPES: tuple[Q, ...] = ()
 _PROBE_K = 256
 # From this many activation rows on, the int8 GEMM (v4_gemm) beats the fused row kernels for every type it covers
@@ -231,6 +233,16 @@ def cpu_index_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, scale
     return out if rc == 0 else None
 
 
+def _same_layout(lib, info: ggml.TypeInfo) -> bool:
+    """Whether the library's blocks of a type are the table's (the C++ spells the sizes out in its switch)."""
+    got = cpu_ext.layout(lib, info.qtype)
+    if got != (info.block_size, info.type_size):
+        log.warning("the CPU kernels read %s blocks as %s, not %s; %s keeps the torch reference", info.name, got,
+                    (info.block_size, info.type_size), info.name)
+        return False
+    return True
+
+
 def install() -> bool:
     """File the kernels in the ops' "cpu" tables; False (nothing filed) without a usable library."""
     global _lib, TYPES
@@ -238,7 +250,8 @@ def install() -> bool:
     if lib is None:
         return False
     _lib = lib
-    TYPES = tuple(t for t in ggml.TYPES if lib.v4_supported(int(t), _PROBE_K) == 1)
+    TYPES = tuple(t for t, info in ggml.TYPES.items() if lib.v4_supported(int(t), _PROBE_K) == 1
+                  and _same_layout(lib, info))
     linear_op.register("cpu", cpu_linear, qtypes=TYPES)
     linear_many_op.register("cpu", cpu_linear_many)
     routed_experts_op.register("cpu", cpu_routed_experts)

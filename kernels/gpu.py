@@ -31,6 +31,7 @@ from kernels import mhc
 from kernels.dequant import tables
 from kernels.linear import QWeight, linear_op, reference_linear, routed_experts_op, swiglu
 from kernels.mhc import MixerParams
+from quant import ggml
 
 try:
     import triton
@@ -39,17 +40,18 @@ except ImportError:  # the CPU-only install: install() files nothing, so CUDA ke
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# ggml type → (the kernels' type code, sub-steps per 256-element step, the lattice of kernels/dequant.py's tables
-# it reads or None). A K-step is 256 elements: one super-block (their rows are whole super-blocks by construction),
-# eight Q8_0 / MXFP4 blocks (masked where a row ends mid-step). Q2_K / Q3_K decode a step in four sub-steps.
-_KINDS: dict[Q, tuple[int, int, str | None]] = {
-    Q.Q8_0: (0, 1, None), Q.MXFP4: (1, 1, None), Q.Q4_K: (2, 1, None), Q.Q2_K: (3, 4, None), Q.Q3_K: (4, 4, None),
-    Q.IQ4_XS: (5, 1, "iq4nl"), Q.Q5_K: (6, 1, None), Q.Q6_K: (7, 1, None), Q.IQ2_XXS: (8, 1, "iq2xxs_grid"),
-    Q.IQ2_XS: (9, 1, "iq2xs_grid"), Q.IQ2_S: (10, 1, "iq2s_grid"), Q.IQ3_XXS: (11, 1, "iq3xxs_grid"),
-    Q.IQ3_S: (12, 1, "iq3s_grid"), Q.IQ1_M: (13, 1, "iq1s_grid"),
+# ggml type → (the kernels' type code, sub-steps per 256-element step): the Python side of `_decode`'s switch.
+# A K-step is 256 elements: one super-block (their rows are whole super-blocks by construction), eight Q8_0 / MXFP4
+# blocks (masked where a row ends mid-step). Q2_K / Q3_K decode a step in four sub-steps.
+_KINDS: dict[Q, tuple[int, int]] = {
+    Q.Q8_0: (0, 1), Q.MXFP4: (1, 1), Q.Q4_K: (2, 1), Q.Q2_K: (3, 4), Q.Q3_K: (4, 4), Q.IQ4_XS: (5, 1),
+    Q.Q5_K: (6, 1), Q.Q6_K: (7, 1), Q.IQ2_XXS: (8, 1), Q.IQ2_XS: (9, 1), Q.IQ2_S: (10, 1), Q.IQ3_XXS: (11, 1),
+    Q.IQ3_S: (12, 1), Q.IQ1_M: (13, 1),
 }
 _CODES: dict[Q, int] = {t: kind[0] for t, kind in _KINDS.items()}
-TYPES: tuple[Q, ...] = tuple(_CODES)
+# the types of the one table the fused kernels decode, and those cuBLAS takes as stored (BF16, F16)
+TYPES: tuple[Q, ...] = tuple(t for t in ggml.TYPES if t in _CODES)
+FLOAT_TYPES: tuple[Q, ...] = tuple(t for t, info in ggml.TYPES.items() if info.is_float and t != Q.F32)
 # Up to this many activation rows the fused kernel runs (each row re-reads the weight, from L2 after the first);
 # decode and MTP verification stay below it.
 FUSED_MAX_ROWS = 8
@@ -466,10 +468,10 @@ if triton is not None:
 
 
 def _lattices(qtype: Q, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the type's lattice or value table, ksigns) from kernels/dequant.py's tables (any tensor for a type without
-    one: the kernel never reads it)."""
+    """(the type's value table, as the type table names it, ksigns) from kernels/dequant.py's tables (any tensor for
+    a type without one: the kernel never reads it)."""
     t = tables(device)
-    return t[_KINDS[qtype][2] or "iq4nl"], t["ksigns"]
+    return t[ggml.TYPES[qtype].values or "IQ4_NL"], t["ksigns"]
 
 
 def _split(N: int, pairs: int, K: int) -> int:
@@ -589,7 +591,7 @@ def install() -> bool:
     if not available():
         return False
     linear_op.register("cuda", gpu_linear, qtypes=TYPES)
-    linear_op.register("cuda", gpu_linear_bf16, qtypes=(Q.BF16, Q.F16))
+    linear_op.register("cuda", gpu_linear_bf16, qtypes=FLOAT_TYPES)
     routed_experts_op.register("cuda", gpu_routed_experts)
     mhc.hc_pre_op.register("cuda", GpuMixers().pre)
     return True

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 from kernels.dispatch import Op, observer
+from quant import ggml
 from quant.errors import UnsupportedModel
 
-# ggml types that are plain torch dtypes: viewed in place, never copied
-_PLAIN: dict[Q, torch.dtype] = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16,
-                                Q.I32: torch.int32}
+# ggml types that are plain torch dtypes (the type table's `dtype`): viewed in place, never copied
+_PLAIN: dict[Q, torch.dtype] = {t: getattr(torch, info.dtype) for t, info in ggml.TYPES.items() if info.dtype}
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import numpy as np
 from gguf.quants import dequantize
 
 from quant import iq2, iq3
-from quant.ggml import QType, byte_shape, type_info
+from quant.ggml import TYPES, QType, byte_shape, type_info
 from quant.errors import BadInput, UnsupportedModel
 
 QK_K = 256
@@ -470,8 +470,9 @@ def _unbias(b: np.ndarray, x: np.ndarray, w: np.ndarray | None, qtype: QType) ->
     b[:, :2] = np.clip(d * c, -_F16_MAX, _F16_MAX).astype(np.float16).view(np.uint8).reshape(-1, 2)
 
 
-# Types `quantize` can write; every block quantizer but Q8_0 honours an importance matrix (ggml's Q8_0 ignores it).
-QUANTIZABLE: tuple[QType, ...] = (QType.F32, QType.F16, QType.BF16, *_BLOCK_QUANTIZERS)
+# Types `quantize` can write: the table's float types and the block quantizers' types, in the table's order; every
+# block quantizer but Q8_0 honours an importance matrix (ggml's Q8_0 ignores it).
+QUANTIZABLE: tuple[QType, ...] = tuple(t for t, info in TYPES.items() if info.is_float or t in _BLOCK_QUANTIZERS)
 IMATRIX_TYPES = tuple(t for t in _BLOCK_QUANTIZERS if t != QType.Q8_0)
 
 

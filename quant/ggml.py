@@ -22,7 +22,9 @@ class TypeInfo:
     """One ggml type: `block_size` elements are stored in `type_size` bytes.
 
     `imatrix_only`: llama.cpp's quantizer writes this type only with an importance matrix (without one the
-    result is too poor, so it refuses). `note` says where the type is met.
+    result is too poor, so it refuses). `note` says where the type is met. `dtype`: a plain type's element type
+    (a torch / numpy dtype name), viewed in place rather than decoded. `values`: the gguf-py quant class whose value
+    table (a lattice `grid`, or `kvalues`) the blocks index; every decoder takes its copy of that table from there.
     """
 
     qtype: QType
@@ -30,6 +32,8 @@ class TypeInfo:
     type_size: int
     imatrix_only: bool = False
     note: str = ""
+    dtype: str | None = None
+    values: str | None = None
 
     @property
     def name(self) -> str:
@@ -39,19 +43,27 @@ class TypeInfo:
     def bits_per_weight(self) -> float:
         return 8.0 * self.type_size / self.block_size
 
+    @property
+    def is_float(self) -> bool:
+        """A plain floating-point type (F32, F16, BF16)."""
+        return self.dtype is not None and self.dtype.startswith(("float", "bfloat"))
 
-def _row(qtype: QType, note: str, imatrix_only: bool = False) -> tuple[QType, TypeInfo]:
-    return qtype, TypeInfo(qtype, *GGML_QUANT_SIZES[qtype], imatrix_only=imatrix_only, note=note)
+
+def _row(qtype: QType, note: str, imatrix_only: bool = False, *, dtype: str | None = None,
+         values: str | None = None) -> tuple[QType, TypeInfo]:
+    return qtype, TypeInfo(qtype, *GGML_QUANT_SIZES[qtype], imatrix_only=imatrix_only, note=note, dtype=dtype,
+                           values=values)
 
 
 # The one table of ggml types this project reads: every type llama.cpp writes into a `deepseek4` file (its converter,
 # its quantizer's ftypes and their per-tensor fallbacks, community recipes). Sizes come from gguf-py's table;
-# each type's reference dequantizer is in kernels/dequant.py, its fast kernels (where there are any) in kernels/.
+# each type's reference dequantizer is in kernels/dequant.py, its fast kernels (where there are any) in kernels/;
+# the lists of types each of those serves are derived from this table (and, for compiled kernels, what they report).
 TYPES: dict[QType, TypeInfo] = dict([
-    _row(QType.F32, "norms, mHC, sinks, biases, APE"),
-    _row(QType.F16, "community embeddings, routers, compressors"),
-    _row(QType.BF16, "converter output for BF16 sources"),
-    _row(QType.I32, "hash routing table (tid2eid)"),
+    _row(QType.F32, "norms, mHC, sinks, biases, APE", dtype="float32"),
+    _row(QType.F16, "community embeddings, routers, compressors", dtype="float16"),
+    _row(QType.BF16, "converter output for BF16 sources", dtype="bfloat16"),
+    _row(QType.I32, "hash routing table (tid2eid)", dtype="int32"),
     _row(QType.Q8_0, "converter output for FP8 sources; attention and shared experts in community quants"),
     _row(QType.Q4_0, "llama.cpp fallback for rows not a multiple of 256"),
     _row(QType.Q4_1, "legacy ftype"),
@@ -62,16 +74,17 @@ TYPES: dict[QType, TypeInfo] = dict([
     _row(QType.Q4_K, "late layers' experts, attention in AProjQ4 mixes"),
     _row(QType.Q5_K, "K-quant mixes"),
     _row(QType.Q6_K, "K-quant mixes, output head"),
-    _row(QType.IQ1_S, "lowest-bit routed experts", imatrix_only=True),
-    _row(QType.IQ1_M, "lowest-bit routed experts", imatrix_only=True),
-    _row(QType.IQ2_XXS, "2-bit routed experts (ds4 q2, AD-IQ2_XXS)", imatrix_only=True),
-    _row(QType.IQ2_XS, "2-bit routed experts", imatrix_only=True),
-    _row(QType.IQ2_S, "2-bit routed experts", imatrix_only=True),
-    _row(QType.IQ3_XXS, "3-bit routed experts (AD-IQ3_XXS, UD-IQ3_XXS)", imatrix_only=True),
-    _row(QType.IQ3_S, "3-bit routed experts"),
-    _row(QType.IQ4_NL, "llama.cpp fallback for IQ4_XS rows not a multiple of 256"),
-    _row(QType.IQ4_XS, "4-bit mixes"),
-    _row(QType.MXFP4, "routed experts: the official FP4, repacked exactly"),
+    _row(QType.IQ1_S, "lowest-bit routed experts", imatrix_only=True, values="IQ1_S"),
+    _row(QType.IQ1_M, "lowest-bit routed experts", imatrix_only=True, values="IQ1_S"),
+    _row(QType.IQ2_XXS, "2-bit routed experts (ds4 q2, AD-IQ2_XXS)", imatrix_only=True, values="IQ2_XXS"),
+    _row(QType.IQ2_XS, "2-bit routed experts", imatrix_only=True, values="IQ2_XS"),
+    _row(QType.IQ2_S, "2-bit routed experts", imatrix_only=True, values="IQ2_S"),
+    _row(QType.IQ3_XXS, "3-bit routed experts (AD-IQ3_XXS, UD-IQ3_XXS)", imatrix_only=True,
+         values="IQ3_XXS"),
+    _row(QType.IQ3_S, "3-bit routed experts", values="IQ3_S"),
+    _row(QType.IQ4_NL, "llama.cpp fallback for IQ4_XS rows not a multiple of 256", values="IQ4_NL"),
+    _row(QType.IQ4_XS, "4-bit mixes", values="IQ4_NL"),
+    _row(QType.MXFP4, "routed experts: the official FP4, repacked exactly", values="MXFP4"),
 ])
 SUPPORTED: tuple[QType, ...] = tuple(TYPES)
 

@@ -84,3 +84,22 @@ def test_importing_the_ops_imports_no_backend():
             " 'kernels.gpu', 'kernels.backends', 'kernels.cpu_ext')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_backends_serve_types_of_the_one_table():
+    # the compiled library's block layouts agree with quant.ggml.TYPES wherever it has kernels, and fast.TYPES is
+    # exactly the table's types it has kernels for; the GPU's and the dequantizers' types come from the same table
+    from kernels import cpu_ext, dequant, fast, gpu
+    from quant import ggml
+
+    assert set(gpu.TYPES) | set(gpu.FLOAT_TYPES) <= set(ggml.TYPES)
+    assert set(dequant.DEQUANTIZABLE) == set(ggml.TYPES) - {Q.I32}
+    lib = cpu_ext.usable()
+    if lib is None:
+        pytest.skip("CPU kernels did not build (no compiler or no AVX2)")
+    backends.load(reference=False)
+    served = {t for t, info in ggml.TYPES.items() if cpu_ext.layout(lib, t) != (0, 0)}
+    for t in served:
+        assert cpu_ext.layout(lib, t) == (ggml.TYPES[t].block_size, ggml.TYPES[t].type_size), t.name
+    assert set(fast.TYPES) == served and {Q.Q8_0, Q.Q4_K, Q.IQ2_XXS, Q.MXFP4, Q.BF16} <= served
+    assert all((t, "cpu") in linear_op.table for t in fast.TYPES)

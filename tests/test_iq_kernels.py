@@ -84,7 +84,7 @@ def test_registered_and_dispatched(qtype):
 def test_bad_tables_are_refused_and_change_nothing():
     from kernels import cpu_ext
 
-    good = cpu_ext._tables()[Q.IQ2_XXS]
+    good = cpu_ext._tables(fast._lib)[Q.IQ2_XXS]
     bad = good.copy()
     bad[5] = 44  # above the lattice's largest value
     lib = fast._lib

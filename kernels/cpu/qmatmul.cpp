@@ -532,6 +532,16 @@ int v4_isa(void) {
 
 int v4_supported(int t, int64_t K) { return supported(t, K) ? 1 : 0; }
 
+// Type t's block layout (0 elements: no kernels) and whether its kernels read a value table set by v4_set_grid:
+// the Python side checks these against its one type table (quant/ggml.py) instead of keeping lists of its own.
+int v4_block_layout(int t, int64_t* elems, int64_t* bytes) {
+    const BlockSize b = t >= 0 && t < T_COUNT ? block_layout(t) : BlockSize{0, 0};
+    *elems = b.elems, *bytes = b.bytes;
+    return 0;
+}
+
+int v4_needs_grid(int t) { return t >= 0 && t < T_COUNT && needs_grid(t) ? 1 : 0; }
+
 // The lattice (or value table) of type t as n int8 values, entry after entry in gguf-py's order; called once at
 // load, before any kernel of t runs. Returns 0, or -1 (nothing written) for a type without a table, a wrong size or
 // a value outside the type's range.

@@ -10,7 +10,7 @@ from io import StringIO
 
 import pytest
 
-from kernels import cpu_ext
+from kernels import backends, cpu_ext
 from v4cli.cli import main
 from quant.errors import V4Warning
 from v4cli.store import Store, find_gguf_model
@@ -69,6 +69,7 @@ def test_first_load_shows_the_kernel_build_and_the_timed_prefill_excludes_it(dem
     monkeypatch.setattr(cpu_ext, "cache_dir", lambda: tmp_path / "ext")
     monkeypatch.setattr(cpu_ext, "_compile", slow_compile)
     monkeypatch.setattr(cpu_ext, "_lib", None)  # as in a fresh process
+    monkeypatch.setattr(backends, "_installed", None)
     main(["demo", "--max-tokens", "1", "--recipe", "lossless", "--prompt", "hi"])
     cap = capsys.readouterr()
     assert cap.err.count(cpu_ext.BUILD_NOTE) == 2  # "... once ..." then "...: done in N s"
@@ -79,6 +80,7 @@ def test_first_load_shows_the_kernel_build_and_the_timed_prefill_excludes_it(dem
     assert list((tmp_path / "ext").glob("*.so"))
 
     monkeypatch.setattr(cpu_ext, "_lib", None)
+    monkeypatch.setattr(backends, "_installed", None)
     main(["demo", "--max-tokens", "1", "--recipe", "lossless", "--prompt", "hi"])  # cached: loaded, not built
     assert cpu_ext.BUILD_NOTE not in capsys.readouterr().err
 

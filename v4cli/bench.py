@@ -463,7 +463,8 @@ def run_bench(spec: BenchSpec, progress: Callable[[BenchProgress], None] | None 
     for r in range(spec.repeats):
         if measure_bw:  # once per repeat, beside its passes: a shared machine's bandwidth drifts during a run
             say(clock.event(r, None, "memory bandwidth"))
-            samples.append(measure_bandwidth(spec.device, bandwidth_bytes, threads=spec.n_threads))
+            # on all cores whatever --threads says: the bound is the machine's, the one `v4 plan` uses
+            samples.append(measure_bandwidth(spec.device, bandwidth_bytes))
         for e in spec.engines:  # interleaved: both engines see the same machine state per repeat
             if any(f.engine == e for f in failures):
                 continue

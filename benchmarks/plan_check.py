@@ -79,8 +79,7 @@ def meter(threads: int) -> dict[str, float]:
 
     m = measure_bandwidth(threads=threads)
     return {"name": "v4cli.planning.machine.measure_bandwidth (bound)", "gbs": m["bound_gbs"],
-            "copy_gbs": m["copy_gbs"],
-            "read_gbs": m["read_gbs"]}
+            **{k: m[k] for k in ("read_gbs", "copy_gbs", "triad_gbs") if k in m}}
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -378,7 +377,8 @@ def report(results: list[dict], plans: dict[int, Planned], kv_format: str) -> tu
         ok &= pct <= 100
         print(f"\nMeter bound: decode at ctx 0 {s['tps']:.2f} tok/s (median of {s['tokens']} gaps) × "
               f"{_fmt(per_token)}/token = {achieved / 1e9:.2f} GB/s = {pct:.0f} % of {m['name']} {m['gbs']:.1f} GB/s "
-              f"(copy {m['copy_gbs']:.1f}, read {m['read_gbs']:.1f}) — {'ok' if pct <= 100 else 'OVER 100 %'}")
+              "(" + ", ".join(f"{k.removesuffix('_gbs')} {v:.1f}" for k, v in m.items() if k.endswith("_gbs")) + ") — "
+              f"{'ok' if pct <= 100 else 'OVER 100 %'}")
         out["bound"] = {**s, "bytes_per_token": per_token, "achieved_gbs": achieved / 1e9, "meter": m,
                         "pct_of_meter": pct}
     notes = []
@@ -386,8 +386,12 @@ def report(results: list[dict], plans: dict[int, Planned], kv_format: str) -> tu
         notes.append("KV allocated > held: Rows grows a buffer to twice the rows it must hold (new_zeros, every page "
                      "touched), so a cache holds up to 2x its rows in RSS; the planner counts the rows")
     if any(m["component"] == "compressor state" and not m["ok"] for m in mem):
-        notes.append("compressor state: the planner sizes DeepSeek's reference buffers (kv + score, 2*ratio slots x "
-                     "2*dim for CSA, fp32); the cache keeps only the unfinished window's rows and the last Ca half")
+        notes.append("compressor state: the planner sizes DeepSeek's reference buffers (kv + score of whole windows, "
+                     "2*ratio slots x 2*dim for CSA, fp32), an upper bound; the cache keeps the unfinished window's "
+                     "rows (none at a window-aligned context) and the last Ca half")
+    if any(m["measured_by"].startswith("RssAnon") and "(prefill)" in m["measured_by"] for m in mem):
+        notes.append("RssAnon at a prefilled context also holds what the prefill left beyond its first chunk "
+                     "(buffers sized by the context, allocator fragmentation): compare the appended contexts")
     if any(x["ctx"] == 0 and x["component"] == "dense" and x["ratio"] < 1 for x in reads):
         notes.append("short contexts: while a CSA layer holds <= index_topk entries the model skips the indexer "
                      "(every entry is chosen): its two projections (dense) and its keys (kv) are not read; the new "
@@ -435,9 +439,9 @@ def main() -> None:
     ap.add_argument("--contexts", default="512,4096,32768,131072",
                     help="memory contexts (0 is added: bytes read and speed at an empty cache)")
     ap.add_argument("--kv", default="bf16", help="KV formats, comma-separated (bf16,fp8)")
-    ap.add_argument("--prefill-max", type=int, default=512,
+    ap.add_argument("--prefill-max", type=int, default=4096,
                     help="contexts up to this are filled by a real prefill, longer ones through the cache's appends "
-                         "(a real 4K prefill of the 4-layer file takes ~8 min on a busy 2-core machine)")
+                         "(a 4K prefill of the 4-layer file: ~30 s on an idle 2-core machine, ~10 min on a busy one)")
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None, help="write the results here")

@@ -60,16 +60,19 @@ def planned(gguf: Path, ctx: int, kv_format: str) -> Planned:
     from v4cli.planning.machine import RAM, Machine
     from v4cli.planning.plan import KV, plan_at
     from v4cli.planning.tensors import Inventory
+    from v4cli.planning.traffic import kv_read_by_layer
 
     inv = Inventory.from_gguf(gguf)
     p = plan_at(inv, Machine(ram=1 << 50), ctx, kv_format)  # RAM to spare: every weight is placed in RAM
     assert p.where[KV] == RAM
-    state = compressor_state_bytes(inv.args)
+    state = compressor_state_bytes(inv.args, ctx)
     read = {"dense": 0.0, "experts": 0.0, "embedding": 0.0}
     for w in inv.tensors:
         key = "experts" if w.role == N.EXPS else "embedding" if w.role in (N.EMBED, N.TID2EID) else "dense"
         read[key] += w.read
-    read["kv"], read["state"] = float(p.kv_read - state), float(state)
+    # the planner's bytes-per-token model at the step measured: the token decoded after `ctx` tokens
+    read["kv"] = float(sum(kv_read_by_layer(inv.args, kv_format, ctx).values()))
+    read["state"] = float(state)
     return Planned(p.used(RAM) - p.kv_bytes, p.kv_bytes - state, state, read)
 
 

@@ -421,30 +421,37 @@ def test_info_on_a_gguf(ds4):
     assert "check       ok: every tensor present with the shape the config implies" in lines
     i = lines.index("KV cache       bf16        fp8")
     assert lines[i + 1:i + 5] == [
-        "4K        301.06 KB  151.07 KB",
-        "32K         2.25 MB    1.06 MB",
-        "128K        8.94 MB    4.16 MB",
-        "1M         71.33 MB   33.12 MB",
+        "4K        284.42 KB  134.52 KB",
+        "32K         2.23 MB    1.04 MB",
+        "128K        8.92 MB    4.14 MB",
+        "1M         71.31 MB   33.10 MB",
     ]
-    assert kvsize.kv_bytes(tiny_args(), "bf16", 4096) == 301_056  # what the first row shows
+    assert kvsize.kv_bytes(tiny_args(), "bf16", 4096) == 284_416  # what the first row shows
+
+
+def _plan_rows(lines: list[str]) -> dict[str, list[str]]:
+    """The plan table's rows (component → size, where, read/token, ms/token) as `v4 plan` draws them."""
+    rows = [[c.strip() for c in ln.split("│")[1:-1]] for ln in lines if ln.startswith("│")]
+    return {r[0]: r[1:] for r in rows}
 
 
 def test_info_plan_cpu_only(ds4):
-    lines = _info(str(ds4), "--plan", "--gpu-mem", "0", "--cpu-mem", "8G", "--ctx", "4096")
-    i = next(i for i, ln in enumerate(lines) if ln.split()[:4] == ["component", "bytes", "where", "form"])
-    table = [ln.split() for ln in lines[i + 1:] if not ln.startswith(("totals", "note"))]
-    assert {row[-2] for row in table} == {"cpu"}
-    assert table[-1] == ["kv_cache", "301.06", "KB", "cpu", "bf16"]
-    assert lines[-2].startswith("totals      cuda:0 0 B, cpu ") and lines[-2].endswith(", mmap 0 B")
-    assert lines[-1] == "note: no GPU: everything runs on the CPU"
+    lines = _info(str(ds4), "--plan", "--vram", "0", "--ram", "16G", "--ctx", "4096", "--kv", "bf16")
+    rows = _plan_rows(lines)
+    assert {where for _, where, *_ in rows.values() if where} == {"RAM"}
+    assert rows["KV cache (bf16, 4K tokens)"][:2] == ["284 KB", "RAM"]  # the KV table's 4K row, 284.42 KB
+    assert "disk: nothing paged from disk" in lines
+    assert not any(ln.startswith("GPU:") for ln in lines)
 
 
 def test_info_plan_gpu_budget_and_bad_size(ds4):
-    lines = _info(str(ds4), "--plan", "--gpu-mem", "3G", "--cpu-mem", "5G", "--ctx", "4096")
-    assert "kv_cache        301.06 KB  cuda:0    bf16" in lines
-    assert "routed_experts   52.22 KB  cuda:0  stored" in lines  # room left after the dense set and the KV cache
-    assert "mtp_experts      13.06 KB     cpu  stored" in lines
-    result = CliRunner().invoke(app, ["info", str(ds4), "--plan", "--gpu-mem", "lots"])
+    lines = _info(str(ds4), "--plan", "--vram", "3G", "--ram", "16G", "--ctx", "4096", "--kv", "bf16")
+    rows = _plan_rows(lines)
+    assert rows["KV cache (bf16, 4K tokens)"][1] == "GPU"
+    assert rows["routed experts, layers 0–3"][1] == "GPU"  # room left after the dense set and the KV cache
+    assert rows["embedding"][1] == "RAM"  # only its rows are gathered, on the CPU
+    assert rows["MTP experts (unused)"][1] == "RAM"
+    result = CliRunner().invoke(app, ["info", str(ds4), "--plan", "--vram", "lots"])
     assert result.exit_code != 0 and "cannot read 'lots' as a size" in str(result.exception)
 
 
@@ -459,7 +466,7 @@ def test_info_on_a_checkpoint_folder(tmp_path):
     assert "layers      43 (+1 MTP), hidden 4096, 64 heads × 512" in lines
     assert "attention   2 window-only, 21 CSA (ratio 4), 20 HCA (ratio 128), window 128" in lines
     assert "weights     fp8 e4m3, experts fp4" in lines
-    assert "1M          7.23 GB    3.69 GB" in lines  # facts §5: 6,880 B/token bf16, ~3.5 KB fp8
+    assert "1M          7.22 GB    3.68 GB" in lines  # facts §5: 6,880 B/token bf16, ~3.5 KB fp8
 
 
 def test_info_plan_of_a_non_deepseek4_file_fails_before_output(tmp_path):

@@ -239,7 +239,7 @@ def test_cli_128g_cpu(capsys):
         "RAM: 112.3 GB used of 120.0 GB (128.0 GB less 8.0 GB for the OS and runtime)",
         "disk: nothing paged from disk",
         "context: 1M tokens; runs up to 1M; all weights stay in memory up to 1M",
-        "KV cache: fp8, 3.7 GB at 1M tokens, 492 MB read per token",
+        "KV cache: fp8, 3.7 GB at 1M tokens, 491 MB read per token",
         "decode bound: 8.6 tokens/s, reading 10.4 GB per token: RAM 10.4 GB at 90 GB/s (given)",
         "  (memory traffic only: published runs reach 25-55% of such bounds)",
         ("Recipe iq3-108 (108.6 GB) is the best that runs from memory; lossless (161.9 GB), q8 (156.3 GB), "
@@ -250,7 +250,7 @@ def test_cli_128g_cpu(capsys):
     rows = [line.split("│")[1:-1] for line in lines if line.startswith("│")]
     cells = {r[0].strip(): [c.strip() for c in r[1:]] for r in rows}
     assert cells["routed experts, layers 0–42"] == ["100.4 GB", "RAM", "2.4 GB", "26.2"]
-    assert cells["KV cache (fp8, 1M tokens)"] == ["3.7 GB", "RAM", "492 MB", "5.5"]
+    assert cells["KV cache (fp8, 1M tokens)"] == ["3.7 GB", "RAM", "491 MB", "5.5"]
     assert cells["OS + runtime (reserve)"] == ["8.0 GB", "RAM", "-", "-"]
 
 
@@ -266,7 +266,7 @@ def test_cli_64g_says_what_paging_costs(capsys):
 def test_cli_quantize_fit(capsys):
     main(["quantize", "flash", "--fit", "128G", "--ctx", "1M", "--dry-run"])
     err = capsys.readouterr().err
-    assert err.splitlines()[0] == ("--fit 128 GB: recipe q2k-q3k (108.4 GB) + fp8 KV at 1,048,576 tokens (3.69 GB) "
+    assert err.splitlines()[0] == ("--fit 128 GB: recipe q2k-q3k (108.4 GB) + fp8 KV at 1,048,576 tokens (3.68 GB) "
                                    "+ 8 GB for the OS leaves 7.9 GB; with an importance matrix, iq3-108 (108.6 GB, "
                                    "better) fits: `v4 imatrix MODEL.gguf -o imatrix.gguf`, then add --imatrix "
                                    "imatrix.gguf")

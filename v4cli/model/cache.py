@@ -154,7 +154,9 @@ class Rows:
             cap = max(16, 2 * (self.n + m))
             for k, v in enc.items():
                 if v.dim():
-                    grown = v.new_zeros((cap, *v.shape[1:]))
+                    # uninitialized: rows past n are never read, and pages never written stay unallocated, so the
+                    # process holds the rows it keeps, not the doubled capacity (benchmarks/plan_check.py)
+                    grown = v.new_empty((cap, *v.shape[1:]))
                     if k in self.parts:
                         grown[: self.n] = self.parts[k][self.start: self.start + self.n]
                     self.parts[k] = grown

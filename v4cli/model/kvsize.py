@@ -71,39 +71,39 @@ def bytes_per_token(args: ModelArgs, fmt: str) -> float:
     return total
 
 
-def window_bytes(args: ModelArgs, fmt: str) -> int:
-    """The raw sliding-window entries of every layer."""
-    return len(_layers(args)) * args.sliding_window * entry_bytes(args, fmt)
+def window_bytes(args: ModelArgs, fmt: str, n_tokens: int) -> int:
+    """The raw sliding-window rows of every layer after `n_tokens`: the cache keeps `sliding_window - 1` (the next
+    token's own row joins them when it attends)."""
+    return len(_layers(args)) * min(n_tokens, args.sliding_window - 1) * entry_bytes(args, fmt)
 
 
-def _compressor_state(ratio: int, dim: int, overlap: bool) -> int:
-    coff = 2 if overlap else 1
-    return 2 * (coff * ratio) * (coff * dim) * STATE_BYTES  # kv and score buffers
-
-
-def compressor_state_bytes(args: ModelArgs) -> int:
-    """fp32 partial-window state of every compressor (attention and indexer); ≈12.2 MB for Flash."""
-    total = 0
+def _compressors(args: ModelArgs):
+    """(ratio, dim, overlapped) of every compressor: each compressed layer's, and a CSA layer's indexer's."""
     for layer in _layers(args):
         ratio = args.layer_ratio(layer)
-        if ratio == 0:
-            continue
-        csa = args.is_csa(layer)
-        total += _compressor_state(ratio, args.head_dim, overlap=csa)
-        if csa:
-            total += _compressor_state(ratio, args.index_head_dim, overlap=True)
-    return total
+        if ratio:
+            csa = args.is_csa(layer)
+            yield ratio, args.head_dim, csa
+            if csa:
+                yield ratio, args.index_head_dim, True
 
 
-def constant_bytes(args: ModelArgs, fmt: str) -> int:
-    """The part that does not grow with the context: windows plus compressor state."""
-    return window_bytes(args, fmt) + compressor_state_bytes(args)
+def _state(ratio: int, dim: int, overlap: bool, n_tokens: int) -> int:
+    """One compressor's fp32 state after `n_tokens`, as v4cli/model/cache.py CompressorState holds it: kv and score
+    rows of the unfinished window (2·dim wide when windows overlap) and, once a window has closed, an overlapped
+    compressor's previous-window Ca half (ratio rows of dim, kv and score)."""
+    count, rest = divmod(n_tokens, ratio)
+    width = 2 * dim if overlap else dim
+    prev = 2 * ratio * dim if overlap and count else 0
+    return (2 * rest * width + prev) * STATE_BYTES
 
 
-def kv_bytes(args: ModelArgs, fmt: str, n_tokens: int) -> int:
-    """Exact cache bytes after `n_tokens`: constant part plus the entries of every completed window."""
-    if n_tokens < 0:
-        raise BadInput(f"token count {n_tokens} is negative")
+def compressor_state_bytes(args: ModelArgs, n_tokens: int) -> int:
+    """fp32 partial-window state of every compressor (attention and indexer) after exactly `n_tokens`."""
+    return sum(_state(r, d, o, n_tokens) for r, d, o in _compressors(args))
+
+
+def _entries_bytes(args: ModelArgs, fmt: str, n_tokens: int) -> int:
     grown = 0
     for layer in _layers(args):
         ratio = args.layer_ratio(layer)
@@ -113,21 +113,12 @@ def kv_bytes(args: ModelArgs, fmt: str, n_tokens: int) -> int:
         grown += entries * entry_bytes(args, fmt)
         if args.is_csa(layer):
             grown += entries * index_key_bytes(args, fmt)
-    return constant_bytes(args, fmt) + grown
+    return grown
 
 
-def max_tokens(args: ModelArgs, fmt: str, budget: int) -> int:
-    """The longest context whose cache fits in `budget` bytes (0 if not even the constant part fits)."""
-    if kv_bytes(args, fmt, 0) > budget:
-        return 0
-    per = bytes_per_token(args, fmt)
-    if per == 0:
-        return args.max_position_embeddings
-    lo, hi = 0, max(1, int((budget - constant_bytes(args, fmt)) / per) + max(args.compress_ratios, default=1))
-    while lo < hi:  # kv_bytes is monotone in n_tokens: bisect for the largest fitting count
-        mid = (lo + hi + 1) // 2
-        if kv_bytes(args, fmt, mid) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return min(lo, args.max_position_embeddings)
+def kv_bytes(args: ModelArgs, fmt: str, n_tokens: int) -> int:
+    """Exact cache bytes after `n_tokens`: the windows, every completed window's entries, the compressor state."""
+    if n_tokens < 0:
+        raise BadInput(f"token count {n_tokens} is negative")
+    return (window_bytes(args, fmt, n_tokens) + _entries_bytes(args, fmt, n_tokens)
+            + compressor_state_bytes(args, n_tokens))

@@ -84,7 +84,7 @@ def kv_read_by_layer(args: ModelArgs, fmt: str, context: int) -> dict[int, int]:
 
 def kv_read(args: ModelArgs, fmt: str, context: int) -> int:
     """KV bytes one decoded token reads after `context` tokens: every layer's share plus the compressor state."""
-    return sum(kv_read_by_layer(args, fmt, context).values()) + kvsize.compressor_state_bytes(args)
+    return sum(kv_read_by_layer(args, fmt, context).values()) + kvsize.compressor_state_bytes(args, context)
 
 
 def decode_read(weights: WeightRead, args: ModelArgs, fmt: str, context: int) -> int:

@@ -80,7 +80,7 @@ def meter(threads: int) -> dict[str, float]:
     """The bandwidth meter the planner's decode bound uses (GB/s), and which figure of it is the bound."""
     from v4cli.planning.machine import measure_bandwidth
 
-    m = measure_bandwidth(threads=threads)
+    m = measure_bandwidth("cpu", threads=threads)
     return {"name": "v4cli.planning.machine.measure_bandwidth (bound)", "gbs": m["bound_gbs"],
             **{k: m[k] for k in ("read_gbs", "copy_gbs", "triad_gbs") if k in m}}
 

@@ -204,7 +204,7 @@ def test_window_rows_drop_lazily_and_read_back_as_a_plain_list(fmt):
     from v4cli.model.cache import Rows, codecs
 
     kv_codec, _ = codecs(fmt, 64)
-    rows, k, held = Rows(kv_codec, 128), 7, []
+    rows, k, held = Rows(kv_codec, 128, "cpu"), 7, []
     g = torch.Generator().manual_seed(0)
     for step, m in enumerate([1] * 40 + [50] + [1] * 20 + [3, 1, 2]):
         x = torch.randn(m, 128, generator=g)
@@ -216,7 +216,7 @@ def test_window_rows_drop_lazily_and_read_back_as_a_plain_list(fmt):
         assert torch.equal(rows.get(), want)
         assert torch.equal(rows.stored().float(), want)
         assert torch.equal(rows.take(torch.tensor([0, rows.n - 1])), want[[0, -1]])
-        twin = Rows(kv_codec, 128)
+        twin = Rows(kv_codec, 128, "cpu")
         twin.load(rows.state())
         assert torch.equal(twin.get(), want)
         assert max(v.shape[0] for v in rows.parts.values() if v.dim()) <= 4 * k + 64

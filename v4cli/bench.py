@@ -230,7 +230,7 @@ def _run_worker(spec: BenchSpec, engine: str, on_step: Callable[[str], None]) ->
 LLAMA_COMPRESS_RATIOS = frozenset({0, 4, 128})
 
 
-def engine_problem(engine: str, args: ModelArgs, device: str = "cpu") -> str | None:
+def engine_problem(engine: str, args: ModelArgs, device: str = RUN.device) -> str | None:
     """Why `engine` cannot run this model here, in a few words, or None if it can.
 
     llama.cpp is imported in a child process with this process's interpreter and environment: that is what the
@@ -254,7 +254,7 @@ def engine_problem(engine: str, args: ModelArgs, device: str = "cpu") -> str | N
 
 
 def choose_engines(model: str | Path, requested: tuple[str, ...] | None,
-                   device: str = "cpu") -> tuple[tuple[str, ...], list[str]]:
+                   device: str = RUN.device) -> tuple[tuple[str, ...], list[str]]:
     """(engines to run, notes on those left out). Asked-for engines must all run; by default the ones that can."""
     from v4cli.engine.select import ENGINES
 

@@ -11,6 +11,7 @@ import torch
 from kernels.linear import QWeight
 from quant import names as N
 from quant.errors import BadInput, GGUFError
+from v4cli.engine.options import RUN
 from v4cli.engine.specialize import specialize
 from v4cli.gguf_file import GGUFModel, open_gguf
 from v4cli.model.deepseek4 import MTP, DeepseekV4
@@ -26,8 +27,8 @@ _SHARED_DIMS = ("hidden_size", "vocab_size", "hc_mult", "num_hidden_layers", "nu
                 "n_routed_experts", "moe_intermediate_size")
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", *, ctx: int | None = None,
-               kv_format: str = "bf16", gpu_mem: int | None = None) -> tuple[DeepseekV4, GGUFModel]:
+def load_model(path: str | Path, device: str | torch.device = RUN.device, *, ctx: int | None = None,
+               kv_format: str = RUN.kv_format, gpu_mem: int | None = None) -> tuple[DeepseekV4, GGUFModel]:
     """(model, open GGUF) from a GGUF file, any part of a split set, or its folder. On CPU the weights are
     zero-copy views of the file's pages, mapped in up front. On another device each tensor goes where the placement
     plan puts it for a `ctx`-token `kv_format` cache and `gpu_mem` bytes of device memory (None: what is free):
@@ -49,7 +50,7 @@ def prepare_kernels() -> None:
     backends.load()
 
 
-def placement(gf: GGUFModel, device: str | torch.device, *, ctx: int | None = None, kv_format: str = "bf16",
+def placement(gf: GGUFModel, device: str | torch.device, *, ctx: int | None = None, kv_format: str = RUN.kv_format,
               gpu_mem: int | None = None, machine: Machine | None = None) -> Callable[[str], torch.device]:
     """Tensor name → the torch device it is loaded to.
 

@@ -139,7 +139,7 @@ def codecs(kv_format: str, rope: int) -> tuple[Codec, Codec]:
 class Rows:
     """A growable list of encoded rows (capacity doubles, so appends are amortized O(1) per row)."""
 
-    def __init__(self, codec: Codec, dim: int, device: torch.device | str = "cpu"):
+    def __init__(self, codec: Codec, dim: int, device: torch.device | str):
         self.codec, self.dim = codec, dim
         self.device = torch.device(device)  # where an empty store's rows live (the model's device)
         self.parts: dict[str, torch.Tensor] = {}

@@ -26,6 +26,7 @@ from quant import names
 from quant.config import ModelArgs
 from quant.errors import GGUFError
 from v4cli.model.cache import CompressorState, LayerCache, ModelCache, Rows, codecs
+from v4cli.model.kvsize import DEFAULT_KV_FORMAT
 
 
 class Rope:
@@ -445,7 +446,7 @@ class DeepseekV4:
         self.head_mix = head_mixer(w, args)
         self.blocks = [Block(w, i, args, ropes) for i in range(args.num_hidden_layers)]
 
-    def make_cache(self, kv_format: str = "bf16") -> ModelCache:
+    def make_cache(self, kv_format: str = DEFAULT_KV_FORMAT) -> ModelCache:
         """Empty state for one sequence, storing kv in `kv_format` ("f32", "bf16" or "fp8")."""
         a = self.args
         kv_c, idx_c = codecs(kv_format, a.qk_rope_head_dim)
@@ -519,7 +520,7 @@ class MTP:
         self.head_mix = head_mixer(w, args)
         self.block = Block(w, L, args, trunk.ropes)
 
-    def make_cache(self, kv_format: str = "bf16") -> ModelCache:
+    def make_cache(self, kv_format: str = DEFAULT_KV_FORMAT) -> ModelCache:
         """Empty draft state: one sliding-window layer (the draft block attends over its own past inputs)."""
         kv_c, _ = codecs(kv_format, self.args.qk_rope_head_dim)
         rows = Rows(kv_c, self.args.head_dim, self.block.device)

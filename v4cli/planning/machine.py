@@ -58,7 +58,7 @@ class Machine:
         return {GPU: self.vram_bw, RAM: self.ram_bw, DISK: self.disk_bw}[tier]
 
 
-def measure_bandwidth(device: str = "cpu", nbytes: int = BANDWIDTH_BYTES, repeats: int = 5,
+def measure_bandwidth(device: str, nbytes: int = BANDWIDTH_BYTES, repeats: int = 5,
                       threads: int | None = None) -> dict:
     """Streaming bandwidth of `device`'s memory in GB/s: the best of `repeats` passes of a read-only reduction
     (Σ b, how decode streams weights), a copy (a = b, read + write) and STREAM's triad (a = b + s·c, 2 reads + 1

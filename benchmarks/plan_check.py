@@ -321,8 +321,6 @@ def memory_rows(r: dict, p: Planned) -> list[dict]:
          "measured": loaded["RssFile"] - before["RssFile"]},
         {"component": "KV cache", "measured_by": f"cache's own count ({fill})", "planned": p.kv,
          "measured": c["kv_held"]},
-        {"component": "KV cache", "measured_by": f"cache tensors allocated ({fill})", "planned": p.kv,
-         "measured": c["kv_alloc"]},
         {"component": "compressor state", "measured_by": f"cache tensors allocated ({fill})", "planned": p.state,
          "measured": c["state_alloc"]},
         {"component": "KV + compressor state", "measured_by": f"RssAnon growth at fill ({fill})",
@@ -385,13 +383,6 @@ def report(results: list[dict], plans: dict[int, Planned], kv_format: str) -> tu
         out["bound"] = {**s, "bytes_per_token": per_token, "achieved_gbs": achieved / 1e9, "meter": m,
                         "pct_of_meter": pct}
     notes = []
-    if any(m["measured_by"].startswith("cache tensors") and m["component"] == "KV cache" and not m["ok"] for m in mem):
-        notes.append("KV allocated > held: Rows grows a buffer to twice the rows it must hold (new_zeros, every page "
-                     "touched), so a cache holds up to 2x its rows in RSS; the planner counts the rows")
-    if any(m["component"] == "compressor state" and not m["ok"] for m in mem):
-        notes.append("compressor state: the planner sizes DeepSeek's reference buffers (kv + score of whole windows, "
-                     "2*ratio slots x 2*dim for CSA, fp32), an upper bound; the cache keeps the unfinished window's "
-                     "rows (none at a window-aligned context) and the last Ca half")
     if any(m["measured_by"].startswith("RssAnon") and "(prefill)" in m["measured_by"] for m in mem):
         notes.append("RssAnon at a prefilled context also holds what the prefill left beyond its first chunk "
                      "(buffers sized by the context, allocator fragmentation): compare the appended contexts")

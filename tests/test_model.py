@@ -128,6 +128,19 @@ def test_cache_snapshot_restores_exactly(short_case):
     eng.kv_format = "f32"
 
 
+def test_a_cache_made_for_a_context_reserves_its_entries_and_computes_the_same(short_case):
+    ids, _, eng = short_case
+    model, n = eng.model, len(ids)
+    grown, reserved = model.make_cache("bf16"), model.make_cache("bf16", ctx=n)
+    a = model.forward(torch.tensor(ids), grown)
+    b = model.forward(torch.tensor(ids), reserved)
+    assert torch.equal(a, b) and reserved.nbytes() == grown.nbytes()
+    for lc in reserved.layers:
+        for part in lc.parts().values():  # one buffer of the planned context's entries, never regrown
+            rows = part.entries
+            assert rows.reserve == n // part.ratio and rows._capacity() == rows.reserve
+
+
 def test_fp8_kv_top1_agrees_with_bf16(short_case):
     ids, _, eng = short_case
     top1, held = {}, {}

@@ -46,13 +46,14 @@ class Engine:
     """A loaded model plus its tokenizer; makes caches in one KV storage format."""
 
     def __init__(self, model: DeepseekV4, tokenizer=None, kv_format: str = RUN.kv_format, device: str = RUN.device,
-                 source=None, mtp: MTP | None = None):
+                 source=None, mtp: MTP | None = None, ctx: int | None = None):
         if kv_format not in KV_FORMATS:
             raise BadInput(f"unknown kv format {kv_format!r}", hint=f"use one of {', '.join(KV_FORMATS)}")
         self.model, self.tokenizer, self.kv_format = model, tokenizer, kv_format
         self.device = torch.device(device)
         self.source = source  # the open GGUFFile(s), kept alive for the mmap views
         self.mtp = mtp  # the MTP draft head, when a draft file was loaded
+        self.ctx = ctx  # the context it was planned for: caches reserve its entries (None: they grow as needed)
 
     @classmethod
     def load(cls, gguf_path: str | Path, kv_format: str = RUN.kv_format, device: str = RUN.device,
@@ -69,14 +70,14 @@ class Engine:
             cuda_graphs.enable(model, draft)  # V4_CUDA_GRAPHS=0: every launch eager (debugging, profiling)
         # token ids and logits live with the head (placed first, so on the GPU whenever anything is)
         return cls(model, tokenizer_from_metadata(gf.metadata), kv_format, model.head.device, source=sources,
-                   mtp=draft)
+                   mtp=draft, ctx=ctx)
 
     @property
     def args(self):
         return self.model.args
 
     def new_cache(self) -> ModelCache:
-        return self.model.make_cache(self.kv_format)
+        return self.model.make_cache(self.kv_format, self.ctx)
 
     def _ids(self, ids) -> torch.Tensor:
         t = torch.as_tensor(ids, dtype=torch.long).reshape(-1).to(self.device)

@@ -139,8 +139,11 @@ def codecs(kv_format: str, rope: int) -> tuple[Codec, Codec]:
 class Rows:
     """A growable list of encoded rows (capacity doubles, so appends are amortized O(1) per row)."""
 
-    def __init__(self, codec: Codec, dim: int, device: torch.device | str):
+    def __init__(self, codec: Codec, dim: int, device: torch.device | str, reserve: int = 0):
         self.codec, self.dim = codec, dim
+        # rows the first buffer holds (the planned context's entries): a store that never regrows never leaves a
+        # freed, once-touched buffer behind, so the process holds the rows kept (benchmarks/plan_check.py)
+        self.reserve = reserve
         self.device = torch.device(device)  # where an empty store's rows live (the model's device)
         self.parts: dict[str, torch.Tensor] = {}
         self.n = 0  # rows held: parts' rows start .. start + n
@@ -151,7 +154,8 @@ class Rows:
         enc = self.codec.encode(x)
         m = x.shape[0]
         if self._capacity() < self.start + self.n + m:  # out of room: the rows held move to a new buffer
-            cap = max(16, 2 * (self.n + m))
+            need = self.n + m
+            cap = self.reserve if self.reserve >= need else max(16, 2 * need)
             for k, v in enc.items():
                 if v.dim():
                     # uninitialized: rows past n are never read, and pages never written stay unallocated, so the

@@ -446,8 +446,9 @@ class DeepseekV4:
         self.head_mix = head_mixer(w, args)
         self.blocks = [Block(w, i, args, ropes) for i in range(args.num_hidden_layers)]
 
-    def make_cache(self, kv_format: str = DEFAULT_KV_FORMAT) -> ModelCache:
-        """Empty state for one sequence, storing kv in `kv_format` ("f32", "bf16" or "fp8")."""
+    def make_cache(self, kv_format: str = DEFAULT_KV_FORMAT, ctx: int | None = None) -> ModelCache:
+        """Empty state for one sequence, storing kv in `kv_format` ("f32", "bf16" or "fp8"); `ctx`: the context it
+        is planned for, whose compressed entries are reserved up front (unwritten pages cost no memory)."""
         a = self.args
         kv_c, idx_c = codecs(kv_format, a.qk_rope_head_dim)
         layers = []
@@ -455,9 +456,11 @@ class DeepseekV4:
             dev = blk.device
             lc = LayerCache(Rows(kv_c, a.head_dim, dev), a.sliding_window - 1)
             if a.compress_ratios[i]:
-                lc.compressor = CompressorState(Rows(kv_c, a.head_dim, dev), a.compress_ratios[i])
+                entries = (ctx or 0) // a.compress_ratios[i]
+                lc.compressor = CompressorState(Rows(kv_c, a.head_dim, dev, entries), a.compress_ratios[i])
             if a.is_csa(i):
-                lc.indexer = CompressorState(Rows(idx_c, a.index_head_dim, dev), 4)  # as Indexer's compressor
+                # ratio 4, as the Indexer's compressor
+                lc.indexer = CompressorState(Rows(idx_c, a.index_head_dim, dev, (ctx or 0) // 4), 4)
             layers.append(lc)
         return ModelCache(layers, kv_format)
 

@@ -26,11 +26,6 @@ def use_reference(on: bool) -> None:
     _reference = on
 
 
-def reference_only() -> bool:
-    """Whether every op runs its reference now."""
-    return _reference
-
-
 Observer = Callable[[torch.Tensor, Any], None]
 _observer: Observer | None = None
 
@@ -80,6 +75,11 @@ class Op:
         else:
             for t in qtypes:
                 self.table[(t, device_type)] = fn
+
+    def serves(self, device_type: str) -> bool:
+        """Whether a fast implementation would run on `device_type` now (backends loaded, not reference mode); for
+        ops keyed by device type alone."""
+        return not _reference and device_type in self.table
 
     def fast(self, *args) -> Kernel | None:
         """The fast implementation that would run for args, or None (reference mode, observing, none filed)."""

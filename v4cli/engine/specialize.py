@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 import torch
 
-from kernels import decode, dispatch, offload
+from kernels import decode, offload
 from v4cli.model.deepseek4 import Block
 
 
@@ -61,11 +61,6 @@ class FusedPost:
         return fused if fused is not None else self.plain(out, cs, X, post, comb, ids)
 
 
-def has_fused(op: dispatch.Op, device: torch.device) -> bool:
-    """Whether `op` has a fast kernel for `device`'s type now (the backends are loaded, not the references)."""
-    return not dispatch.reference_only() and device.type in op.table
-
-
 def experts_elsewhere(blk: Block) -> bool:
     """Whether the loader left the block's routed experts off its device (in host memory under a GPU layer)."""
     return blk.moe.w1.device != blk.device
@@ -80,8 +75,8 @@ def specialize(blocks: Iterable[Block]) -> None:
             moe = blk.moe
             moe.routed = functools.partial(offload.host_experts, ws=(moe.w1, moe.w3, moe.w2), limit=moe.limit,
                                            on_host=moe.routed)
-        if has_fused(decode.block_pre_op, blk.device):
+        if decode.block_pre_op.serves(blk.device.type):
             blk.pre = FusedPre(blk)
         # a split block's FFN half must stay its parts: the fused post would read the experts where they are not
-        if not blk.split and has_fused(decode.block_post_op, blk.device):
+        if not blk.split and decode.block_post_op.serves(blk.device.type):
             blk.post = FusedPost(blk)
